@@ -1,0 +1,36 @@
+"""Celery settings, read from the environment (through emp_tasks.config).
+
+GPU work is long and must not be lost: acknowledge late, give a task back when
+its worker dies, and let each worker process hold one task at a time. A task
+that Redis redelivers is harmless because the worker re-checks the step in
+PostgreSQL before running it (see emp_tasks.steps.assign).
+"""
+
+from emp_tasks.config import get_settings
+from emp_tasks.routing import BROKER_PRIORITY_LEVELS
+
+_settings = get_settings()
+
+broker_url = _settings.broker_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "priority_steps": list(range(BROKER_PRIORITY_LEVELS)),
+    "sep": ":",
+    "queue_order_strategy": "priority",
+    "visibility_timeout": 3600,
+}
+
+task_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+result_backend = None
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_default_queue = "emp.default"
+task_default_priority = 5
+
+worker_prefetch_multiplier = 1
+worker_hijack_root_logger = False
+worker_cancel_long_running_tasks_on_connection_loss = False
+worker_send_task_events = False
+worker_enable_remote_control = True

@@ -1,0 +1,48 @@
+"""The Celery application and the one task that runs a step."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+app = Celery("emp_tasks")
+app.config_from_object("celeryconfig")
+
+RUN_STEP = "emp.run_step"
+
+
+@app.task(name=RUN_STEP, acks_late=True, ignore_result=True)
+def run_step(step_id: str) -> str:
+    from emp_tasks import execution
+
+    return execution.run_step(step_id)
+
+
+def send_step(
+    step_id: str, queue: str, broker_priority: int, countdown: float | None = None
+) -> None:
+    app.send_task(
+        RUN_STEP, args=[step_id], queue=queue, priority=broker_priority, countdown=countdown
+    )
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_: object) -> None:
+    from emp_tasks import db, redisdb
+
+    db.dispose_engines()
+    redisdb.reset_clients()
+
+
+@worker_ready.connect
+def _announce(**_: object) -> None:
+    from emp_tasks import workers
+
+    workers.start_heartbeat()
+
+
+@worker_shutdown.connect
+def _retire(**_: object) -> None:
+    from emp_tasks import workers
+
+    workers.stop_heartbeat()

@@ -1,0 +1,286 @@
+"""The `emp` command: run the system or one of its processes, and talk to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+
+from emp_tasks.config import Settings, get_settings
+
+DEV_KEY = "emp-dev-key"
+DEV_KEYS = f"{DEV_KEY}:local:admin"
+
+
+def _setup_logging() -> None:
+    from emp_tasks import logs
+
+    logs.configure(os.environ.get("EMP_LOG_LEVEL", "INFO").upper())
+
+
+@click.group()
+def main() -> None:
+    """EMP Tasks: steps and workflows of AI generation on GPU fleets."""
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--keep-services", is_flag=True, help="Leave embedded Redis/PostgreSQL running.")
+def run(keep_services: bool) -> None:
+    """Run everything in the Procfile (API, worker, relay) on embedded defaults."""
+    from emp_tasks import db, embedded
+    from emp_tasks.supervisor import ProcessGroup
+
+    _setup_logging()
+    started_embedded = Settings.from_env().embedded
+    settings = get_settings()  # starts embedded services (and migrates them) when needed
+    if not started_embedded:
+        db.upgrade(settings.database_url)
+    env = dict(os.environ)
+    if not env.get("EMP_API_KEYS"):
+        env["EMP_API_KEYS"] = DEV_KEYS
+        env.setdefault("EMP_BIND", "127.0.0.1")
+        click.echo(f"No EMP_API_KEYS set: using the local admin key {DEV_KEY!r}.")
+    env.setdefault("PORT", str(settings.port))
+    click.echo(f"API on http://127.0.0.1:{env['PORT']}  (Ctrl-C stops everything)")
+    group = ProcessGroup(env).start()
+    stopping = False
+
+    def _stop(*_: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    code = 0
+    try:
+        name, code = group.wait_any()
+        click.echo(f"process {name} exited with {code}; stopping the others", err=True)
+    except KeyboardInterrupt:
+        stopping = True
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        group.stop()
+        if started_embedded and not keep_services:
+            embedded.stop_services(settings.data_dir)
+    sys.exit(0 if stopping else code or 1)
+
+
+@main.command()
+def api() -> None:
+    """Serve the web app (REST API) on $PORT with gunicorn."""
+    from gunicorn.app.base import BaseApplication
+
+    _setup_logging()
+    settings = get_settings()
+    bind = f"{os.environ.get('EMP_BIND', '0.0.0.0')}:{settings.port}"
+
+    class _Server(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", bind)
+            self.cfg.set("workers", settings.web_workers)
+            self.cfg.set("threads", settings.web_threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("timeout", 120)
+            self.cfg.set("graceful_timeout", 20)
+            self.cfg.set("accesslog", None)
+
+        def load(self):
+            from web import create_app
+
+            return create_app()
+
+    _Server().run()
+
+
+@main.command()
+@click.option(
+    "--pool",
+    default="threads",
+    type=click.Choice(["threads", "solo", "prefork"]),
+    help="Celery pool; threads keeps the worker responsive while a step runs.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=int,
+    default=None,
+    help="Steps run at once (default EMP_WORKER_CONCURRENCY, 1).",
+)
+@click.option("--services", default=None, help="Comma-separated services (EMP_WORKER_SERVICES).")
+def worker(pool: str, concurrency: int | None, services: str | None) -> None:
+    """Run a Celery worker that executes steps through connectors."""
+    if services:
+        os.environ["EMP_WORKER_SERVICES"] = services
+    _setup_logging()
+    settings = get_settings()
+    from emp_tasks import routing
+    from emp_tasks.celery_app import app
+
+    queues = routing.queues_for_services(settings.worker_services)
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            ",".join(queues),
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency or settings.worker_concurrency),
+            "--hostname",
+            f"{settings.worker_id}@{settings.machine_id}",
+            "--loglevel",
+            settings.log_level,
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
+
+
+@main.command()
+def relay() -> None:
+    """Publish outbox events the fast path missed (the crash path), forever."""
+    from emp_tasks import relay as outbox_relay
+
+    _setup_logging()
+    get_settings()
+    outbox_relay.run_forever()
+
+
+# --- administration ------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from emp_tasks import db as database
+
+    database.upgrade(get_settings().database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+@main.group()
+def keys() -> None:
+    """API keys stored in the database."""
+
+
+@keys.command("create")
+@click.option("--customer", required=True, help="Customer the key acts for.")
+@click.option("--admin", is_flag=True, help="May see every customer and act for any.")
+@click.option("--name", default=None, help="A label for the key.")
+def keys_create(customer: str, admin: bool, name: str | None) -> None:
+    """Create a key; it is printed once and only its hash is stored."""
+    from emp_tasks import auth
+
+    raw, row = auth.create_key(customer, admin=admin, name=name)
+    click.echo(raw)
+    click.echo(f"id={row.id} customer={customer} admin={admin}", err=True)
+
+
+# --- client --------------------------------------------------------------------------------
+
+
+def _api_url() -> str:
+    return os.environ.get("EMP_API_URL") or f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
+
+
+def _api_key() -> str:
+    if os.environ.get("EMP_API_KEY"):
+        return os.environ["EMP_API_KEY"]
+    configured = Settings.from_env().api_keys
+    return configured[0].key if configured else DEV_KEY
+
+
+def _call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    import requests
+
+    try:
+        response = requests.request(
+            method,
+            _api_url() + path,
+            json=body,
+            timeout=30,
+            headers={"Authorization": f"Bearer {_api_key()}"},
+        )
+    except requests.ConnectionError as exc:
+        raise click.ClickException(f"cannot reach the API at {_api_url()}: {exc}") from exc
+    data = response.json()
+    if response.status_code >= 400:
+        click.echo(json.dumps(data, indent=2), err=True)
+        raise SystemExit(1)
+    return data
+
+
+@main.command()
+@click.option("--service", default="simulation", show_default=True)
+@click.option("--payload", default="{}", help="JSON object.")
+@click.option("--priority", type=int, default=50, show_default=True)
+@click.option("--wait", is_flag=True, help="Poll until the step finishes.")
+def submit(service: str, payload: str, priority: int, wait: bool) -> None:
+    """Submit a step over the API and print it."""
+    try:
+        body = {"service": service, "payload": json.loads(payload), "priority": priority}
+    except ValueError as exc:
+        raise click.BadParameter(f"--payload is not JSON: {exc}") from exc
+    step = _call("POST", "/api/steps", body)["step"]
+    while wait and step["status"] not in {"completed", "failed", "cancelled", "skipped"}:
+        time.sleep(0.2)
+        step = _call("GET", f"/api/steps/{step['id']}")["step"]
+    click.echo(json.dumps(step, indent=2))
+
+
+@main.command()
+@click.argument("step_id")
+def status(step_id: str) -> None:
+    """Print a step."""
+    click.echo(json.dumps(_call("GET", f"/api/steps/{step_id}")["step"], indent=2))
+
+
+@main.group()
+def events() -> None:
+    """The `emp:events` stream."""
+
+
+@events.command("tail")
+@click.option("--from-start", is_flag=True, help="Begin at the oldest retained event.")
+@click.option("--step", "step_id", default=None, help="Only this step's events.")
+@click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
+def events_tail(from_start: bool, step_id: str | None, count: int) -> None:
+    """Print events as they are published, one JSON envelope a line."""
+    from emp_tasks import redisdb
+    from emp_tasks.events import STREAM
+
+    client = redisdb.client(get_settings().redis_url)
+    last = "0-0" if from_start else "$"
+    shown = 0
+    while True:
+        for _, entries in client.xread({STREAM: last}, block=5000, count=100) or []:
+            for stream_id, fields in entries:
+                last = stream_id
+                envelope = json.loads(fields["event"])
+                if step_id and envelope.get("step_id") != step_id:
+                    continue
+                click.echo(json.dumps({"stream_id": stream_id, **envelope}))
+                shown += 1
+                if count and shown >= count:
+                    return
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Configuration: every setting of every process, read from the environment only.
+
+The README's configuration table lists the same names; `Settings.from_env()` is the
+one place that parses them, so a typo in a value fails at start-up, not mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used."""
+
+
+def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class ApiKeySpec:
+    """One key from EMP_API_KEYS: `key`, `key:customer_id` or `key:customer_id:admin`."""
+
+    key: str
+    customer_id: str
+    admin: bool
+
+
+def parse_api_keys(raw: str) -> tuple[ApiKeySpec, ...]:
+    specs = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) > 3 or not parts[0]:
+            raise ConfigError(f"EMP_API_KEYS entry {item!r} is not key[:customer_id[:admin]]")
+        customer = parts[1] if len(parts) > 1 and parts[1] else "default"
+        if len(parts) == 3 and parts[2] != "admin":
+            raise ConfigError(f"EMP_API_KEYS entry {item!r}: third part must be 'admin'")
+        specs.append(ApiKeySpec(key=parts[0], customer_id=customer, admin=len(parts) == 3))
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None
+    database_url: str | None
+    broker_url: str | None
+    api_keys: tuple[ApiKeySpec, ...] = ()
+    data_dir: Path = Path(".emp")
+    port: int = 8000
+    embedded_redis_port: int = 6390
+    events_maxlen: int = 100_000
+    events_fast_path: bool = True
+    relay_interval_s: float = 1.0
+    max_body_bytes: int = 5 * 1024 * 1024
+    rate_limit_per_minute: int = 6000
+    max_workflow_steps: int = 1000
+    lease_timeout_s: int = 60
+    retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    machine_id: str = field(default_factory=socket.gethostname)
+    worker_services: tuple[str, ...] = ("simulation",)
+    worker_concurrency: int = 1
+    web_workers: int = 2
+    web_threads: int = 8
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        redis_url = env.get("REDIS_URL") or None
+        services = tuple(
+            s.strip() for s in env.get("EMP_WORKER_SERVICES", "simulation").split(",") if s.strip()
+        )
+        defaults = cls(redis_url=None, database_url=None, broker_url=None)
+        return cls(
+            redis_url=redis_url,
+            database_url=env.get("DATABASE_URL") or None,
+            broker_url=env.get("EMP_BROKER_URL") or redis_url,
+            api_keys=parse_api_keys(env.get("EMP_API_KEYS", "")),
+            data_dir=Path(env.get("EMP_DATA_DIR") or ".emp"),
+            port=_int(env, "PORT", 8000, 1),
+            embedded_redis_port=_int(env, "EMP_EMBEDDED_REDIS_PORT", 6390, 1),
+            events_maxlen=_int(env, "EMP_EVENTS_MAXLEN", 100_000, 1),
+            events_fast_path=_bool(env, "EMP_EVENTS_FAST_PATH", True),
+            relay_interval_s=_float(env, "EMP_RELAY_INTERVAL_S", 1.0),
+            max_body_bytes=_int(env, "EMP_MAX_BODY_BYTES", 5 * 1024 * 1024, 1024),
+            rate_limit_per_minute=_int(env, "EMP_RATE_LIMIT_PER_MINUTE", 6000),
+            max_workflow_steps=_int(env, "EMP_MAX_WORKFLOW_STEPS", 1000, 1),
+            lease_timeout_s=_int(env, "EMP_LEASE_TIMEOUT_S", 60, 1),
+            retry_base_s=_float(env, "EMP_RETRY_BASE_S", 2.0),
+            retry_max_s=_float(env, "EMP_RETRY_MAX_S", 300.0),
+            worker_id=env.get("EMP_WORKER_ID") or defaults.worker_id,
+            machine_id=env.get("EMP_MACHINE_ID") or defaults.machine_id,
+            worker_services=services or ("simulation",),
+            worker_concurrency=_int(env, "EMP_WORKER_CONCURRENCY", 1, 1),
+            web_workers=_int(env, "EMP_WEB_WORKERS", 2, 1),
+            web_threads=_int(env, "EMP_WEB_THREADS", 8, 1),
+            log_level=(env.get("EMP_LOG_LEVEL") or "INFO").upper(),
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """True when either service URL is missing and the embedded one stands in."""
+        return self.redis_url is None or self.database_url is None
+
+    def with_urls(self, redis_url: str, database_url: str) -> Settings:
+        return replace(
+            self,
+            redis_url=redis_url,
+            database_url=database_url,
+            broker_url=self.broker_url or redis_url,
+        )
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, with embedded service URLs filled in when needed."""
+    global _settings
+    if _settings is None:
+        settings = Settings.from_env()
+        if settings.embedded:
+            from emp_tasks import embedded
+
+            settings = embedded.ensure_services(settings)
+        _settings = settings
+    return _settings
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests change the environment between app instances)."""
+    global _settings
+    _settings = None

@@ -1,0 +1,98 @@
+"""The connector interface: how a worker hands one step attempt to a generation backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class FailureType(StrEnum):
+    """Why an attempt failed; decides whether another attempt can help."""
+
+    VALIDATION = "validation"
+    AUTH = "auth"
+    REFUSAL = "refusal"
+    TIMEOUT = "timeout"
+    RESOURCE = "resource"
+    NETWORK = "network"
+    SERVICE = "service"
+    SYSTEM = "system"
+
+
+RETRYABLE_BY_DEFAULT = frozenset(
+    {
+        FailureType.TIMEOUT,
+        FailureType.RESOURCE,
+        FailureType.NETWORK,
+        FailureType.SERVICE,
+        FailureType.SYSTEM,
+    }
+)
+
+
+class StepFailure(Exception):
+    """A classified failure of one attempt, raised by a connector."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: FailureType = FailureType.SERVICE,
+        code: str = "STEP_FAILED",
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type = FailureType(type)
+        self.code = code
+        self.retryable = self.type in RETRYABLE_BY_DEFAULT if retryable is None else retryable
+
+    def as_error(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "type": str(self.type),
+            "retryable": self.retryable,
+        }
+
+
+class StepInterrupted(Exception):
+    """The connector stopped because `cancel_requested()` said so."""
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """What a connector sees of the step it runs: one attempt's inputs."""
+
+    step_id: str
+    service: str
+    attempt: int
+    payload: dict[str, Any]
+    requirements: dict[str, Any]
+    timeout_s: float
+    customer_id: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressReporter = Callable[..., None]
+"""`report_progress(progress, stage=None, message=None)`, progress in percent 0-100."""
+
+
+class Connector(Protocol):
+    """Runs a step and returns its JSON-serialisable result, or raises StepFailure.
+
+    A connector polls `cancel_requested()` at least once a second while it waits
+    and, when it returns True, stops its backend and raises StepInterrupted.
+    """
+
+    name: str
+
+    def run(
+        self,
+        step: StepRun,
+        inputs: dict[str, Any],
+        report_progress: ProgressReporter,
+        cancel_requested: Callable[[], bool],
+    ) -> Any: ...

@@ -1,0 +1,122 @@
+"""Running one step attempt on a worker, top to bottom.
+
+assign (database check) -> start -> connector.run(...) -> complete | fail.
+The connector's `cancel_requested()` is answered from PostgreSQL (cancelled or
+superseded attempt) and from the step's timeout, so cancellation works even
+when Celery's in-memory revokes were lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Any
+
+from emp_tasks import connectors, steps
+from emp_tasks.config import get_settings
+from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted, StepRun
+
+logger = logging.getLogger(__name__)
+
+STOP_CHECK_INTERVAL_S = 0.25
+
+
+class _StopSignal:
+    """Answers `cancel_requested()`: timeout locally, cancellation from the database."""
+
+    def __init__(self, run: StepRun) -> None:
+        self.run = run
+        self.started = time.monotonic()
+        self.deadline = self.started + run.timeout_s
+        self.timed_out = False
+        self.superseded = False
+        self._next_check = self.started + STOP_CHECK_INTERVAL_S
+
+    def __call__(self) -> bool:
+        if self.superseded or self.timed_out:
+            return True
+        now = time.monotonic()
+        if now >= self.deadline:
+            self.timed_out = True
+            return True
+        if now >= self._next_check:
+            self._next_check = now + STOP_CHECK_INTERVAL_S
+            self.superseded = steps.should_stop(self.run.step_id, self.run.attempt)
+        return self.superseded
+
+
+def run_step(step_id: str) -> str:
+    """Run the step's next attempt here; return what became of it (for logs)."""
+    settings = get_settings()
+    run = steps.assign(step_id, settings.worker_id, settings.machine_id)
+    if run is None:
+        return "dropped"
+    connector = connectors.get(run.service)
+    if connector is None:
+        outcome = steps.fail(
+            step_id,
+            run.attempt,
+            StepFailure(
+                f"worker {settings.worker_id} has no connector for service {run.service!r}",
+                type=FailureType.SYSTEM,
+                code="NO_CONNECTOR",
+            ).as_error(),
+        )
+        return str(outcome.status)
+    if not steps.start(step_id, run.attempt):
+        return "superseded"
+    stop = _StopSignal(run)
+
+    def report_progress(
+        progress: float, stage: str | None = None, message: str | None = None
+    ) -> None:
+        if not steps.report_progress(step_id, run.attempt, progress, stage, message):
+            stop.superseded = True
+
+    log = {"step_id": step_id, "attempt": run.attempt, "service": run.service}
+    logger.info("Step started", extra={"action": "step_run", **log})
+    try:
+        result: Any = connector.run(run, run.inputs, report_progress, stop)
+    except StepInterrupted:
+        if stop.timed_out:
+            return _fail(run, _timeout_failure(run))
+        logger.info(
+            "Step stopped: cancelled or superseded", extra={"action": "step_stopped", **log}
+        )
+        return "stopped"
+    except StepFailure as failure:
+        return _fail(run, failure)
+    except Exception as exc:
+        logger.exception("Connector crashed", extra={"action": "step_crashed", **log})
+        return _fail(
+            run,
+            StepFailure(
+                f"{type(exc).__name__}: {exc}",
+                type=FailureType.SYSTEM,
+                code="CONNECTOR_ERROR",
+            ),
+            detail=traceback.format_exc(limit=5),
+        )
+    if stop.timed_out:
+        return _fail(run, _timeout_failure(run))
+    duration_ms = int((time.monotonic() - stop.started) * 1000)
+    if steps.complete(step_id, run.attempt, result, duration_ms):
+        return "completed"
+    return "superseded"
+
+
+def _timeout_failure(run: StepRun) -> StepFailure:
+    return StepFailure(
+        f"step exceeded its timeout of {run.timeout_s:g} s",
+        type=FailureType.TIMEOUT,
+        code="TIMEOUT",
+    )
+
+
+def _fail(run: StepRun, failure: StepFailure, detail: str | None = None) -> str:
+    error = failure.as_error()
+    if detail:
+        error["detail"] = detail
+    outcome = steps.fail(run.step_id, run.attempt, error)
+    return "superseded" if outcome.status is None else str(outcome.status)

@@ -1,0 +1,225 @@
+"""Database tables. The schema changes only through migrations in `migrations/`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class StepStatus(StrEnum):
+    WAITING = "waiting"
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STEP_STATUSES
+
+
+TERMINAL_STEP_STATUSES = frozenset(
+    {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.SKIPPED}
+)
+
+
+class WorkflowStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB}
+
+
+def _now_column() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Workflow(Base):
+    __tablename__ = "workflows"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    name: Mapped[str] = mapped_column(String(500), nullable=False)
+    description: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    failure_policy: Mapped[str] = mapped_column(String(20), nullable=False, default="fail_fast")
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, default=50)
+    total_steps: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    completed_steps: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    failed_steps: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[list[Any] | None] = mapped_column(JSONB)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, nullable=False, default=dict)
+    correlation_id: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_workflows_customer_id_id", "customer_id", "id"),
+        Index("ix_workflows_created_at", "created_at"),
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s.value}'" for s in WorkflowStatus) + ")",
+            name="ck_workflows_status",
+        ),
+    )
+
+
+class Step(Base):
+    __tablename__ = "steps"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    service: Mapped[str] = mapped_column(String(200), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, default=50)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    requirements: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    stage: Mapped[str | None] = mapped_column(String(200))
+    message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    max_retries: Mapped[int] = mapped_column(Integer, nullable=False, default=3)
+    timeout_s: Mapped[float] = mapped_column(Float, nullable=False, default=1800.0)
+    workflow_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("workflows.id", ondelete="CASCADE")
+    )
+    step_index: Mapped[int | None] = mapped_column(Integer)
+    depends_on: Mapped[list[Any]] = mapped_column(JSONB, nullable=False, default=list)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    machine_id: Mapped[str | None] = mapped_column(String(200))
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[list[Any] | None] = mapped_column(JSONB)
+    correlation_id: Mapped[str | None] = mapped_column(String(200))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, nullable=False, default=dict)
+    cancel_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_steps_customer_id_id", "customer_id", "id"),
+        Index("ix_steps_customer_id_status_id", "customer_id", "status", "id"),
+        Index("ix_steps_status_id", "status", "id"),
+        Index("ix_steps_created_at", "created_at"),
+        Index("ix_steps_customer_id_created_at", "customer_id", "created_at"),
+        Index("ix_steps_workflow_id_step_index", "workflow_id", "step_index"),
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s.value}'" for s in StepStatus) + ")",
+            name="ck_steps_status",
+        ),
+        CheckConstraint("priority BETWEEN 0 AND 100", name="ck_steps_priority"),
+    )
+
+
+class Attempt(Base):
+    """One execution of a step on one worker: the audit trail of what ran where."""
+
+    __tablename__ = "step_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    step_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("steps.id", ondelete="CASCADE"), nullable=False
+    )
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    machine_id: Mapped[str | None] = mapped_column(String(200))
+    outcome: Mapped[str] = mapped_column(String(20), nullable=False, default="running")
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    started_at: Mapped[datetime] = _now_column()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("step_id", "attempt", name="uq_step_attempts_step_attempt"),)
+
+
+class Event(Base):
+    """The outbox: each committed transition's event, written in the same transaction.
+
+    `seq` orders events; within one aggregate (a step, a workflow, a worker) it is
+    commit order because every transition locks the aggregate's row first.
+    """
+
+    __tablename__ = "events"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), nullable=False, unique=True)
+    type: Mapped[str] = mapped_column(String(100), nullable=False)
+    aggregate: Mapped[str] = mapped_column(String(250), nullable=False)
+    step_id: Mapped[str | None] = mapped_column(String(36))
+    workflow_id: Mapped[str | None] = mapped_column(String(36))
+    customer_id: Mapped[str | None] = mapped_column(String(200))
+    envelope: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    created_at: Mapped[datetime] = _now_column()
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    stream_id: Mapped[str | None] = mapped_column(String(40))
+
+    __table_args__ = (
+        Index(
+            "ix_events_unpublished",
+            "seq",
+            postgresql_where=text("published_at IS NULL"),
+        ),
+        Index("ix_events_aggregate_seq", "aggregate", "seq"),
+        Index("ix_events_step_id_seq", "step_id", "seq"),
+    )
+
+
+class ApiKey(Base):
+    """A key created with `emp keys create`; only its SHA-256 is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    prefix: Mapped[str] = mapped_column(String(20), nullable=False)
+    customer_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    admin: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _now_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyKey(Base):
+    """The resource a customer's Idempotency-Key created, kept for 24 hours."""
+
+    __tablename__ = "idempotency_keys"
+
+    customer_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(50), nullable=False)
+    resource_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    created_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)

@@ -1,0 +1,31 @@
+"""The process's Redis client for events, pub/sub, heartbeats and rate limits."""
+
+from __future__ import annotations
+
+import redis
+
+_clients: dict[str, redis.Redis] = {}
+
+
+def client(url: str | None = None) -> redis.Redis:
+    if url is None:
+        from emp_tasks.config import get_settings
+
+        url = get_settings().redis_url
+    assert url is not None
+    if url not in _clients:
+        _clients[url] = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=30,
+        )
+    return _clients[url]
+
+
+def reset_clients() -> None:
+    """Forget clients (after fork, or when tests switch Redis)."""
+    for each in _clients.values():
+        each.close()
+    _clients.clear()

@@ -1,0 +1,103 @@
+"""What clients may send: the validated shapes of requests.
+
+These models validate every request and generate the OpenAPI document, so the
+two cannot drift. Services receive validated models, never raw JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+
+from emp_tasks.events import EventType
+from emp_tasks.models import StepStatus
+
+SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+SERVICE_ALIASES = ("type", "job_type", "service_required")
+STEP_EVENT_NAMES = sorted(e.value for e in EventType if e.value.startswith("step_"))
+
+
+class Requirements(BaseModel):
+    """What a worker must offer to run the step; unknown keys are worker labels to match."""
+
+    model_config = ConfigDict(extra="allow")
+
+    gpu_memory_gb: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=4096)
+    models: list[str] | None = Field(default=None, max_length=100)
+    customer_isolation: Literal["strict", "loose"] | None = None
+
+
+class StepCreate(BaseModel):
+    """`POST /api/steps` (and the seed-compatible submit routes)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    service: str = Field(pattern=SERVICE_PATTERN, description="Service that runs the step")
+    payload: dict[str, Any] = Field(default_factory=dict)
+    priority: StrictInt = Field(default=50, ge=0, le=100, description="Higher runs first")
+    requirements: Requirements = Field(default_factory=Requirements)
+    max_retries: StrictInt = Field(default=3, ge=0, le=10)
+    timeout_s: StrictFloat | StrictInt = Field(default=1800, gt=0, le=7 * 24 * 3600)
+    webhook_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
+    webhook_events: list[Literal[tuple(STEP_EVENT_NAMES)]] | None = None  # type: ignore[valid-type]
+    customer_id: str | None = Field(default=None, min_length=1, max_length=200)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_format(cls, data: Any) -> Any:
+        """Accept the seed system's field names: service aliases, top-level prompt/parameters."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "service" not in data:
+            for alias in SERVICE_ALIASES:
+                if isinstance(data.get(alias), str):
+                    data["service"] = data[alias]
+                    break
+        extras = {key: data[key] for key in ("prompt", "parameters") if key in data}
+        if extras:
+            payload = data.get("payload")
+            if payload is None:
+                payload = {}
+            if isinstance(payload, dict):
+                data["payload"] = {**payload, **extras}
+        return data
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _no_empty_events(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("must name at least one event, or be omitted")
+        return value
+
+
+class StepListQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: StepStatus | None = None
+    service: str | None = Field(default=None, max_length=200)
+    workflow_id: str | None = Field(default=None, max_length=36)
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: str | None = Field(default=None, max_length=100)
+
+
+class StatsQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    timeframe: Literal["hour", "day", "week"] = "day"
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    reason: str | None = Field(default=None, max_length=1000)

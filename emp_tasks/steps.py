@@ -1,0 +1,569 @@
+"""The step lifecycle: the only code that changes a step's state.
+
+Every change goes through `_transition` (or `_emit` for progress, which keeps
+the status): it checks the transition table, updates the row and records the
+event in the same transaction. Worker-side changes are fenced by the attempt
+number: a call for an attempt that is no longer the step's current one changes
+nothing, so a superseded worker's late result or progress is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from emp_tasks import db, events, idempotency, routing
+from emp_tasks.auth import Principal
+from emp_tasks.config import get_settings
+from emp_tasks.connectors.base import StepRun
+from emp_tasks.errors import InvalidCursor, InvalidState, NotFound
+from emp_tasks.events import EventType
+from emp_tasks.ids import new_id
+from emp_tasks.models import Attempt, Step, StepStatus
+from emp_tasks.specs import StepCreate
+
+logger = logging.getLogger(__name__)
+
+S = StepStatus
+
+TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
+    S.WAITING: frozenset({S.PENDING, S.CANCELLED, S.SKIPPED}),
+    S.PENDING: frozenset({S.ASSIGNED, S.CANCELLED, S.FAILED, S.SKIPPED}),
+    S.ASSIGNED: frozenset({S.RUNNING, S.PENDING, S.COMPLETED, S.FAILED, S.CANCELLED}),
+    S.RUNNING: frozenset({S.COMPLETED, S.PENDING, S.FAILED, S.CANCELLED}),
+    S.FAILED: frozenset({S.PENDING}),
+    S.CANCELLED: frozenset({S.PENDING}),
+    S.COMPLETED: frozenset(),
+    S.SKIPPED: frozenset(),
+}
+"""Allowed status changes. PENDING again from ASSIGNED/RUNNING is a retry; from
+FAILED/CANCELLED it is a manual retry."""
+
+CANCELLABLE = frozenset({S.WAITING, S.PENDING, S.ASSIGNED, S.RUNNING})
+RETRYABLE_BY_CLIENT = frozenset({S.FAILED, S.CANCELLED})
+ACTIVE = frozenset({S.ASSIGNED, S.RUNNING})
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def step_object(step: Step) -> dict[str, Any]:
+    """The public shape of a step (API.md, "Step object fields")."""
+    return {
+        "id": step.id,
+        "service": step.service,
+        "status": step.status,
+        "priority": step.priority,
+        "payload": step.payload,
+        "requirements": step.requirements,
+        "result": step.result,
+        "error": step.error,
+        "progress": step.progress,
+        "stage": step.stage,
+        "message": step.message,
+        "attempts": step.attempts,
+        "max_retries": step.max_retries,
+        "timeout_s": step.timeout_s,
+        "workflow_id": step.workflow_id,
+        "step_index": step.step_index,
+        "depends_on": step.depends_on,
+        "customer_id": step.customer_id,
+        "worker_id": step.worker_id,
+        "machine_id": step.machine_id,
+        "webhook_url": step.webhook_url,
+        "webhook_events": step.webhook_events,
+        "correlation_id": step.correlation_id,
+        "metadata": step.meta,
+        "created_at": _iso(step.created_at),
+        "started_at": _iso(step.started_at),
+        "completed_at": _iso(step.completed_at),
+        "updated_at": _iso(step.updated_at),
+    }
+
+
+# --- transitions ---------------------------------------------------------------------------
+
+
+def _emit(session: Session, step: Step, event_type: EventType, data: dict[str, Any]) -> None:
+    events.record(
+        session,
+        event_type,
+        aggregate=events.step_aggregate(step.id),
+        data=data,
+        correlation_id=step.correlation_id,
+        step_id=step.id,
+        workflow_id=step.workflow_id,
+        machine_id=step.machine_id,
+        worker_id=step.worker_id,
+        customer_id=step.customer_id,
+    )
+
+
+def _transition(
+    session: Session,
+    step: Step,
+    to: StepStatus,
+    event_type: EventType,
+    data: dict[str, Any],
+) -> None:
+    current = StepStatus(step.status)
+    if to not in TRANSITIONS[current]:
+        raise InvalidState(f"step {step.id} is {current}; it cannot become {to}")
+    step.status = to
+    step.updated_at = _now()
+    _emit(session, step, event_type, data)
+
+
+def _dispatch_after_commit(session: Session, step: Step, countdown: float | None = None) -> None:
+    """Send the step's Celery task once the row that the worker will read is committed."""
+    step_id, service, priority = step.id, step.service, step.priority
+    queue = routing.queue_for(service, step.requirements)
+
+    def send(_: Session) -> None:
+        from emp_tasks import celery_app
+
+        celery_app.send_step(step_id, queue, routing.broker_priority(priority), countdown)
+
+    db.after_commit(session, f"dispatch:{step_id}", send)
+
+
+def _locked(session: Session, step_id: str) -> Step | None:
+    return session.get(Step, step_id, with_for_update=True, populate_existing=True)
+
+
+def _visible(session: Session, step_id: str, principal: Principal, *, lock: bool = False) -> Step:
+    step = _locked(session, step_id) if lock else session.get(Step, step_id)
+    if step is None or not principal.may_see(step.customer_id):
+        raise NotFound("step", step_id)
+    return step
+
+
+# --- client side ---------------------------------------------------------------------------
+
+
+def submit(
+    spec: StepCreate,
+    principal: Principal,
+    *,
+    correlation_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Step, bool]:
+    """Accept a step; return it and whether it was created (False: idempotent replay)."""
+    customer_id = principal.customer_for(spec.customer_id)
+    for _ in range(2):
+        try:
+            with db.transaction() as session:
+                if idempotency_key:
+                    existing = idempotency.find(session, customer_id, idempotency_key, "step")
+                    if existing:
+                        return session.get(Step, existing), False
+                step = _new_step(spec, customer_id, correlation_id)
+                session.add(step)
+                session.flush()
+                if idempotency_key:
+                    idempotency.claim(session, customer_id, idempotency_key, "step", step.id)
+                _emit(
+                    session,
+                    step,
+                    EventType.STEP_SUBMITTED,
+                    {"service": step.service, "priority": step.priority, "status": step.status},
+                )
+                _dispatch_after_commit(session, step)
+                return step, True
+        except idempotency.KeyTaken:
+            continue
+    raise InvalidState("Idempotency-Key was already used for a different kind of request")
+
+
+def _new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) -> Step:
+    now = _now()
+    return Step(
+        id=new_id(),
+        customer_id=customer_id,
+        service=spec.service,
+        status=S.PENDING,
+        priority=spec.priority,
+        payload=spec.payload,
+        requirements=spec.requirements.model_dump(exclude_none=True),
+        max_retries=spec.max_retries,
+        timeout_s=float(spec.timeout_s),
+        depends_on=[],
+        webhook_url=spec.webhook_url,
+        webhook_events=spec.webhook_events,
+        correlation_id=correlation_id,
+        meta=spec.metadata,
+        attempts=0,
+        progress=0.0,
+        created_at=now,
+        updated_at=now,
+        queued_at=now,
+    )
+
+
+def get(step_id: str, principal: Principal) -> Step:
+    with db.transaction() as session:
+        return _visible(session, step_id, principal)
+
+
+def _filtered(query, principal: Principal, status, service, workflow_id):
+    if not principal.admin:
+        query = query.where(Step.customer_id == principal.customer_id)
+    if status is not None:
+        query = query.where(Step.status == status)
+    if service is not None:
+        query = query.where(Step.service == service)
+    if workflow_id is not None:
+        query = query.where(Step.workflow_id == workflow_id)
+    return query
+
+
+def list_steps(
+    principal: Principal,
+    *,
+    status: StepStatus | None = None,
+    service: str | None = None,
+    workflow_id: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Step], str | None]:
+    """Newest first; `cursor` is the last id of the previous page."""
+    query = _filtered(
+        select(Step).order_by(Step.id.desc()).limit(limit + 1),
+        principal,
+        status,
+        service,
+        workflow_id,
+    )
+    if cursor is not None:
+        query = query.where(Step.id < _decode_cursor(cursor))
+    with db.transaction() as session:
+        rows = list(session.scalars(query))
+    page = rows[:limit]
+    next_cursor = page[-1].id if len(rows) > limit else None
+    return page, next_cursor
+
+
+def count_steps(
+    principal: Principal,
+    *,
+    status: StepStatus | None = None,
+    service: str | None = None,
+    workflow_id: str | None = None,
+) -> int:
+    query = _filtered(
+        select(func.count()).select_from(Step), principal, status, service, workflow_id
+    )
+    with db.transaction() as session:
+        return int(session.scalar(query) or 0)
+
+
+def _decode_cursor(cursor: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(cursor))
+    except ValueError as exc:
+        raise InvalidCursor("cursor is not one this API returned") from exc
+
+
+TIMEFRAMES = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(weeks=1)}
+STAT_BUCKETS = {
+    S.WAITING: "pending",
+    S.PENDING: "pending",
+    S.ASSIGNED: "running",
+    S.RUNNING: "running",
+    S.COMPLETED: "completed",
+    S.FAILED: "failed",
+    S.CANCELLED: "cancelled",
+    S.SKIPPED: "skipped",
+}
+
+
+def _empty_counts() -> dict[str, int]:
+    return {
+        "total": 0,
+        "pending": 0,
+        "running": 0,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": 0,
+        "skipped": 0,
+    }
+
+
+def stats(principal: Principal, timeframe: str) -> dict[str, Any]:
+    """Counts of steps created within the timeframe, overall and per service."""
+    since = _now() - TIMEFRAMES[timeframe]
+    query = (
+        select(Step.service, Step.status, func.count())
+        .where(Step.created_at >= since)
+        .group_by(Step.service, Step.status)
+    )
+    if not principal.admin:
+        query = query.where(Step.customer_id == principal.customer_id)
+    totals = _empty_counts()
+    by_service: dict[str, dict[str, int]] = {}
+    with db.transaction() as session:
+        for service, status, count in session.execute(query):
+            bucket = STAT_BUCKETS[StepStatus(status)]
+            service_counts = by_service.setdefault(service, _empty_counts())
+            for counts in (totals, service_counts):
+                counts["total"] += count
+                counts[bucket] += count
+    return {**totals, "by_service": by_service}
+
+
+def cancel(step_id: str, principal: Principal, reason: str | None = None) -> Step:
+    """Cancel a step that has not finished; a running one is stopped by its worker."""
+    reason = reason or "cancelled by client"
+    with db.transaction() as session:
+        step = _visible(session, step_id, principal, lock=True)
+        if StepStatus(step.status) not in CANCELLABLE:
+            raise InvalidState(f"step {step_id} is {step.status}; only unfinished steps cancel")
+        _finish_attempt(session, step, "cancelled", None)
+        step.cancel_reason = reason
+        step.completed_at = _now()
+        _transition(session, step, S.CANCELLED, EventType.STEP_CANCELLED, {"reason": reason})
+        return step
+
+
+def retry(step_id: str, principal: Principal) -> Step:
+    """Queue a failed or cancelled step again as a new attempt."""
+    with db.transaction() as session:
+        step = _visible(session, step_id, principal, lock=True)
+        if StepStatus(step.status) not in RETRYABLE_BY_CLIENT:
+            raise InvalidState(f"step {step_id} is {step.status}; only failed or cancelled retry")
+        previous_error = step.error
+        step.error = None
+        step.result = None
+        step.progress = 0.0
+        step.stage = step.message = None
+        step.completed_at = None
+        step.cancel_reason = None
+        step.queued_at = _now()
+        # One more attempt on request; automatic retries stay spent.
+        step.max_retries = max(step.max_retries, step.attempts)
+        _transition(
+            session,
+            step,
+            S.PENDING,
+            EventType.STEP_RETRYING,
+            {
+                "error": previous_error,
+                "attempt": step.attempts,
+                "retry_at": _iso(_now()),
+                "manual": True,
+            },
+        )
+        _dispatch_after_commit(session, step)
+        return step
+
+
+# --- worker side ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailureOutcome:
+    status: StepStatus | None
+    retry_in_s: float | None = None
+
+
+def assign(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
+    """Take a pending step for this worker as a new attempt; None if it is not pending.
+
+    This database check is what makes a cancelled step or a redelivered task harmless:
+    Celery's own revokes and acks live in memory and in Redis, which may be lost.
+    """
+    with db.transaction() as session:
+        step = _locked(session, step_id)
+        if step is None or step.status != S.PENDING:
+            logger.info(
+                "Step not pending; task dropped",
+                extra={
+                    "action": "step_assign_skipped",
+                    "step_id": step_id,
+                    "status": None if step is None else step.status,
+                },
+            )
+            return None
+        step.attempts += 1
+        step.worker_id = worker_id
+        step.machine_id = machine_id
+        session.add(
+            Attempt(
+                step_id=step.id,
+                attempt=step.attempts,
+                worker_id=worker_id,
+                machine_id=machine_id,
+                outcome="running",
+                started_at=_now(),
+            )
+        )
+        _transition(
+            session,
+            step,
+            S.ASSIGNED,
+            EventType.STEP_ASSIGNED,
+            {"worker_id": worker_id, "machine_id": machine_id, "attempt": step.attempts},
+        )
+        return StepRun(
+            step_id=step.id,
+            service=step.service,
+            attempt=step.attempts,
+            payload=step.payload,
+            requirements=step.requirements,
+            timeout_s=step.timeout_s,
+            customer_id=step.customer_id,
+            inputs=_dependency_results(session, step),
+        )
+
+
+def _dependency_results(session: Session, step: Step) -> dict[str, Any]:
+    if not step.depends_on:
+        return {}
+    rows = session.execute(select(Step.step_index, Step.result).where(Step.id.in_(step.depends_on)))
+    return {str(index): result for index, result in rows}
+
+
+def _current(
+    session: Session, step_id: str, attempt: int, allowed: frozenset[StepStatus]
+) -> Step | None:
+    """The step, locked, if `attempt` is still its current attempt in an allowed status."""
+    step = _locked(session, step_id)
+    if step is None or step.attempts != attempt or StepStatus(step.status) not in allowed:
+        logger.info(
+            "Superseded attempt ignored",
+            extra={
+                "action": "step_attempt_fenced",
+                "step_id": step_id,
+                "attempt": attempt,
+                "status": None if step is None else step.status,
+            },
+        )
+        return None
+    return step
+
+
+def _finish_attempt(
+    session: Session, step: Step, outcome: str, error: dict[str, Any] | None
+) -> None:
+    row = session.scalar(
+        select(Attempt).where(Attempt.step_id == step.id, Attempt.attempt == step.attempts)
+    )
+    if row is not None and row.finished_at is None:
+        row.outcome = outcome
+        row.error = error
+        row.finished_at = _now()
+
+
+def start(step_id: str, attempt: int) -> bool:
+    with db.transaction() as session:
+        step = _current(session, step_id, attempt, frozenset({S.ASSIGNED}))
+        if step is None:
+            return False
+        step.started_at = _now()
+        _transition(session, step, S.RUNNING, EventType.STEP_STARTED, {"attempt": attempt})
+        return True
+
+
+def report_progress(
+    step_id: str,
+    attempt: int,
+    progress: float,
+    stage: str | None = None,
+    message: str | None = None,
+) -> bool:
+    with db.transaction() as session:
+        step = _current(session, step_id, attempt, frozenset({S.RUNNING}))
+        if step is None:
+            return False
+        step.progress = max(0.0, min(100.0, float(progress)))
+        step.stage = stage
+        step.message = message
+        step.updated_at = _now()
+        _emit(
+            session,
+            step,
+            EventType.STEP_PROGRESS,
+            {"progress": step.progress, "stage": stage, "message": message, "attempt": attempt},
+        )
+        return True
+
+
+def complete(step_id: str, attempt: int, result: Any, duration_ms: int) -> bool:
+    with db.transaction() as session:
+        step = _current(session, step_id, attempt, ACTIVE)
+        if step is None:
+            return False
+        _finish_attempt(session, step, "completed", None)
+        step.result = result
+        step.error = None
+        step.progress = 100.0
+        step.completed_at = _now()
+        _transition(
+            session,
+            step,
+            S.COMPLETED,
+            EventType.STEP_COMPLETED,
+            {"result": result, "duration_ms": duration_ms, "attempt": attempt},
+        )
+        return True
+
+
+def retry_delay_s(attempt: int) -> float:
+    """Exponential backoff with jitter: base * 2^(attempt-1), capped, times 0.5-1.0."""
+    settings = get_settings()
+    ceiling = min(settings.retry_max_s, settings.retry_base_s * 2 ** max(0, attempt - 1))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+def fail(step_id: str, attempt: int, error: dict[str, Any]) -> FailureOutcome:
+    """Record a failed attempt: back to pending for a retry, or failed for good."""
+    with db.transaction() as session:
+        step = _current(session, step_id, attempt, ACTIVE)
+        if step is None:
+            return FailureOutcome(status=None)
+        _finish_attempt(session, step, "failed", error)
+        if error.get("retryable") and step.attempts <= step.max_retries:
+            delay = retry_delay_s(attempt)
+            step.error = error
+            step.queued_at = _now() + timedelta(seconds=delay)
+            _transition(
+                session,
+                step,
+                S.PENDING,
+                EventType.STEP_RETRYING,
+                {"error": error, "attempt": attempt, "retry_at": _iso(step.queued_at)},
+            )
+            _dispatch_after_commit(session, step, countdown=delay)
+            return FailureOutcome(status=S.PENDING, retry_in_s=delay)
+        step.error = error
+        step.completed_at = _now()
+        _transition(
+            session,
+            step,
+            S.FAILED,
+            EventType.STEP_FAILED,
+            {"error": error, "attempts": step.attempts},
+        )
+        return FailureOutcome(status=S.FAILED)
+
+
+def should_stop(step_id: str, attempt: int) -> bool:
+    """True once `attempt` is no longer the step's running attempt (cancelled or superseded)."""
+    with db.transaction() as session:
+        row = session.execute(
+            select(Step.status, Step.attempts).where(Step.id == step_id)
+        ).one_or_none()
+    return row is None or row.attempts != attempt or StepStatus(row.status) not in ACTIVE

@@ -1,0 +1,42 @@
+"""The Flask application: REST API (and later WebSocket and dashboard)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Flask, Response, g, request
+
+from emp_tasks.config import get_settings
+from emp_tasks.ids import new_id
+from web import errors
+
+CORRELATION_HEADER = "X-Correlation-ID"
+CORRELATION_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
+
+logger = logging.getLogger(__name__)
+
+
+def create_app() -> Flask:
+    """Application factory: settings come from the environment (see emp_tasks.config)."""
+    settings = get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    @app.before_request
+    def _correlation() -> None:
+        incoming = request.headers.get(CORRELATION_HEADER, "")
+        g.correlation_id = incoming if CORRELATION_PATTERN.match(incoming) else new_id()
+
+    @app.after_request
+    def _echo_correlation(response: Response) -> Response:
+        response.headers[CORRELATION_HEADER] = getattr(g, "correlation_id", "")
+        return response
+
+    from web import health, jobs, steps
+
+    for blueprint in (health.bp, steps.bp, jobs.bp):
+        app.register_blueprint(blueprint)
+    errors.register(app)
+    return app

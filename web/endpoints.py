@@ -1,0 +1,182 @@
+"""Declaring an API route: authentication, rate limit, request validation, OpenAPI facts.
+
+Each route is declared once with `endpoint(...)`; the same declaration parses
+and validates the request and describes it in `/openapi.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request
+from pydantic import BaseModel, ValidationError
+
+from emp_tasks import auth, ratelimit
+from emp_tasks.config import get_settings
+from web.errors import ApiError, validation_details
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+@dataclass(frozen=True)
+class Route:
+    rule: str
+    methods: tuple[str, ...]
+    summary: str
+    tags: tuple[str, ...]
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    status: int
+    authenticated: bool
+    admin: bool
+    deprecated: bool
+    headers: tuple[str, ...] = field(default_factory=tuple)
+
+
+ROUTES: list[Route] = []
+
+
+def ok(http_status: int = 200, headers: dict[str, str] | None = None, /, **fields: Any) -> Response:
+    response = jsonify({"success": True, **fields})
+    response.status_code = http_status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _presented_key() -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    return request.headers.get("X-API-Key") or None
+
+
+def current_principal(admin: bool = False) -> auth.Principal:
+    principal = auth.authenticate(_presented_key())
+    if principal is None:
+        raise ApiError(
+            401,
+            "UNAUTHORIZED",
+            "a valid API key is required (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if admin and not principal.admin:
+        raise ApiError(403, "FORBIDDEN", "an admin key is required")
+    wait = ratelimit.seconds_until_allowed(principal.key_id, get_settings().rate_limit_per_minute)
+    if wait:
+        raise ApiError(
+            429,
+            "RATE_LIMITED",
+            f"too many requests; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+    return principal
+
+
+def _json_body() -> dict[str, Any]:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(
+            400,
+            "VALIDATION_FAILED",
+            "request body is not valid JSON",
+            [{"field": "body", "message": str(exc), "type": "json_invalid"}],
+        ) from exc
+    if not isinstance(data, dict):
+        raise ApiError(
+            400,
+            "VALIDATION_FAILED",
+            "request body must be a JSON object",
+            [{"field": "body", "message": "expected an object", "type": "object_type"}],
+        )
+    return data
+
+
+def _parse(model: type[BaseModel], data: dict[str, Any], prefix: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(
+            400, "VALIDATION_FAILED", "request is invalid", validation_details(exc, prefix)
+        ) from exc
+
+
+def idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        raise ApiError(
+            400,
+            "VALIDATION_FAILED",
+            "Idempotency-Key must be 1 to 255 characters",
+            [{"field": "Idempotency-Key", "message": "1 to 255 characters", "type": "header"}],
+        )
+    return key
+
+
+def endpoint(
+    blueprint: Blueprint,
+    rule: str,
+    *,
+    methods: tuple[str, ...] = ("GET",),
+    summary: str,
+    tags: tuple[str, ...] = (),
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    status: int = 200,
+    authenticated: bool = True,
+    admin: bool = False,
+    deprecated: bool = False,
+    headers: tuple[str, ...] = (),
+    not_found_codes: dict[str, str] | None = None,
+) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
+    """Register `rule` on `blueprint`; the view receives `principal`, `body`, `query`."""
+
+    def decorate(view: Callable[..., Response]) -> Callable[..., Response]:
+        ROUTES.append(
+            Route(
+                rule=rule,
+                methods=methods,
+                summary=summary,
+                tags=tags,
+                body=body,
+                query=query,
+                status=status,
+                authenticated=authenticated,
+                admin=admin,
+                deprecated=deprecated,
+                headers=headers,
+            )
+        )
+
+        @functools.wraps(view)
+        def handle(**path: Any) -> Response:
+            g.not_found_codes = not_found_codes
+            kwargs: dict[str, Any] = dict(path)
+            if authenticated:
+                kwargs["principal"] = current_principal(admin=admin)
+            if body is not None:
+                kwargs["body"] = _parse(body, _json_body(), "")
+            if query is not None:
+                kwargs["query"] = _parse(query, request.args.to_dict(), "")
+            response = view(**kwargs)
+            if deprecated:
+                response.headers["Deprecation"] = "true"
+            return response
+
+        blueprint.add_url_rule(
+            rule, endpoint=f"{view.__name__}", view_func=handle, methods=list(methods)
+        )
+        return handle
+
+    return decorate

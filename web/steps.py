@@ -1,0 +1,107 @@
+"""Steps API routes: parse, authorise, call emp_tasks.steps, serialise."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g
+
+from emp_tasks import steps
+from emp_tasks.auth import Principal
+from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
+from web.endpoints import endpoint, idempotency_key, ok
+
+bp = Blueprint("steps", __name__)
+
+TAGS = ("steps",)
+
+
+def submit(body: StepCreate, principal: Principal):
+    """Shared by every submit route: returns (step, created)."""
+    return steps.submit(
+        body, principal, correlation_id=g.correlation_id, idempotency_key=idempotency_key()
+    )
+
+
+def _created(body: StepCreate, principal: Principal) -> Response:
+    step, created = submit(body, principal)
+    return ok(
+        201 if created else 200, step_id=step.id, status=step.status, step=steps.step_object(step)
+    )
+
+
+@endpoint(
+    bp,
+    "/api/steps",
+    methods=("POST",),
+    body=StepCreate,
+    status=201,
+    tags=TAGS,
+    headers=("Idempotency-Key",),
+    summary="Submit a step",
+)
+def create_step(principal: Principal, body: StepCreate) -> Response:
+    return _created(body, principal)
+
+
+@endpoint(
+    bp,
+    "/submit-step",
+    methods=("POST",),
+    body=StepCreate,
+    status=201,
+    tags=("seed",),
+    headers=("Idempotency-Key",),
+    summary="Submit a step (seed-compatible)",
+)
+def submit_step_seed(principal: Principal, body: StepCreate) -> Response:
+    return _created(body, principal)
+
+
+@endpoint(bp, "/api/steps", query=StepListQuery, tags=TAGS, summary="List steps, newest first")
+def list_steps(principal: Principal, query: StepListQuery) -> Response:
+    page, next_cursor = steps.list_steps(
+        principal,
+        status=query.status,
+        service=query.service,
+        workflow_id=query.workflow_id,
+        limit=query.limit,
+        cursor=query.cursor,
+    )
+    return ok(steps=[steps.step_object(s) for s in page], next_cursor=next_cursor)
+
+
+@endpoint(bp, "/api/steps/stats", query=StatsQuery, tags=TAGS, summary="Step counts")
+def step_stats(principal: Principal, query: StatsQuery) -> Response:
+    return ok(timeframe=query.timeframe, stats=steps.stats(principal, query.timeframe))
+
+
+@endpoint(bp, "/api/steps/<step_id>", tags=TAGS, summary="Get a step")
+def get_step(principal: Principal, step_id: str) -> Response:
+    return ok(step=steps.step_object(steps.get(step_id, principal)))
+
+
+@endpoint(bp, "/step/<step_id>", tags=("seed",), summary="Get a step (seed-compatible)")
+def get_step_seed(principal: Principal, step_id: str) -> Response:
+    return ok(step=steps.step_object(steps.get(step_id, principal)))
+
+
+@endpoint(
+    bp,
+    "/api/steps/<step_id>/cancel",
+    methods=("POST",),
+    body=CancelRequest,
+    tags=TAGS,
+    summary="Cancel a step; a running one is stopped on its worker",
+)
+def cancel_step(principal: Principal, step_id: str, body: CancelRequest) -> Response:
+    return ok(step=steps.step_object(steps.cancel(step_id, principal, body.reason)))
+
+
+@endpoint(
+    bp,
+    "/api/steps/<step_id>/retry",
+    methods=("POST",),
+    tags=TAGS,
+    summary="Queue a failed or cancelled step again as a new attempt",
+)
+def retry_step(principal: Principal, step_id: str) -> Response:
+    return ok(step=steps.step_object(steps.retry(step_id, principal)))
