@@ -6,13 +6,13 @@ two cannot drift. Services receive validated models, never raw JSON.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    StrictFloat,
     StrictInt,
     field_validator,
     model_validator,
@@ -23,6 +23,16 @@ from emp_tasks.models import StepStatus
 
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 SERVICE_ALIASES = ("type", "job_type", "service_required")
+
+
+def _json_number(value: Any) -> Any:
+    """Accept JSON numbers only: not strings of digits, not booleans."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_json_number)]
 STEP_EVENT_NAMES = sorted(e.value for e in EventType if e.value.startswith("step_"))
 
 
@@ -31,7 +41,7 @@ class Requirements(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    gpu_memory_gb: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=4096)
+    gpu_memory_gb: Number | None = Field(default=None, ge=0, le=4096)
     models: list[str] | None = Field(default=None, max_length=100)
     customer_isolation: Literal["strict", "loose"] | None = None
 
@@ -46,7 +56,7 @@ class StepCreate(BaseModel):
     priority: StrictInt = Field(default=50, ge=0, le=100, description="Higher runs first")
     requirements: Requirements = Field(default_factory=Requirements)
     max_retries: StrictInt = Field(default=3, ge=0, le=10)
-    timeout_s: StrictFloat | StrictInt = Field(default=1800, gt=0, le=7 * 24 * 3600)
+    timeout_s: Number = Field(default=1800, gt=0, le=7 * 24 * 3600)
     webhook_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
     webhook_events: list[Literal[tuple(STEP_EVENT_NAMES)]] | None = None  # type: ignore[valid-type]
     customer_id: str | None = Field(default=None, min_length=1, max_length=200)

@@ -58,18 +58,22 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     definitions = schema.get("$defs", {})
     parameters = []
     for name, prop in schema.get("properties", {}).items():
-        for option in prop.get("anyOf", []):
-            if "$ref" in option:
-                prop = {**prop, **definitions[option["$ref"].rsplit("/", 1)[-1]]}
-                prop.pop("anyOf", None)
-        parameters.append(
-            {
-                "name": name,
-                "in": "query",
-                "required": name in schema.get("required", []),
-                "schema": prop,
-            }
-        )
+        prop = dict(prop)
+        options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]
+        if len(options) == 1:  # optional parameter: absent rather than null
+            prop.update(options[0])
+        elif options:
+            prop["anyOf"] = options
+        if "$ref" in prop:
+            prop.update(definitions[prop.pop("$ref").rsplit("/", 1)[-1]])
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        parameters.append({
+            "name": name,
+            "in": "query",
+            "required": name in schema.get("required", []),
+            "schema": prop,
+        })
     return parameters
 
 

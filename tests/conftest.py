@@ -1,0 +1,261 @@
+"""Test harness: real PostgreSQL, real Redis, real Celery worker and relay processes.
+
+Each run gets its own database (created on the server DATABASE_URL points at,
+or on an embedded server) and its own Redis database index, so concurrent runs
+on one machine never see each other's steps or events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import redis
+import requests
+
+from emp_tasks import config, db, redisdb
+from emp_tasks.db import ROOT
+from emp_tasks.events import STREAM
+
+ARTIFACTS = ROOT / "test-artifacts"
+KEYS = {
+    "alice": "test-key-alice",
+    "bob": "test-key-bob",
+    "admin": "test-key-admin",
+}
+API_KEYS = f"{KEYS['alice']}:alice,{KEYS['bob']}:bob,{KEYS['admin']}:ops:admin"
+REDIS_LOCK = "emp:test-run-lock"
+
+
+def headers(who: str = "alice", **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[who]}", **extra}
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.05):
+    """Poll until `predicate()` is truthy; return its value or fail with the last one."""
+    deadline = time.monotonic() + timeout_s
+    value = predicate()
+    while not value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s (last: {value!r})")
+        time.sleep(interval_s)
+        value = predicate()
+    return value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- per-run services ----------------------------------------------------------------------
+
+
+def _server_urls() -> tuple[str, str]:
+    redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
+    if redis_url and database_url:
+        return redis_url, database_url
+    from emp_tasks import embedded
+
+    data_dir = ROOT / ".emp" / "test"
+    port = int(os.environ.get("EMP_TEST_EMBEDDED_REDIS_PORT", "6391"))
+    return (
+        redis_url or embedded.start_redis(data_dir, port),
+        database_url or embedded.start_postgres(data_dir),
+    )
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def _claim_redis_db(url: str) -> tuple[str, redis.Redis]:
+    """A Redis database index no other test run holds; the claim expires if we die."""
+    token = secrets.token_hex(8)
+    for index in range(1, 16):
+        parts = urlsplit(url)
+        candidate = urlunsplit(parts._replace(path=f"/{index}"))
+        client = redis.Redis.from_url(candidate, decode_responses=True)
+        if client.set(REDIS_LOCK, token, nx=True, ex=3600):
+            for key in client.scan_iter("*"):
+                if key != REDIS_LOCK:
+                    client.delete(key)
+            return candidate, client
+    raise RuntimeError("all Redis databases 1-15 are held by other test runs")
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[dict[str, str]]:
+    redis_base, database_base = _server_urls()
+    name = f"emp_test_{os.getpid()}_{secrets.token_hex(3)}"
+    with psycopg.connect(database_base, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    database_url = _with_database(database_base, name)
+    redis_url, lock_client = _claim_redis_db(redis_base)
+    overrides = {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "EMP_API_KEYS": API_KEYS,
+        "EMP_RETRY_BASE_S": "0.2",
+        "EMP_RETRY_MAX_S": "1",
+        "EMP_RELAY_INTERVAL_S": "0.2",
+        "EMP_RATE_LIMIT_PER_MINUTE": "0",
+        "EMP_LOG_LEVEL": "INFO",
+    }
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    config.reset_settings()
+    db.upgrade(database_url)
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        yield {"redis_url": redis_url, "database_url": database_url}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for engine in db._engines.values():
+            engine.dispose()
+        db._engines.clear()
+        db._sessionmakers.clear()
+        redisdb.reset_clients()
+        with psycopg.connect(database_base, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for key in lock_client.scan_iter("*"):
+            lock_client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def settings(services) -> config.Settings:
+    return config.get_settings()
+
+
+@pytest.fixture
+def override_settings(settings) -> Iterator[Callable[..., config.Settings]]:
+    """Change settings for one test (e.g. a tiny rate limit), restored afterwards."""
+
+    def apply(**changes: Any) -> config.Settings:
+        config._settings = replace(settings, **changes)
+        return config._settings
+
+    yield apply
+    config._settings = settings
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+class RunningSystem:
+    """Procfile processes started for the tests, with their combined log file."""
+
+    def __init__(self, names: list[str], env: dict[str, str], log: Path) -> None:
+        from emp_tasks.supervisor import ProcessGroup
+
+        self.log_path = log
+        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.group = ProcessGroup(env, names=names, output=self._log).start()
+
+    def stop(self) -> None:
+        self.group.stop()
+        self._log.close()
+
+
+def process_env(services: dict[str, str], **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=services["redis_url"],
+        DATABASE_URL=services["database_url"],
+        EMP_API_KEYS=API_KEYS,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def system(services) -> Iterator[RunningSystem]:
+    """A worker (simulation connector, 2 threads) and the relay, from the Procfile."""
+    from emp_tasks import workers
+
+    env = process_env(
+        services, EMP_WORKER_ID="test-worker-1", EMP_MACHINE_ID="test-machine-1",
+        EMP_WORKER_CONCURRENCY="2",
+    )
+    running = RunningSystem(["worker", "relay"], env, ARTIFACTS / "system.log")
+    try:
+        assert workers.wait_for_workers(1, timeout_s=60), running.log_path.read_text()[-3000:]
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def live_api(services) -> Iterator[str]:
+    """The `web` process from the Procfile, on a free port; yields its base URL."""
+    port = free_port()
+    env = process_env(services, PORT=str(port), EMP_BIND="127.0.0.1", EMP_WEB_WORKERS="1")
+    running = RunningSystem(["web"], env, ARTIFACTS / "web.log")
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        with contextlib.suppress(requests.ConnectionError):
+            return requests.get(base + "/health/ready", timeout=1).status_code == 200
+        return False
+
+    try:
+        wait_for(up, timeout_s=60, interval_s=0.2)
+        yield base
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def app(services):
+    from web import create_app
+
+    return create_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+# --- observing the system ------------------------------------------------------------------
+
+
+def stream_events(step_id: str | None = None, workflow_id: str | None = None) -> list[dict]:
+    """Envelopes on `emp:events`, oldest first, optionally for one step or workflow."""
+    found = []
+    for stream_id, fields in redisdb.client().xrange(STREAM, "-", "+"):
+        envelope = json.loads(fields["event"])
+        assert fields["type"] == envelope["type"]
+        if step_id and envelope.get("step_id") != step_id:
+            continue
+        if workflow_id and envelope.get("workflow_id") != workflow_id:
+            continue
+        found.append({"stream_id": stream_id, **envelope})
+    return found
+
+
+def wait_for_status(client, step_id: str, statuses: set[str], who: str = "alice",
+                    timeout_s: float = 30.0) -> dict:
+    def current() -> dict | None:
+        step = client.get(f"/api/steps/{step_id}", headers=headers(who)).get_json()["step"]
+        return step if step["status"] in statuses else None
+
+    return wait_for(current, timeout_s=timeout_s)
