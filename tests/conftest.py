@@ -192,7 +192,9 @@ def system(services) -> Iterator[RunningSystem]:
     from emp_tasks import workers
 
     env = process_env(
-        services, EMP_WORKER_ID="test-worker-1", EMP_MACHINE_ID="test-machine-1",
+        services,
+        EMP_WORKER_ID="test-worker-1",
+        EMP_MACHINE_ID="test-machine-1",
         EMP_WORKER_CONCURRENCY="2",
     )
     running = RunningSystem(["worker", "relay"], env, ARTIFACTS / "system.log")
@@ -252,8 +254,9 @@ def stream_events(step_id: str | None = None, workflow_id: str | None = None) ->
     return found
 
 
-def wait_for_status(client, step_id: str, statuses: set[str], who: str = "alice",
-                    timeout_s: float = 30.0) -> dict:
+def wait_for_status(
+    client, step_id: str, statuses: set[str], who: str = "alice", timeout_s: float = 30.0
+) -> dict:
     def current() -> dict | None:
         step = client.get(f"/api/steps/{step_id}", headers=headers(who)).get_json()["step"]
         return step if step["status"] in statuses else None

@@ -64,7 +64,8 @@ def test_openapi_document_is_valid_and_lists_every_route(app):
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert (path, method.lower()) in documented, (path, method)
     assert len(documented) == sum(
-        len(r.methods - {"HEAD", "OPTIONS"}) for r in app.url_map.iter_rules()
+        len(r.methods - {"HEAD", "OPTIONS"})
+        for r in app.url_map.iter_rules()
         if r.endpoint != "static"
     )
 

@@ -20,24 +20,26 @@ def test_jobs_submit_answers_job_id_and_submitted(client, system):
 
 
 def test_jobs_status_route_and_its_not_found_code(client):
-    job_id = client.post("/api/jobs/submit", json={"service": UNSERVED},
-                         headers=headers()).get_json()["job_id"]
+    job_id = client.post(
+        "/api/jobs/submit", json={"service": UNSERVED}, headers=headers()
+    ).get_json()["job_id"]
     body = client.get(f"/api/jobs/{job_id}/status", headers=headers()).get_json()
     assert body["success"] is True and body["job"]["job_id"] == job_id
     assert_error(client.get("/api/jobs/missing/status", headers=headers()), 404, "JOB_NOT_FOUND")
     assert_error(client.get("/api/jobs/missing", headers=headers()), 404, "JOB_NOT_FOUND")
-    assert_error(client.get(f"/api/jobs/{job_id}/status", headers=headers("bob")), 404,
-                 "JOB_NOT_FOUND")
+    assert_error(
+        client.get(f"/api/jobs/{job_id}/status", headers=headers("bob")), 404, "JOB_NOT_FOUND"
+    )
 
 
 def test_jobs_cancel_answers_a_message(client):
-    job_id = client.post("/api/jobs/submit", json={"service": UNSERVED},
-                         headers=headers()).get_json()["job_id"]
+    job_id = client.post(
+        "/api/jobs/submit", json={"service": UNSERVED}, headers=headers()
+    ).get_json()["job_id"]
     body = client.post(f"/api/jobs/{job_id}/cancel", headers=headers()).get_json()
     assert body["success"] is True and job_id in body["message"]
     assert job(client, job_id)["status"] == "cancelled"
-    assert_error(client.post(f"/api/jobs/{job_id}/cancel", headers=headers()), 409,
-                 "INVALID_STATE")
+    assert_error(client.post(f"/api/jobs/{job_id}/cancel", headers=headers()), 409, "INVALID_STATE")
 
 
 def test_jobs_stats_match_steps_stats(client):
@@ -89,6 +91,7 @@ def test_legacy_submit_job_and_get_job_carry_a_deprecation_header(client):
 
 def test_seed_routes_validate_like_the_steps_api(client):
     for route in ("/api/jobs/submit", "/api/jobs", "/submit-step", "/submit-job"):
-        assert_error(client.post(route, json={"priority": 3}, headers=headers()), 400,
-                     "VALIDATION_FAILED")
+        assert_error(
+            client.post(route, json={"priority": 3}, headers=headers()), 400, "VALIDATION_FAILED"
+        )
         assert_error(client.post(route, json={"service": "simulation"}), 401, "UNAUTHORIZED")

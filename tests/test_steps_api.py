@@ -38,12 +38,35 @@ def test_default_simulation_result_echoes_payload(client, system):
 
 def test_step_object_has_every_documented_field(client):
     step = submit(client, {"service": UNSERVED}).get_json()["step"]
-    documented = (
-        "id service status priority payload requirements result error progress stage message "
-        "attempts max_retries timeout_s workflow_id step_index depends_on customer_id worker_id "
-        "machine_id webhook_url correlation_id metadata created_at started_at completed_at "
-        "updated_at"
-    ).split()
+    documented = [
+        "id",
+        "service",
+        "status",
+        "priority",
+        "payload",
+        "requirements",
+        "result",
+        "error",
+        "progress",
+        "stage",
+        "message",
+        "attempts",
+        "max_retries",
+        "timeout_s",
+        "workflow_id",
+        "step_index",
+        "depends_on",
+        "customer_id",
+        "worker_id",
+        "machine_id",
+        "webhook_url",
+        "correlation_id",
+        "metadata",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "updated_at",
+    ]
     assert set(documented) <= set(step)
     assert step["priority"] == 50 and step["max_retries"] == 3 and step["timeout_s"] == 1800
     assert step["customer_id"] == "alice"
@@ -92,15 +115,18 @@ def assert_error(response, status: int, code: str) -> dict:
         ({"service": "simulation", "max_retries": 11}, {"max_retries"}),
         ({"service": "simulation", "timeout_s": 0}, {"timeout_s"}),
         ({"service": "simulation", "payload": []}, {"payload"}),
-        ({"service": "simulation", "requirements": {"gpu_memory_gb": "lots"}},
-         {"requirements.gpu_memory_gb"}),
-        ({"service": "simulation", "requirements": {"customer_isolation": "x"}},
-         {"requirements.customer_isolation"}),
+        (
+            {"service": "simulation", "requirements": {"gpu_memory_gb": "lots"}},
+            {"requirements.gpu_memory_gb"},
+        ),
+        (
+            {"service": "simulation", "requirements": {"customer_isolation": "x"}},
+            {"requirements.customer_isolation"},
+        ),
         ({"service": "simulation", "webhook_url": "ftp://x"}, {"webhook_url"}),
         ({"service": "simulation", "webhook_events": ["nope"]}, {"webhook_events.0"}),
         ({"service": "bad service!"}, {"service"}),
-        ({"service": "simulation", "priority": -1, "max_retries": -1},
-         {"priority", "max_retries"}),
+        ({"service": "simulation", "priority": -1, "max_retries": -1}, {"priority", "max_retries"}),
     ],
 )
 def test_invalid_step_is_rejected_naming_each_field(client, body, fields):
@@ -109,8 +135,9 @@ def test_invalid_step_is_rejected_naming_each_field(client, body, fields):
 
 
 def test_malformed_json_and_non_object_bodies_are_400(client):
-    bad = client.post("/api/steps", data="{not json", headers=headers(),
-                      content_type="application/json")
+    bad = client.post(
+        "/api/steps", data="{not json", headers=headers(), content_type="application/json"
+    )
     assert_error(bad, 400, "VALIDATION_FAILED")
     listed = client.post("/api/steps", json=[1, 2], headers=headers())
     assert_error(listed, 400, "VALIDATION_FAILED")
@@ -153,14 +180,16 @@ def test_unknown_route_is_a_json_404(client):
 def test_cancel_of_a_finished_step_is_409(client, system):
     step_id = submit(client, {"service": "simulation"}).get_json()["step_id"]
     wait_for_status(client, step_id, {"completed"})
-    assert_error(client.post(f"/api/steps/{step_id}/cancel", headers=headers()), 409,
-                 "INVALID_STATE")
+    assert_error(
+        client.post(f"/api/steps/{step_id}/cancel", headers=headers()), 409, "INVALID_STATE"
+    )
 
 
 def test_retry_of_a_step_that_has_not_failed_is_409(client):
     step_id = submit(client, {"service": UNSERVED}).get_json()["step_id"]
-    assert_error(client.post(f"/api/steps/{step_id}/retry", headers=headers()), 409,
-                 "INVALID_STATE")
+    assert_error(
+        client.post(f"/api/steps/{step_id}/retry", headers=headers()), 409, "INVALID_STATE"
+    )
 
 
 def test_oversized_body_is_413(client, override_settings):
@@ -169,7 +198,8 @@ def test_oversized_body_is_413(client, override_settings):
     override_settings(max_body_bytes=2048)
     small_app = create_app().test_client()
     response = small_app.post(
-        "/api/steps", json={"service": "simulation", "payload": {"blob": "x" * 4096}},
+        "/api/steps",
+        json={"service": "simulation", "payload": {"blob": "x" * 4096}},
         headers=headers(),
     )
     assert_error(response, 413, "PAYLOAD_TOO_LARGE")
@@ -177,8 +207,7 @@ def test_oversized_body_is_413(client, override_settings):
 
 def test_rate_limited_key_gets_429_with_retry_after(client, override_settings):
     override_settings(rate_limit_per_minute=3)
-    codes = [client.get("/api/steps/stats", headers=headers("bob")).status_code
-             for _ in range(5)]
+    codes = [client.get("/api/steps/stats", headers=headers("bob")).status_code for _ in range(5)]
     assert codes[:3] == [200, 200, 200]
     assert codes[3] == 429
     limited = client.get("/api/steps/stats", headers=headers("bob"))
@@ -199,10 +228,10 @@ def test_database_outage_is_503_unavailable(services, override_settings):
 
 def test_a_key_cannot_read_or_change_another_customers_step(client):
     step_id = submit(client, {"service": UNSERVED}, who="alice").get_json()["step_id"]
-    assert_error(client.get(f"/api/steps/{step_id}", headers=headers("bob")), 404,
-                 "STEP_NOT_FOUND")
-    assert_error(client.post(f"/api/steps/{step_id}/cancel", headers=headers("bob")), 404,
-                 "STEP_NOT_FOUND")
+    assert_error(client.get(f"/api/steps/{step_id}", headers=headers("bob")), 404, "STEP_NOT_FOUND")
+    assert_error(
+        client.post(f"/api/steps/{step_id}/cancel", headers=headers("bob")), 404, "STEP_NOT_FOUND"
+    )
     listed = client.get("/api/steps?limit=200", headers=headers("bob")).get_json()["steps"]
     assert step_id not in {s["id"] for s in listed}
     assert client.get(f"/api/steps/{step_id}", headers=headers("admin")).status_code == 200
@@ -219,10 +248,18 @@ def test_stats_count_only_the_callers_steps(client):
     body = stats("alice")
     assert body["timeframe"] == "hour"
     assert body["stats"]["by_service"][UNSERVED]["pending"] >= 1
-    assert set(body["stats"]) >= {"total", "pending", "running", "completed", "failed",
-                                  "cancelled", "by_service"}
-    assert_error(client.get("/api/steps/stats?timeframe=year", headers=headers()), 400,
-                 "VALIDATION_FAILED")
+    assert set(body["stats"]) >= {
+        "total",
+        "pending",
+        "running",
+        "completed",
+        "failed",
+        "cancelled",
+        "by_service",
+    }
+    assert_error(
+        client.get("/api/steps/stats?timeframe=year", headers=headers()), 400, "VALIDATION_FAILED"
+    )
 
 
 # --- idempotency ---------------------------------------------------------------------------
@@ -244,10 +281,15 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_step(app):
     from concurrent.futures import ThreadPoolExecutor
 
     def post(_):
-        return app.test_client().post(
-            "/api/steps", json={"service": UNSERVED},
-            headers=headers(**{"Idempotency-Key": "idem-race"}),
-        ).get_json()["step_id"]
+        return (
+            app.test_client()
+            .post(
+                "/api/steps",
+                json={"service": UNSERVED},
+                headers=headers(**{"Idempotency-Key": "idem-race"}),
+            )
+            .get_json()["step_id"]
+        )
 
     with ThreadPoolExecutor(8) as pool:
         ids = set(pool.map(post, range(8)))
@@ -285,8 +327,7 @@ def test_list_filters_by_status_and_rejects_bad_parameters(client):
     assert step_id in {s["id"] for s in cancelled["steps"]}
     assert all(s["status"] == "cancelled" for s in cancelled["steps"])
     for bad in ("status=sleeping", "limit=0", "limit=1000", "cursor=zzz"):
-        assert_error(client.get(f"/api/steps?{bad}", headers=headers()), 400,
-                     "VALIDATION_FAILED")
+        assert_error(client.get(f"/api/steps?{bad}", headers=headers()), 400, "VALIDATION_FAILED")
 
 
 # --- cancel and retry ----------------------------------------------------------------------
@@ -294,15 +335,17 @@ def test_list_filters_by_status_and_rejects_bad_parameters(client):
 
 def test_cancelled_pending_step_records_the_reason(client):
     step_id = submit(client, {"service": UNSERVED}).get_json()["step_id"]
-    response = client.post(f"/api/steps/{step_id}/cancel", json={"reason": "changed my mind"},
-                           headers=headers())
+    response = client.post(
+        f"/api/steps/{step_id}/cancel", json={"reason": "changed my mind"}, headers=headers()
+    )
     assert response.status_code == 200
     assert response.get_json()["step"]["status"] == "cancelled"
 
 
 def test_running_step_is_stopped_by_cancel(client, system):
-    step_id = submit(client, {"service": "simulation",
-                              "payload": {"duration_s": 30}}).get_json()["step_id"]
+    step_id = submit(client, {"service": "simulation", "payload": {"duration_s": 30}}).get_json()[
+        "step_id"
+    ]
     wait_for_status(client, step_id, {"running"})
     assert client.post(f"/api/steps/{step_id}/cancel", headers=headers()).status_code == 200
     follow_up = submit(client, {"service": "simulation"}).get_json()["step_id"]
@@ -313,8 +356,11 @@ def test_running_step_is_stopped_by_cancel(client, system):
 def test_failed_step_is_retried_on_request_as_a_new_attempt(client, system):
     step_id = submit(
         client,
-        {"service": "simulation", "max_retries": 0, "payload": {"fail": "fatal",
-                                                                 "fail_attempts": 1}},
+        {
+            "service": "simulation",
+            "max_retries": 0,
+            "payload": {"fail": "fatal", "fail_attempts": 1},
+        },
     ).get_json()["step_id"]
     failed = wait_for_status(client, step_id, {"failed"})
     assert failed["error"]["code"] == "SIMULATED_FATAL"

@@ -68,12 +68,14 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
             prop.update(definitions[prop.pop("$ref").rsplit("/", 1)[-1]])
         if prop.get("default", 0) is None:
             del prop["default"]
-        parameters.append({
-            "name": name,
-            "in": "query",
-            "required": name in schema.get("required", []),
-            "schema": prop,
-        })
+        parameters.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": name in schema.get("required", []),
+                "schema": prop,
+            }
+        )
     return parameters
 
 
