@@ -80,6 +80,14 @@ def transaction(url: str | None = None) -> Iterator[Session]:
                 )
 
 
+def forget(url: str) -> None:
+    """Close and drop this URL's engine (before its database is dropped)."""
+    bound = _engines.pop(url, None)
+    _sessionmakers.pop(url, None)
+    if bound is not None:
+        bound.dispose()
+
+
 def dispose_engines() -> None:
     """Drop pooled connections (after fork: a child must not share its parent's sockets)."""
     for bound in _engines.values():

@@ -10,21 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
-import redis
 import requests
 
-from emp_tasks import config, db, redisdb
+from emp_tasks import config, redisdb, scratch
 from emp_tasks.db import ROOT
 from emp_tasks.events import STREAM
 
@@ -35,7 +31,6 @@ KEYS = {
     "admin": "test-key-admin",
 }
 API_KEYS = f"{KEYS['alice']}:alice,{KEYS['bob']}:bob,{KEYS['admin']}:ops:admin"
-REDIS_LOCK = "emp:test-run-lock"
 
 
 def headers(who: str = "alice", **extra: str) -> dict[str, str]:
@@ -63,51 +58,13 @@ def free_port() -> int:
 # --- per-run services ----------------------------------------------------------------------
 
 
-def _server_urls() -> tuple[str, str]:
-    redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
-    if redis_url and database_url:
-        return redis_url, database_url
-    from emp_tasks import embedded
-
-    data_dir = ROOT / ".emp" / "test"
-    port = int(os.environ.get("EMP_TEST_EMBEDDED_REDIS_PORT", "6391"))
-    return (
-        redis_url or embedded.start_redis(data_dir, port),
-        database_url or embedded.start_postgres(data_dir),
-    )
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def _claim_redis_db(url: str) -> tuple[str, redis.Redis]:
-    """A Redis database index no other test run holds; the claim expires if we die."""
-    token = secrets.token_hex(8)
-    for index in range(1, 16):
-        parts = urlsplit(url)
-        candidate = urlunsplit(parts._replace(path=f"/{index}"))
-        client = redis.Redis.from_url(candidate, decode_responses=True)
-        if client.set(REDIS_LOCK, token, nx=True, ex=3600):
-            for key in client.scan_iter("*"):
-                if key != REDIS_LOCK:
-                    client.delete(key)
-            return candidate, client
-    raise RuntimeError("all Redis databases 1-15 are held by other test runs")
-
-
 @pytest.fixture(scope="session")
 def services() -> Iterator[dict[str, str]]:
-    redis_base, database_base = _server_urls()
-    name = f"emp_test_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(database_base, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    database_url = _with_database(database_base, name)
-    redis_url, lock_client = _claim_redis_db(redis_base)
+    port = int(os.environ.get("EMP_TEST_EMBEDDED_REDIS_PORT", "6391"))
+    run = scratch.create("emp_test", ROOT / ".emp" / "test", port)
     overrides = {
-        "REDIS_URL": redis_url,
-        "DATABASE_URL": database_url,
+        "REDIS_URL": run.redis_url,
+        "DATABASE_URL": run.database_url,
         "EMP_API_KEYS": API_KEYS,
         "EMP_RETRY_BASE_S": "0.2",
         "EMP_RETRY_MAX_S": "1",
@@ -118,25 +75,17 @@ def services() -> Iterator[dict[str, str]]:
     saved = {key: os.environ.get(key) for key in overrides}
     os.environ.update(overrides)
     config.reset_settings()
-    db.upgrade(database_url)
     ARTIFACTS.mkdir(exist_ok=True)
     try:
-        yield {"redis_url": redis_url, "database_url": database_url}
+        yield {"redis_url": run.redis_url, "database_url": run.database_url}
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        for engine in db._engines.values():
-            engine.dispose()
-        db._engines.clear()
-        db._sessionmakers.clear()
         redisdb.reset_clients()
-        with psycopg.connect(database_base, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        for key in lock_client.scan_iter("*"):
-            lock_client.delete(key)
+        run.drop()
 
 
 @pytest.fixture(scope="session")
