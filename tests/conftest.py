@@ -163,7 +163,7 @@ def live_api(services) -> Iterator[str]:
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
-        with contextlib.suppress(requests.ConnectionError):
+        with contextlib.suppress(requests.RequestException):
             return requests.get(base + "/health/ready", timeout=1).status_code == 200
         return False
 

@@ -1,0 +1,29 @@
+# Two commands for a fresh machine: `make run` and `make test`. Both need only python3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(INSTALLED): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+run: $(INSTALLED)  ## API + worker + relay on embedded Redis/PostgreSQL (or REDIS_URL/DATABASE_URL)
+	$(VENV)/bin/emp run
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint  ## the whole suite: real PostgreSQL, Redis and Celery workers
+	$(PY) -m pytest
+
+bench: $(INSTALLED)  ## throughput and latency beside a bare Celery baseline
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .emp test-artifacts
