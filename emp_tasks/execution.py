@@ -1,6 +1,6 @@
 """Running one step attempt on a worker, top to bottom.
 
-assign (database check) -> start -> connector.run(...) -> complete | fail.
+begin (database check, assigned + started) -> connector.run(...) -> complete | fail.
 The connector's `cancel_requested()` is answered from PostgreSQL (cancelled or
 superseded attempt) and from the step's timeout, so cancellation works even
 when Celery's in-memory revokes were lost.
@@ -49,7 +49,7 @@ class _StopSignal:
 def run_step(step_id: str) -> str:
     """Run the step's next attempt here; return what became of it (for logs)."""
     settings = get_settings()
-    run = steps.assign(step_id, settings.worker_id, settings.machine_id)
+    run = steps.begin(step_id, settings.worker_id, settings.machine_id)
     if run is None:
         return "dropped"
     connector = connectors.get(run.service)
@@ -64,8 +64,6 @@ def run_step(step_id: str) -> str:
             ).as_error(),
         )
         return str(outcome.status)
-    if not steps.start(step_id, run.attempt):
-        return "superseded"
     stop = _StopSignal(run)
 
     def report_progress(

@@ -5,22 +5,20 @@ of the aggregates it touched (`publish_after_commit`). Crash path: the sweeper
 (`sweep`, run by the `relay` process) publishes whatever a dead or failed fast
 path left behind.
 
-Both paths take a transaction-scoped advisory lock per aggregate and publish
-that aggregate's unpublished events oldest first, so whichever path runs first,
-a step's events reach the stream in the order their transactions committed.
+Both paths lock an aggregate's unpublished rows oldest first and publish them in
+that order, so whichever path runs first, a step's events reach the stream in
+the order their transactions committed.
 A crash after XADD and before the outbox row is marked published repeats the
 event on the stream; consumers de-duplicate by event id.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from emp_tasks import db, redisdb
@@ -31,54 +29,53 @@ from emp_tasks.models import Event
 logger = logging.getLogger(__name__)
 
 
-def _push(rows: list[Event], maxlen: int) -> list[str]:
-    """XADD each event to the stream, then PUBLISH it with its stream id."""
-    redis = redisdb.client()
-    pipe = redis.pipeline(transaction=False)
-    for row in rows:
-        pipe.xadd(
-            STREAM,
-            {"type": row.type, "event": json.dumps(row.envelope, separators=(",", ":"))},
-            maxlen=maxlen,
-            approximate=True,
-        )
-    stream_ids = pipe.execute()
-    pipe = redis.pipeline(transaction=False)
-    for row, stream_id in zip(rows, stream_ids, strict=True):
-        message: dict[str, Any] = dict(row.envelope)
-        message["stream_id"] = stream_id
-        pipe.publish(CHANNEL, json.dumps(message, separators=(",", ":")))
-    pipe.execute()
-    return stream_ids
+# XADD each event, then PUBLISH it with its stream id, in one round trip.
+# KEYS: stream, channel. ARGV: maxlen, then (type, envelope JSON) pairs.
+_PUSH_SCRIPT = """
+local ids = {}
+for i = 2, #ARGV, 2 do
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+                        'type', ARGV[i], 'event', ARGV[i + 1])
+  redis.call('PUBLISH', KEYS[2], '{"stream_id":"' .. id .. '",' .. string.sub(ARGV[i + 1], 2))
+  ids[#ids + 1] = id
+end
+return ids
+"""
+
+_SELECT_UNPUBLISHED = text(
+    "SELECT seq, type, envelope::text FROM events"
+    " WHERE aggregate = ANY(:names) AND published_at IS NULL"
+    " ORDER BY seq FOR UPDATE"
+)
+_MARK_PUBLISHED = text(
+    "UPDATE events SET published_at = now(), stream_id = d.stream_id"
+    " FROM unnest(CAST(:seqs AS bigint[]), CAST(:stream_ids AS text[])) AS d(seq, stream_id)"
+    " WHERE events.seq = d.seq"
+)
 
 
 def publish_aggregates(aggregates: Iterable[str]) -> int:
-    """Publish every unpublished event of these aggregates; return how many were sent."""
+    """Publish every unpublished event of these aggregates; return how many were sent.
+
+    The rows are locked in `seq` order, so a second publisher of the same aggregate
+    waits for the first to commit and then sees only what is still unpublished.
+    """
     names = sorted(set(aggregates))
     if not names:
         return 0
-    with db.transaction() as session:
-        for name in names:  # sorted: two publishers never wait on each other in a cycle
-            session.execute(
-                text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"), {"name": name}
-            )
-        rows = list(
-            session.scalars(
-                select(Event)
-                .where(Event.aggregate.in_(names), Event.published_at.is_(None))
-                .order_by(Event.seq)
-            )
-        )
+    with db.engine().begin() as connection:
+        rows = connection.execute(_SELECT_UNPUBLISHED, {"names": names}).all()
         if not rows:
             return 0
-        stream_ids = _push(rows, get_settings().events_maxlen)
-        now = func.now()
-        for row, stream_id in zip(rows, stream_ids, strict=True):
-            session.execute(
-                update(Event)
-                .where(Event.seq == row.seq)
-                .values(published_at=now, stream_id=stream_id)
-            )
+        arguments: list[str | int] = [get_settings().events_maxlen]
+        for _, event_type, envelope in rows:
+            arguments += [event_type, envelope]
+        push = redisdb.client().register_script(_PUSH_SCRIPT)
+        stream_ids = push(keys=[STREAM, CHANNEL], args=arguments)
+        connection.execute(
+            _MARK_PUBLISHED,
+            {"seqs": [row.seq for row in rows], "stream_ids": list(stream_ids)},
+        )
     return len(rows)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from emp_tasks import db, events, idempotency, routing
@@ -379,11 +379,13 @@ class FailureOutcome:
     retry_in_s: float | None = None
 
 
-def assign(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
-    """Take a pending step for this worker as a new attempt; None if it is not pending.
+def begin(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
+    """Take a pending step for this worker as a new attempt and mark it running.
 
-    This database check is what makes a cancelled step or a redelivered task harmless:
-    Celery's own revokes and acks live in memory and in Redis, which may be lost.
+    Returns None if the step is not pending. This database check is what makes a
+    cancelled step or a redelivered task harmless: Celery's own revokes and acks
+    live in memory and in Redis, which may be lost. Assignment and start are one
+    transaction (two events): a worker calls this right before the connector runs.
     """
     with db.transaction() as session:
         step = _locked(session, step_id)
@@ -397,6 +399,7 @@ def assign(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
                 },
             )
             return None
+        now = _now()
         step.attempts += 1
         step.worker_id = worker_id
         step.machine_id = machine_id
@@ -407,7 +410,7 @@ def assign(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
                 worker_id=worker_id,
                 machine_id=machine_id,
                 outcome="running",
-                started_at=_now(),
+                started_at=now,
             )
         )
         _transition(
@@ -417,6 +420,8 @@ def assign(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
             EventType.STEP_ASSIGNED,
             {"worker_id": worker_id, "machine_id": machine_id, "attempt": step.attempts},
         )
+        step.started_at = now
+        _transition(session, step, S.RUNNING, EventType.STEP_STARTED, {"attempt": step.attempts})
         return StepRun(
             step_id=step.id,
             service=step.service,
@@ -458,23 +463,15 @@ def _current(
 def _finish_attempt(
     session: Session, step: Step, outcome: str, error: dict[str, Any] | None
 ) -> None:
-    row = session.scalar(
-        select(Attempt).where(Attempt.step_id == step.id, Attempt.attempt == step.attempts)
+    session.execute(
+        update(Attempt)
+        .where(
+            Attempt.step_id == step.id,
+            Attempt.attempt == step.attempts,
+            Attempt.finished_at.is_(None),
+        )
+        .values(outcome=outcome, error=error, finished_at=_now())
     )
-    if row is not None and row.finished_at is None:
-        row.outcome = outcome
-        row.error = error
-        row.finished_at = _now()
-
-
-def start(step_id: str, attempt: int) -> bool:
-    with db.transaction() as session:
-        step = _current(session, step_id, attempt, frozenset({S.ASSIGNED}))
-        if step is None:
-            return False
-        step.started_at = _now()
-        _transition(session, step, S.RUNNING, EventType.STEP_STARTED, {"attempt": attempt})
-        return True
 
 
 def report_progress(
