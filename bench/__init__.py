@@ -1,0 +1,8 @@
+"""Benchmark v0: EMP Tasks against bare Celery on the same Redis, run with `python -m bench`.
+
+This package owns only the benchmark. Its modules: `__main__` (command line and
+the order of the run), `ours` (the Procfile system driven over HTTP), `baseline`
+(bare Celery worker subprocesses driven from this process), `bare_celery` (the
+Celery app those workers load), `stats` (percentiles, deadlines, one system's
+result) and `report` (the printed table).
+"""

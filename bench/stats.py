@@ -1,0 +1,68 @@
+"""Measurement helpers owned by the benchmark: percentiles, deadlines and one system's result."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+
+class BenchError(RuntimeError):
+    """A benchmark phase that could not finish (a process died, a deadline passed)."""
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least p% of values at or below it."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class Deadline:
+    """A point in monotonic time that every wait of one phase respects."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at
+
+
+@dataclass
+class Result:
+    """What one system did with the N no-op steps (or tasks) it was given."""
+
+    name: str
+    requested: int
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    elapsed_s: float | None = None  # first submit until the moment all N were complete
+    submit_elapsed_s: float | None = None  # first submit until the last submit returned
+    submit_ms: list[float] = field(default_factory=list)
+    status_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.completed == self.requested
+
+    @property
+    def throughput(self) -> float | None:
+        """Steps per second end to end; None unless every requested step completed."""
+        if self.completed != self.requested or not self.elapsed_s:
+            return None
+        return self.completed / self.elapsed_s
+
+    @property
+    def submit_rate(self) -> float | None:
+        if self.submitted != self.requested or not self.submit_elapsed_s:
+            return None
+        return self.submitted / self.submit_elapsed_s
