@@ -6,6 +6,7 @@ one place that parses them, so a typo in a value fails at start-up, not mid-run.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass, field, replace
@@ -53,6 +54,21 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _connectors(raw: str) -> tuple[tuple[str, str], ...]:
+    """EMP_CONNECTORS: a JSON object mapping a service name to a connector kind."""
+    if not raw.strip():
+        return ()
+    try:
+        mapping = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"EMP_CONNECTORS is not JSON: {exc}") from exc
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise ConfigError('EMP_CONNECTORS must map service names to connector kinds: {"s": "k"}')
+    return tuple(sorted(mapping.items()))
+
+
 @dataclass(frozen=True)
 class ApiKeySpec:
     """One key from EMP_API_KEYS: `key`, `key:customer_id` or `key:customer_id:admin`."""
@@ -94,6 +110,8 @@ class Settings:
     rate_limit_per_minute: int = 6000
     max_workflow_steps: int = 1000
     lease_timeout_s: int = 60
+    reconcile_interval_s: float = 5.0
+    connectors: tuple[tuple[str, str], ...] = ()
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -127,6 +145,8 @@ class Settings:
             rate_limit_per_minute=_int(env, "EMP_RATE_LIMIT_PER_MINUTE", 6000),
             max_workflow_steps=_int(env, "EMP_MAX_WORKFLOW_STEPS", 1000, 1),
             lease_timeout_s=_int(env, "EMP_LEASE_TIMEOUT_S", 60, 1),
+            reconcile_interval_s=_float(env, "EMP_RECONCILE_INTERVAL_S", 5.0),
+            connectors=_connectors(env.get("EMP_CONNECTORS", "")),
             retry_base_s=_float(env, "EMP_RETRY_BASE_S", 2.0),
             retry_max_s=_float(env, "EMP_RETRY_MAX_S", 300.0),
             worker_id=env.get("EMP_WORKER_ID") or defaults.worker_id,

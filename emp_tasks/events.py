@@ -66,8 +66,12 @@ def record(
     machine_id: str | None = None,
     worker_id: str | None = None,
     customer_id: str | None = None,
+    dispatch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Add the event to the outbox in the caller's transaction and return its envelope.
+
+    `dispatch` (see emp_tasks.dispatch.spec) makes the relay send the step's task
+    when it publishes this event.
 
     The aggregate is remembered on the session so that the transaction's
     after-commit hook can publish it at once (the fast path).
@@ -94,6 +98,7 @@ def record(
             workflow_id=workflow_id,
             customer_id=customer_id,
             envelope=envelope,
+            dispatch=dispatch,
         )
     )
     session.info.setdefault(PENDING_AGGREGATES, set()).add(aggregate)

@@ -13,7 +13,7 @@ import time
 import traceback
 from typing import Any
 
-from emp_tasks import connectors, steps
+from emp_tasks import connectors, leases, steps
 from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted, StepRun
 
@@ -52,6 +52,16 @@ def run_step(step_id: str) -> str:
     run = steps.begin(step_id, settings.worker_id, settings.machine_id)
     if run is None:
         return "dropped"
+    leases.hold(step_id, run.attempt)
+    try:
+        return _run_attempt(run)
+    finally:
+        leases.release(step_id)
+
+
+def _run_attempt(run: StepRun) -> str:
+    settings = get_settings()
+    step_id = run.step_id
     connector = connectors.get(run.service)
     if connector is None:
         outcome = steps.fail(

@@ -128,8 +128,20 @@ class Step(Base):
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
+        Index(
+            "ix_steps_active_lease",
+            "lease_expires_at",
+            postgresql_where=text("status IN ('assigned', 'running')"),
+        ),
+        Index(
+            "ix_steps_pending_expiry",
+            "expires_at",
+            postgresql_where=text("status = 'pending' AND expires_at IS NOT NULL"),
+        ),
         Index("ix_steps_customer_id_id", "customer_id", "id"),
         Index("ix_steps_customer_id_status_id", "customer_id", "status", "id"),
         Index("ix_steps_status_id", "status", "id"),
@@ -184,6 +196,9 @@ class Event(Base):
     created_at: Mapped[datetime] = _now_column()
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     stream_id: Mapped[str | None] = mapped_column(String(40))
+    dispatch: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    """Set on events that queue a step (`step_submitted`, `step_retrying`): the relay
+    sends the step's Celery task when it publishes the event."""
 
     __table_args__ = (
         Index(

@@ -1,5 +1,8 @@
 """The outbox relay: publishes committed events to Redis, in commit order per aggregate.
 
+Publishing an event that queues a step also sends the step's Celery task, so
+the task is as durable as the event (see emp_tasks.dispatch).
+
 Fast path: right after a transaction commits, its process publishes the events
 of the aggregates it touched (`publish_after_commit`). Crash path: the sweeper
 (`sweep`, run by the `relay` process) publishes whatever a dead or failed fast
@@ -21,7 +24,7 @@ from collections.abc import Iterable
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, redisdb
+from emp_tasks import db, dispatch, redisdb
 from emp_tasks.config import get_settings
 from emp_tasks.events import CHANNEL, PENDING_AGGREGATES, STREAM
 from emp_tasks.models import Event
@@ -43,7 +46,7 @@ return ids
 """
 
 _SELECT_UNPUBLISHED = text(
-    "SELECT seq, type, envelope::text FROM events"
+    "SELECT seq, type, envelope::text, dispatch FROM events"
     " WHERE aggregate = ANY(:names) AND published_at IS NULL"
     " ORDER BY seq FOR UPDATE"
 )
@@ -68,10 +71,13 @@ def publish_aggregates(aggregates: Iterable[str]) -> int:
         if not rows:
             return 0
         arguments: list[str | int] = [get_settings().events_maxlen]
-        for _, event_type, envelope in rows:
-            arguments += [event_type, envelope]
+        for row in rows:
+            arguments += [row.type, row.envelope]
         push = redisdb.client().register_script(_PUSH_SCRIPT)
         stream_ids = push(keys=[STREAM, CHANNEL], args=arguments)
+        for row in rows:
+            if row.dispatch:
+                dispatch.send(row.dispatch)
         connection.execute(
             _MARK_PUBLISHED,
             {"seqs": [row.seq for row in rows], "stream_ids": list(stream_ids)},
@@ -111,9 +117,21 @@ def sweep(min_age_s: float = 0.5, batch: int = 200) -> int:
 
 
 def run_forever(interval_s: float | None = None) -> None:
-    """The relay process's loop: sweep, sleep, repeat; survives Redis or database outages."""
-    interval = get_settings().relay_interval_s if interval_s is None else interval_s
+    """The relay process: sweep the outbox every interval and reconcile less often.
+
+    Survives Redis or database outages: each pass logs its failure and the next
+    pass tries again.
+    """
+    from emp_tasks import dispatch, reconcile
+
+    settings = get_settings()
+    interval = settings.relay_interval_s if interval_s is None else interval_s
     logger.info("Relay started", extra={"action": "relay_start", "interval_s": interval})
+    try:
+        dispatch.mark_epoch()
+    except Exception:
+        logger.exception("Broker epoch not recorded", extra={"action": "relay_epoch_failed"})
+    next_reconcile = 0.0
     while True:
         try:
             count = sweep()
@@ -121,4 +139,12 @@ def run_forever(interval_s: float | None = None) -> None:
                 logger.info("Swept events", extra={"action": "relay_sweep", "count": count})
         except Exception:
             logger.exception("Relay sweep failed", extra={"action": "relay_sweep_failed"})
+        if time.monotonic() >= next_reconcile:
+            next_reconcile = time.monotonic() + settings.reconcile_interval_s
+            try:
+                report = reconcile.run_once()
+                if report:
+                    logger.info("Reconciled", extra={"action": "reconcile", **vars(report)})
+            except Exception:
+                logger.exception("Reconcile failed", extra={"action": "reconcile_failed"})
         time.sleep(interval)

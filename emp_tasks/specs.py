@@ -57,6 +57,12 @@ class StepCreate(BaseModel):
     requirements: Requirements = Field(default_factory=Requirements)
     max_retries: StrictInt = Field(default=3, ge=0, le=10)
     timeout_s: Number = Field(default=1800, gt=0, le=7 * 24 * 3600)
+    expires_in_s: Number | None = Field(
+        default=None,
+        gt=0,
+        le=30 * 24 * 3600,
+        description="Fail with EXPIRED instead of starting later than this after submission",
+    )
     webhook_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
     webhook_events: list[Literal[tuple(STEP_EVENT_NAMES)]] | None = None  # type: ignore[valid-type]
     customer_id: str | None = Field(default=None, min_length=1, max_length=200)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, events, idempotency, routing
+from emp_tasks import db, dispatch, events, idempotency
 from emp_tasks.auth import Principal
 from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import StepRun
@@ -95,7 +95,15 @@ def step_object(step: Step) -> dict[str, Any]:
 # --- transitions ---------------------------------------------------------------------------
 
 
-def _emit(session: Session, step: Step, event_type: EventType, data: dict[str, Any]) -> None:
+def _emit(
+    session: Session,
+    step: Step,
+    event_type: EventType,
+    data: dict[str, Any],
+    *,
+    queue: bool = False,
+) -> None:
+    """Record the step's event; `queue=True` also sends its task when the event is published."""
     events.record(
         session,
         event_type,
@@ -107,6 +115,11 @@ def _emit(session: Session, step: Step, event_type: EventType, data: dict[str, A
         machine_id=step.machine_id,
         worker_id=step.worker_id,
         customer_id=step.customer_id,
+        dispatch=dispatch.spec(
+            step.id, step.service, step.requirements, step.priority, step.queued_at
+        )
+        if queue
+        else None,
     )
 
 
@@ -116,26 +129,17 @@ def _transition(
     to: StepStatus,
     event_type: EventType,
     data: dict[str, Any],
+    *,
+    queue: bool = False,
 ) -> None:
     current = StepStatus(step.status)
     if to not in TRANSITIONS[current]:
         raise InvalidState(f"step {step.id} is {current}; it cannot become {to}")
     step.status = to
     step.updated_at = _now()
-    _emit(session, step, event_type, data)
-
-
-def _dispatch_after_commit(session: Session, step: Step, countdown: float | None = None) -> None:
-    """Send the step's Celery task once the row that the worker will read is committed."""
-    step_id, service, priority = step.id, step.service, step.priority
-    queue = routing.queue_for(service, step.requirements)
-
-    def send(_: Session) -> None:
-        from emp_tasks import celery_app
-
-        celery_app.send_step(step_id, queue, routing.broker_priority(priority), countdown)
-
-    db.after_commit(session, f"dispatch:{step_id}", send)
+    if to != S.ASSIGNED and to != S.RUNNING:
+        step.lease_expires_at = None
+    _emit(session, step, event_type, data, queue=queue)
 
 
 def _locked(session: Session, step_id: str) -> Step | None:
@@ -178,8 +182,8 @@ def submit(
                     step,
                     EventType.STEP_SUBMITTED,
                     {"service": step.service, "priority": step.priority, "status": step.status},
+                    queue=True,
                 )
-                _dispatch_after_commit(session, step)
                 return step, True
         except idempotency.KeyTaken:
             continue
@@ -208,6 +212,7 @@ def _new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) ->
         created_at=now,
         updated_at=now,
         queued_at=now,
+        expires_at=now + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None,
     )
 
 
@@ -351,6 +356,7 @@ def retry(step_id: str, principal: Principal) -> Step:
         step.stage = step.message = None
         step.completed_at = None
         step.cancel_reason = None
+        step.expires_at = None
         step.queued_at = _now()
         # One more attempt on request; automatic retries stay spent.
         step.max_retries = max(step.max_retries, step.attempts)
@@ -365,8 +371,8 @@ def retry(step_id: str, principal: Principal) -> Step:
                 "retry_at": _iso(_now()),
                 "manual": True,
             },
+            queue=True,
         )
-        _dispatch_after_commit(session, step)
         return step
 
 
@@ -400,9 +406,13 @@ def begin(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
             )
             return None
         now = _now()
+        if step.expires_at is not None and step.expires_at <= now:
+            _expire(session, step)
+            return None
         step.attempts += 1
         step.worker_id = worker_id
         step.machine_id = machine_id
+        step.lease_expires_at = now + timedelta(seconds=get_settings().lease_timeout_s)
         session.add(
             Attempt(
                 step_id=step.id,
@@ -531,30 +541,154 @@ def fail(step_id: str, attempt: int, error: dict[str, Any]) -> FailureOutcome:
         step = _current(session, step_id, attempt, ACTIVE)
         if step is None:
             return FailureOutcome(status=None)
-        _finish_attempt(session, step, "failed", error)
-        if error.get("retryable") and step.attempts <= step.max_retries:
-            delay = retry_delay_s(attempt)
-            step.error = error
-            step.queued_at = _now() + timedelta(seconds=delay)
-            _transition(
-                session,
-                step,
-                S.PENDING,
-                EventType.STEP_RETRYING,
-                {"error": error, "attempt": attempt, "retry_at": _iso(step.queued_at)},
-            )
-            _dispatch_after_commit(session, step, countdown=delay)
-            return FailureOutcome(status=S.PENDING, retry_in_s=delay)
-        step.error = error
-        step.completed_at = _now()
+        return _fail_attempt(session, step, error)
+
+
+def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> FailureOutcome:
+    outcome = "lost" if error.get("code") == WORKER_LOST else "failed"
+    _finish_attempt(session, step, outcome, error)
+    step.error = error
+    if error.get("retryable") and step.attempts <= step.max_retries:
+        delay = retry_delay_s(step.attempts)
+        step.queued_at = _now() + timedelta(seconds=delay)
         _transition(
             session,
             step,
-            S.FAILED,
-            EventType.STEP_FAILED,
-            {"error": error, "attempts": step.attempts},
+            S.PENDING,
+            EventType.STEP_RETRYING,
+            {"error": error, "attempt": step.attempts, "retry_at": _iso(step.queued_at)},
+            queue=True,
         )
-        return FailureOutcome(status=S.FAILED)
+        return FailureOutcome(status=S.PENDING, retry_in_s=delay)
+    step.completed_at = _now()
+    _transition(
+        session,
+        step,
+        S.FAILED,
+        EventType.STEP_FAILED,
+        {"error": error, "attempts": step.attempts},
+    )
+    return FailureOutcome(status=S.FAILED)
+
+
+# --- recovery (run by the relay's reconcile loop) ------------------------------------------
+
+WORKER_LOST = "WORKER_LOST"
+EXPIRED = "EXPIRED"
+
+
+def renew_leases(attempts: dict[str, int]) -> int:
+    """Extend the leases of these running attempts (step id -> attempt); return how many."""
+    if not attempts:
+        return 0
+    lease = timedelta(seconds=get_settings().lease_timeout_s)
+    with db.transaction() as session:
+        renewed = session.execute(
+            update(Step)
+            .where(
+                tuple_(Step.id, Step.attempts).in_(list(attempts.items())),
+                Step.status.in_([S.ASSIGNED, S.RUNNING]),
+            )
+            .values(lease_expires_at=func.now() + lease)
+            .returning(Step.id)
+        ).all()
+    return len(renewed)
+
+
+def expired_leases(limit: int = 100) -> list[tuple[str, int]]:
+    """Running attempts whose worker stopped renewing their lease."""
+    with db.transaction() as session:
+        rows = session.execute(
+            select(Step.id, Step.attempts)
+            .where(Step.status.in_([S.ASSIGNED, S.RUNNING]), Step.lease_expires_at < func.now())
+            .limit(limit)
+        ).all()
+    return [(row.id, row.attempts) for row in rows]
+
+
+def lose(step_id: str, attempt: int) -> FailureOutcome:
+    """The attempt's worker is gone: fail the attempt as lost, and retry the step."""
+    with db.transaction() as session:
+        step = _current(session, step_id, attempt, ACTIVE)
+        if step is None or (step.lease_expires_at and step.lease_expires_at > _now()):
+            return FailureOutcome(status=None)
+        logger.warning(
+            "Attempt lost with its worker; step re-queued",
+            extra={
+                "action": "step_attempt_lost",
+                "step_id": step_id,
+                "attempt": attempt,
+                "worker_id": step.worker_id,
+            },
+        )
+        error = {
+            "code": WORKER_LOST,
+            "message": f"worker {step.worker_id} stopped renewing its lease",
+            "type": "system",
+            "retryable": True,
+        }
+        return _fail_attempt(session, step, error)
+
+
+def overdue(limit: int = 100) -> list[str]:
+    """Pending steps whose queue deadline (`expires_in_s`) has passed."""
+    with db.transaction() as session:
+        return list(
+            session.scalars(
+                select(Step.id)
+                .where(Step.status == S.PENDING, Step.expires_at <= func.now())
+                .limit(limit)
+            )
+        )
+
+
+def expire(step_id: str) -> bool:
+    """Fail a pending step whose queue deadline passed; it never starts."""
+    with db.transaction() as session:
+        step = _locked(session, step_id)
+        if step is None or step.status != S.PENDING or step.expires_at is None:
+            return False
+        if step.expires_at > _now():
+            return False
+        _expire(session, step)
+        return True
+
+
+def _expire(session: Session, step: Step) -> None:
+    step.error = {
+        "code": EXPIRED,
+        "message": "the step did not start before its queue deadline (expires_in_s)",
+        "type": "timeout",
+        "retryable": False,
+    }
+    step.completed_at = _now()
+    _transition(
+        session,
+        step,
+        S.FAILED,
+        EventType.STEP_FAILED,
+        {"error": step.error, "attempts": step.attempts},
+    )
+
+
+def redispatch_pending() -> int:
+    """Send the task of every pending step again (after the broker lost its queues).
+
+    A step whose task survived runs once anyway: `begin` drops the duplicate.
+    """
+    sent = 0
+    with db.transaction() as session:
+        rows = session.execute(
+            select(Step.id, Step.service, Step.requirements, Step.priority, Step.queued_at)
+            .where(Step.status == S.PENDING)
+            .order_by(Step.id)
+        ).all()
+    for row in rows:
+        dispatch.send(
+            dispatch.spec(row.id, row.service, row.requirements, row.priority, row.queued_at)
+        )
+        sent += 1
+    return sent
 
 
 def should_stop(step_id: str, attempt: int) -> bool:

@@ -69,6 +69,7 @@ def services() -> Iterator[dict[str, str]]:
         "EMP_RETRY_BASE_S": "0.2",
         "EMP_RETRY_MAX_S": "1",
         "EMP_RELAY_INTERVAL_S": "0.2",
+        "EMP_RECONCILE_INTERVAL_S": "0.3",
         "EMP_RATE_LIMIT_PER_MINUTE": "0",
         "EMP_LOG_LEVEL": "INFO",
     }

@@ -122,8 +122,12 @@ def test_event_committed_but_not_published_is_swept_by_the_relay(client, system,
         assert row.published_at is None  # nothing published it on the way out
     events = wait_for(lambda: stream_events(step_id), timeout_s=15)
     assert [e["type"] for e in events] == ["step_submitted"]
-    with db.transaction() as session:
-        assert session.scalar(select(Event.published_at).where(Event.id == row.id))
+
+    def marked_published():
+        with db.transaction() as session:
+            return session.scalar(select(Event.published_at).where(Event.id == row.id))
+
+    wait_for(marked_published)
 
 
 def test_relay_keeps_commit_order_when_the_fast_path_was_skipped(client, override_settings):

@@ -1,0 +1,87 @@
+"""Sending a step's task to the broker, and noticing when the broker lost its data.
+
+Tasks go straight onto their queue's Redis list through the default (nameless)
+exchange. Routing through a named exchange would depend on kombu's binding
+tables in Redis, and a publish to an exchange whose bindings a Redis restart
+erased is silently dropped.
+
+A step is dispatched when the event that queued it is published (see relay):
+the dispatch spec travels in the outbox row, so a process that dies between
+commit and send leaves the task to the relay's sweeper, not to chance.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from emp_tasks import redisdb, routing
+
+logger = logging.getLogger(__name__)
+
+EPOCH_KEY = "emp:broker-epoch"
+_DEFAULT_EXCHANGE = Exchange("")
+
+
+def spec(
+    step_id: str,
+    service: str,
+    requirements: dict[str, Any],
+    priority: int,
+    not_before: datetime | None = None,
+) -> dict[str, Any]:
+    """What the relay needs to send this step's task: stored in the outbox row."""
+    return {
+        "step_id": step_id,
+        "queue": routing.queue_for(service, requirements),
+        "priority": routing.broker_priority(priority),
+        "not_before": not_before.isoformat() if not_before else None,
+    }
+
+
+def send(dispatch: dict[str, Any]) -> None:
+    """Put the task on its queue; a `not_before` in the future becomes a countdown."""
+    from emp_tasks.celery_app import RUN_STEP, app
+
+    countdown = None
+    if dispatch.get("not_before"):
+        delay = (datetime.fromisoformat(dispatch["not_before"]) - datetime.now(UTC)).total_seconds()
+        countdown = delay if delay > 0 else None
+    name = dispatch["queue"]
+    app.send_task(
+        RUN_STEP,
+        args=[dispatch["step_id"]],
+        queue=Queue(name, _DEFAULT_EXCHANGE, routing_key=name),
+        exchange="",
+        routing_key=name,
+        priority=dispatch["priority"],
+        countdown=countdown,
+    )
+
+
+def broker_lost_data() -> bool:
+    """True once per loss of the broker's data (Redis flushed or restarted empty).
+
+    The epoch key lives beside the queues; when it is gone, so may be any queued
+    task. The first caller to notice sets a new epoch and gets True.
+    """
+    client = redisdb.client(_broker_url())
+    if client.exists(EPOCH_KEY):
+        return False
+    created = client.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+    return bool(created)
+
+
+def mark_epoch() -> None:
+    """Record the current broker epoch (at relay start: nothing is lost yet)."""
+    redisdb.client(_broker_url()).set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+
+
+def _broker_url() -> str | None:
+    from emp_tasks.config import get_settings
+
+    return get_settings().broker_url
