@@ -33,12 +33,16 @@ def spec(
     requirements: dict[str, Any],
     priority: int,
     not_before: datetime | None = None,
+    continuation: bool = False,
 ) -> dict[str, Any]:
-    """What the relay needs to send this step's task: stored in the outbox row."""
+    """What the relay needs to send this step's task: stored in the outbox row.
+
+    `continuation`: the step continues a workflow under way (see routing).
+    """
     return {
         "step_id": step_id,
         "queue": routing.queue_for(service, requirements),
-        "priority": routing.broker_priority(priority),
+        "priority": routing.broker_priority(priority, continuation),
         "not_before": not_before.isoformat() if not_before else None,
     }
 

@@ -116,7 +116,12 @@ def _emit(
         worker_id=step.worker_id,
         customer_id=step.customer_id,
         dispatch=dispatch.spec(
-            step.id, step.service, step.requirements, step.priority, step.queued_at
+            step.id,
+            step.service,
+            step.requirements,
+            step.priority,
+            step.queued_at,
+            continuation=bool(step.workflow_id and step.depends_on),
         )
         if queue
         else None,
@@ -679,13 +684,28 @@ def redispatch_pending() -> int:
     sent = 0
     with db.transaction() as session:
         rows = session.execute(
-            select(Step.id, Step.service, Step.requirements, Step.priority, Step.queued_at)
+            select(
+                Step.id,
+                Step.service,
+                Step.requirements,
+                Step.priority,
+                Step.queued_at,
+                Step.workflow_id,
+                Step.depends_on,
+            )
             .where(Step.status == S.PENDING)
             .order_by(Step.id)
         ).all()
     for row in rows:
         dispatch.send(
-            dispatch.spec(row.id, row.service, row.requirements, row.priority, row.queued_at)
+            dispatch.spec(
+                row.id,
+                row.service,
+                row.requirements,
+                row.priority,
+                row.queued_at,
+                continuation=bool(row.workflow_id and row.depends_on),
+            )
         )
         sent += 1
     return sent

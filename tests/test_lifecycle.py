@@ -1,0 +1,329 @@
+"""Step lifecycle guarantees under failure: retries, timeouts, deadlines, cancellation,
+priorities, worker crashes and Redis loss, with real worker processes and real kills.
+
+Each test that needs a quiet worker starts its own, on a service of its own (mapped
+to the simulation connector with EMP_CONNECTORS), so other tests' steps never
+interleave with its queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from datetime import datetime
+
+import pytest
+from sqlalchemy import select
+
+from emp_tasks import db, dispatch, redisdb, routing, workers
+from emp_tasks.models import Attempt, Step
+from tests.conftest import (
+    ARTIFACTS,
+    RunningSystem,
+    headers,
+    process_env,
+    stream_events,
+    wait_for,
+    wait_for_status,
+)
+
+LEASE_S = "2"
+
+
+@pytest.fixture
+def start_worker(services) -> Iterator[Callable[..., RunningSystem]]:
+    """Start `emp worker` processes for one service; all are stopped after the test."""
+    started: list[RunningSystem] = []
+
+    def start(service: str, worker_id: str, concurrency: int = 1) -> RunningSystem:
+        env = process_env(
+            services,
+            EMP_WORKER_SERVICES=service,
+            EMP_CONNECTORS=json.dumps({service: "simulation"}),
+            EMP_WORKER_ID=worker_id,
+            EMP_MACHINE_ID=f"machine-{worker_id}",
+            EMP_WORKER_CONCURRENCY=str(concurrency),
+            EMP_LEASE_TIMEOUT_S=LEASE_S,
+        )
+        running = RunningSystem(["worker"], env, ARTIFACTS / f"worker-{worker_id}.log")
+        started.append(running)
+        key = workers.HEARTBEAT_KEY.format(worker_id=worker_id)
+        wait_for(lambda: redisdb.client().exists(key), timeout_s=60, interval_s=0.1)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def kill_9(running: RunningSystem) -> None:
+    process = running.group.processes["worker"]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
+
+
+def submit(client, service: str, payload: dict | None = None, **fields) -> str:
+    body = {"service": service, "payload": payload or {}, **fields}
+    response = client.post("/api/steps", json=body, headers=headers())
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["step_id"]
+
+
+def attempts_of(step_id: str) -> list[Attempt]:
+    with db.transaction() as session:
+        return list(
+            session.scalars(
+                select(Attempt).where(Attempt.step_id == step_id).order_by(Attempt.attempt)
+            )
+        )
+
+
+def types(step_id: str) -> list[str]:
+    return [event["type"] for event in stream_events(step_id)]
+
+
+# --- retries -------------------------------------------------------------------------------
+
+
+def test_step_failing_twice_retryably_completes_on_the_third_attempt(client, system):
+    step_id = submit(client, "simulation", {"fail": "retryable", "fail_attempts": 2})
+    step = wait_for_status(client, step_id, {"completed", "failed"})
+    assert step["status"] == "completed"
+    assert step["attempts"] == 3
+    wait_for(lambda: "step_completed" in types(step_id))
+    seen = types(step_id)
+    assert seen.count("step_retrying") == 2
+    assert seen.count("step_completed") == 1
+    assert "step_failed" not in seen
+    retrying = [e for e in stream_events(step_id) if e["type"] == "step_retrying"]
+    assert [e["data"]["attempt"] for e in retrying] == [1, 2]
+    assert all(e["data"]["error"]["retryable"] for e in retrying)
+    assert all(e["data"]["retry_at"] for e in retrying)
+    rows = attempts_of(step_id)
+    assert [(r.attempt, r.outcome) for r in rows] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "completed"),
+    ]
+    assert all(r.worker_id and r.machine_id and r.started_at and r.finished_at for r in rows)
+    assert rows[0].error["type"] == "service"
+
+
+def test_fatal_failure_fails_at_once_without_retry(client, system):
+    step_id = submit(client, "simulation", {"fail": "fatal"}, max_retries=5)
+    step = wait_for_status(client, step_id, {"completed", "failed"})
+    assert step["status"] == "failed"
+    assert step["attempts"] == 1
+    assert step["error"]["retryable"] is False
+    assert step["error"]["type"] == "validation"
+    wait_for(lambda: "step_failed" in types(step_id))
+    failed = [e for e in stream_events(step_id) if e["type"] == "step_failed"]
+    assert failed[0]["data"]["error"] == step["error"]
+    assert failed[0]["data"]["attempts"] == 1
+    assert "step_retrying" not in types(step_id)
+
+
+def test_retries_stop_after_max_retries(client, system):
+    step_id = submit(client, "simulation", {"fail": "retryable"}, max_retries=1)
+    step = wait_for_status(client, step_id, {"completed", "failed"})
+    assert step["status"] == "failed"
+    assert step["attempts"] == 2
+    wait_for(lambda: "step_failed" in types(step_id))
+    assert types(step_id).count("step_retrying") == 1
+
+
+# --- timeouts and deadlines ----------------------------------------------------------------
+
+
+def test_timed_out_step_fails_as_timeout_and_is_retried(client, system):
+    step_id = submit(client, "simulation", {"duration_s": 30}, timeout_s=0.5, max_retries=1)
+    step = wait_for_status(client, step_id, {"completed", "failed"})
+    assert step["status"] == "failed"
+    assert step["attempts"] == 2
+    assert step["error"]["code"] == "TIMEOUT"
+    assert step["error"]["type"] == "timeout"
+    assert step["error"]["retryable"] is True
+    assert [r.error["type"] for r in attempts_of(step_id)] == ["timeout", "timeout"]
+    wait_for(lambda: "step_failed" in types(step_id))
+    assert types(step_id).count("step_retrying") == 1
+
+
+def test_timed_out_worker_is_free_for_the_next_step(client, start_worker):
+    start_worker("timeout-sim", "timeout-1")
+    slow = submit(client, "timeout-sim", {"duration_s": 30}, timeout_s=0.3, max_retries=0)
+    quick = submit(client, "timeout-sim")
+    assert wait_for_status(client, slow, {"failed"})["error"]["code"] == "TIMEOUT"
+    assert wait_for_status(client, quick, {"completed"})["worker_id"] == "timeout-1"
+
+
+def test_step_past_its_queue_deadline_never_starts(client, start_worker):
+    start_worker("deadline-sim", "deadline-1")
+    blocker = submit(client, "deadline-sim", {"duration_s": 1.5})
+    wait_for_status(client, blocker, {"running"})
+    late = submit(client, "deadline-sim", expires_in_s=0.3)
+    step = wait_for_status(client, late, {"failed", "completed"})
+    assert step["status"] == "failed"
+    assert step["error"]["code"] == "EXPIRED"
+    assert step["error"]["retryable"] is False
+    assert step["attempts"] == 0 and step["started_at"] is None
+    assert "step_started" not in types(late)
+    assert attempts_of(late) == []
+
+
+def test_unserved_step_past_its_deadline_is_failed_by_the_reconciler(client, system):
+    step_id = submit(client, "nobody-serves-this", expires_in_s=0.2)
+    step = wait_for_status(client, step_id, {"failed"}, timeout_s=15)
+    assert step["error"]["code"] == "EXPIRED"
+
+
+# --- cancellation --------------------------------------------------------------------------
+
+
+def test_cancelled_pending_step_never_starts(client, start_worker):
+    start_worker("cancel-pending-sim", "cancel-pending-1")
+    blocker = submit(client, "cancel-pending-sim", {"duration_s": 1})
+    wait_for_status(client, blocker, {"running"})
+    queued = submit(client, "cancel-pending-sim")
+    assert client.post(f"/api/steps/{queued}/cancel", headers=headers()).status_code == 200
+    after = submit(client, "cancel-pending-sim")
+    wait_for_status(client, after, {"completed"})
+    step = client.get(f"/api/steps/{queued}", headers=headers()).get_json()["step"]
+    assert step["status"] == "cancelled"
+    assert step["attempts"] == 0 and step["started_at"] is None
+    assert attempts_of(queued) == []
+
+
+def test_running_step_stops_within_two_seconds_and_frees_its_worker(client, start_worker):
+    start_worker("cancel-running-sim", "cancel-running-1")
+    running = submit(client, "cancel-running-sim", {"duration_s": 60})
+    wait_for_status(client, running, {"running"})
+    queued = submit(client, "cancel-running-sim")
+    response = client.post(
+        f"/api/steps/{running}/cancel", json={"reason": "user"}, headers=headers()
+    )
+    cancelled = response.get_json()["step"]
+    assert cancelled["status"] == "cancelled"
+    nxt = wait_for_status(client, queued, {"completed"})
+    # The worker (concurrency 1) only takes the next step once the cancelled one stopped.
+    stopped_by = datetime.fromisoformat(cancelled["completed_at"])
+    freed_at = datetime.fromisoformat(nxt["started_at"])
+    assert (freed_at - stopped_by).total_seconds() < 2
+    assert [r.outcome for r in attempts_of(running)] == ["cancelled"]
+    wait_for(lambda: "step_cancelled" in types(running))
+    assert "step_completed" not in types(running)
+
+
+# --- priorities ----------------------------------------------------------------------------
+
+
+def test_broker_priority_mapping_inverts_and_spans_ten_levels():
+    assert routing.broker_priority(100) == 0
+    assert routing.broker_priority(0) == 9
+    assert routing.broker_priority(90) < routing.broker_priority(50) < routing.broker_priority(10)
+    assert sorted({routing.broker_priority(p) for p in range(101)}) == list(range(10))
+
+
+def test_workflow_continuation_is_queued_one_level_above_its_priority():
+    for priority in (0, 10, 50, 89):
+        plain = routing.broker_priority(priority)
+        assert routing.broker_priority(priority, continuation=True) == plain - 1
+    assert routing.broker_priority(100, continuation=True) == 0
+
+
+def test_higher_priority_runs_first_over_a_backlog(client, start_worker):
+    start_worker("prio-sim", "prio-1")
+    blocker = submit(client, "prio-sim", {"duration_s": 2})
+    wait_for_status(client, blocker, {"running"})
+    backlog = [submit(client, "prio-sim", priority=p) for p in [10, 50, 30, 70, 20] * 4]
+    urgent = submit(client, "prio-sim", priority=90)
+    for step_id in [*backlog, urgent]:
+        wait_for_status(client, step_id, {"completed"})
+    with db.transaction() as session:
+        rows = session.execute(
+            select(Step.id, Step.priority, Step.started_at)
+            .where(Step.id.in_([*backlog, urgent]))
+            .order_by(Step.started_at)
+        ).all()
+    order = [row.priority for row in rows]
+    assert rows[0].id == urgent
+    assert order == sorted(order, reverse=True), order
+
+
+# --- crashes and redelivery ----------------------------------------------------------------
+
+
+def test_killed_worker_step_completes_on_another_worker_exactly_once(client, start_worker):
+    doomed = start_worker("crash-sim", "crash-doomed")
+    step_id = submit(client, "crash-sim", {"duration_s": 2})
+    assert wait_for_status(client, step_id, {"running"})["worker_id"] == "crash-doomed"
+    kill_9(doomed)
+    start_worker("crash-sim", "crash-survivor")
+    step = wait_for_status(client, step_id, {"completed", "failed"}, timeout_s=60)
+    assert step["status"] == "completed"
+    assert step["attempts"] == 2
+    assert step["worker_id"] == "crash-survivor"
+    wait_for(lambda: "step_completed" in types(step_id))
+    seen = types(step_id)
+    assert seen.count("step_completed") == 1
+    assert seen.count("step_retrying") == 1
+    lost = [e for e in stream_events(step_id) if e["type"] == "step_retrying"][0]
+    assert lost["data"]["error"]["code"] == "WORKER_LOST"
+    assert [(r.attempt, r.outcome, r.worker_id) for r in attempts_of(step_id)] == [
+        (1, "lost", "crash-doomed"),
+        (2, "completed", "crash-survivor"),
+    ]
+
+
+def test_late_result_of_a_superseded_attempt_is_ignored(client, start_worker):
+    from emp_tasks import steps
+
+    doomed = start_worker("late-sim", "late-doomed")
+    step_id = submit(client, "late-sim", {"duration_s": 30})
+    wait_for_status(client, step_id, {"running"})
+    kill_9(doomed)
+    start_worker("late-sim", "late-survivor")
+    wait_for(lambda: (a := attempts_of(step_id)) and len(a) == 2 and a)
+    assert steps.complete(step_id, 1, {"stale": True}, 1) is False
+    assert steps.report_progress(step_id, 1, 99.0) is False
+    assert steps.fail(step_id, 1, {"code": "X", "retryable": True}).status is None
+    step = client.get(f"/api/steps/{step_id}", headers=headers()).get_json()["step"]
+    assert step["result"] is None and step["attempts"] == 2 and step["status"] == "running"
+    client.post(f"/api/steps/{step_id}/cancel", headers=headers())
+
+
+def test_redelivered_task_does_not_run_the_step_twice(client, start_worker):
+    start_worker("redeliver-sim", "redeliver-1", concurrency=2)
+    step_id = submit(client, "redeliver-sim", {"duration_s": 1})
+    wait_for_status(client, step_id, {"running"})
+    spec = dispatch.spec(step_id, "redeliver-sim", {}, 50)
+    dispatch.send(spec)  # what Redis' visibility timeout would do: the same task again
+    step = wait_for_status(client, step_id, {"completed"})
+    dispatch.send(spec)  # and once more after completion
+    after = submit(client, "redeliver-sim")
+    wait_for_status(client, after, {"completed"})
+    assert client.get(f"/api/steps/{step_id}", headers=headers()).get_json()["step"] == step
+    assert step["attempts"] == 1
+    assert types(step_id).count("step_started") == 1
+    assert types(step_id).count("step_completed") == 1
+
+
+# --- Redis loss ----------------------------------------------------------------------------
+
+
+def test_flushing_redis_mid_run_loses_no_accepted_step(client, start_worker):
+    start_worker("flush-sim", "flush-1", concurrency=2)
+    step_ids = [submit(client, "flush-sim", {"duration_s": 0.3}) for _ in range(12)]
+    wait_for(
+        lambda: any(
+            client.get(f"/api/steps/{s}", headers=headers()).get_json()["step"]["status"]
+            == "completed"
+            for s in step_ids
+        )
+    )
+    redisdb.client().flushdb()  # queued tasks, the event stream, heartbeats: all gone
+    for step_id in step_ids:
+        step = wait_for_status(client, step_id, {"completed", "failed"}, timeout_s=60)
+        assert step["status"] == "completed"
+    assert redisdb.client().exists(dispatch.EPOCH_KEY)
