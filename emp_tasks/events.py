@@ -11,6 +11,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from emp_tasks import db
@@ -104,6 +105,14 @@ def record(
     session.info.setdefault(PENDING_AGGREGATES, set()).add(aggregate)
     db.after_commit(session, "publish_events", _publish_after_commit)
     return envelope
+
+
+def for_step(session: Session, step_id: str) -> list[dict[str, Any]]:
+    """The step's events from the outbox, in commit order, with their stream ids."""
+    rows = session.execute(
+        select(Event.envelope, Event.stream_id).where(Event.step_id == step_id).order_by(Event.seq)
+    )
+    return [{**envelope, "stream_id": stream_id} for envelope, stream_id in rows]
 
 
 def _publish_after_commit(session: Session) -> None:

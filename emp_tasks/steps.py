@@ -226,6 +226,34 @@ def get(step_id: str, principal: Principal) -> Step:
         return _visible(session, step_id, principal)
 
 
+def history(step_id: str, principal: Principal) -> list[dict[str, Any]]:
+    """The step's events, oldest first (the audit trail of its transitions)."""
+    with db.transaction() as session:
+        _visible(session, step_id, principal)
+        return events.for_step(session, step_id)
+
+
+def attempts(step_id: str, principal: Principal) -> list[dict[str, Any]]:
+    """The step's attempts, oldest first: where each ran, how long, and how it ended."""
+    with db.transaction() as session:
+        _visible(session, step_id, principal)
+        rows = session.scalars(
+            select(Attempt).where(Attempt.step_id == step_id).order_by(Attempt.attempt)
+        )
+        return [
+            {
+                "attempt": row.attempt,
+                "worker_id": row.worker_id,
+                "machine_id": row.machine_id,
+                "outcome": row.outcome,
+                "error": row.error,
+                "started_at": _iso(row.started_at),
+                "finished_at": _iso(row.finished_at),
+            }
+            for row in rows
+        ]
+
+
 def _filtered(query, principal: Principal, status, service, workflow_id):
     if not principal.admin:
         query = query.where(Step.customer_id == principal.customer_id)

@@ -109,6 +109,16 @@ def test_step_failing_twice_retryably_completes_on_the_third_attempt(client, sys
     ]
     assert all(r.worker_id and r.machine_id and r.started_at and r.finished_at for r in rows)
     assert rows[0].error["type"] == "service"
+    listed = client.get(f"/api/steps/{step_id}/attempts", headers=headers()).get_json()
+    assert [(a["attempt"], a["outcome"]) for a in listed["attempts"]] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "completed"),
+    ]
+    assert listed["attempts"][0]["error"]["code"] == "SIMULATED_FAILURE"
+    history = client.get(f"/api/steps/{step_id}/events", headers=headers()).get_json()
+    assert [e["type"] for e in history["events"]] == types(step_id)
+    assert client.get(f"/api/steps/{step_id}/attempts", headers=headers("bob")).status_code == 404
 
 
 def test_fatal_failure_fails_at_once_without_retry(client, system):

@@ -79,6 +79,16 @@ def get_step(principal: Principal, step_id: str) -> Response:
     return ok(step=steps.step_object(steps.get(step_id, principal)))
 
 
+@endpoint(bp, "/api/steps/<step_id>/attempts", tags=TAGS, summary="A step's attempts")
+def step_attempts(principal: Principal, step_id: str) -> Response:
+    return ok(attempts=steps.attempts(step_id, principal))
+
+
+@endpoint(bp, "/api/steps/<step_id>/events", tags=TAGS, summary="A step's events, oldest first")
+def step_events(principal: Principal, step_id: str) -> Response:
+    return ok(events=steps.history(step_id, principal))
+
+
 @endpoint(bp, "/step/<step_id>", tags=("seed",), summary="Get a step (seed-compatible)")
 def get_step_seed(principal: Principal, step_id: str) -> Response:
     return ok(step=steps.step_object(steps.get(step_id, principal)))
