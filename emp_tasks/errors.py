@@ -30,3 +30,11 @@ class Forbidden(DomainError):
 
 class InvalidCursor(DomainError):
     """A pagination cursor that this API did not hand out."""
+
+
+class ValidationFailed(DomainError):
+    """A request that passed its schema but breaks a rule that needs configuration or data."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

@@ -26,6 +26,7 @@ PENDING_AGGREGATES = "emp_pending_aggregates"
 
 class EventType(StrEnum):
     STEP_SUBMITTED = "step_submitted"
+    STEP_QUEUED = "step_queued"
     STEP_ASSIGNED = "step_assigned"
     STEP_STARTED = "step_started"
     STEP_PROGRESS = "step_progress"

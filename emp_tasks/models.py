@@ -74,6 +74,9 @@ class Workflow(Base):
     total_steps: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     completed_steps: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     failed_steps: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    failed_step_index: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    cancel_reason: Mapped[str | None] = mapped_column(Text)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[Any] | None] = mapped_column(JSONB)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, nullable=False, default=dict)
@@ -116,6 +119,8 @@ class Step(Base):
     )
     step_index: Mapped[int | None] = mapped_column(Integer)
     depends_on: Mapped[list[Any]] = mapped_column(JSONB, nullable=False, default=list)
+    remaining_deps: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    """Dependencies not yet completed; the step is queued when this reaches 0."""
     worker_id: Mapped[str | None] = mapped_column(String(200))
     machine_id: Mapped[str | None] = mapped_column(String(200))
     webhook_url: Mapped[str | None] = mapped_column(Text)
@@ -148,6 +153,12 @@ class Step(Base):
         Index("ix_steps_created_at", "created_at"),
         Index("ix_steps_customer_id_created_at", "customer_id", "created_at"),
         Index("ix_steps_workflow_id_step_index", "workflow_id", "step_index"),
+        Index(
+            "ix_steps_depends_on",
+            "depends_on",
+            postgresql_using="gin",
+            postgresql_ops={"depends_on": "jsonb_path_ops"},
+        ),
         CheckConstraint(
             "status IN (" + ", ".join(f"'{s.value}'" for s in StepStatus) + ")",
             name="ck_steps_status",

@@ -117,3 +117,80 @@ class CancelRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     reason: str | None = Field(default=None, max_length=1000)
+
+
+class WorkflowStepSpec(StepCreate):
+    """One step of a workflow: a step spec plus the indices of earlier steps it needs."""
+
+    depends_on: list[StrictInt] = Field(default_factory=list, max_length=10_000)
+
+    @field_validator("depends_on")
+    @classmethod
+    def _unique(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat an index")
+        return value
+
+
+WORKFLOW_EVENT_NAMES = sorted(e.value for e in EventType if e.value.startswith("workflow_"))
+
+
+class WorkflowCreate(BaseModel):
+    """`POST /api/workflows`: a DAG of steps by `depends_on` (earlier indices only)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=500)
+    description: str | None = Field(default=None, max_length=5000)
+    steps: list[WorkflowStepSpec] = Field(min_length=1)
+    priority: StrictInt | None = Field(default=None, ge=0, le=100)
+    failure_policy: Literal["fail_fast", "continue"] = "fail_fast"
+    webhook_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
+    webhook_events: list[Literal[tuple(WORKFLOW_EVENT_NAMES)]] | None = None  # type: ignore[valid-type]
+    customer_id: str | None = Field(default=None, min_length=1, max_length=200)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @model_validator(mode="after")
+    def _earlier_dependencies_only(self) -> WorkflowCreate:
+        from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+
+        errors: list[InitErrorDetails] = []
+        for index, step in enumerate(self.steps):
+            for position, dependency in enumerate(step.depends_on):
+                if not 0 <= dependency < index:
+                    errors.append(
+                        InitErrorDetails(
+                            type=PydanticCustomError(
+                                "dependency_order",
+                                "must be the index of an earlier step (0 to {limit})",
+                                {"limit": index - 1},
+                            ),
+                            loc=("steps", index, "depends_on", position),
+                            input=dependency,
+                        )
+                    )
+        if errors:
+            raise ValidationError.from_exception_data("WorkflowCreate", errors)
+        return self
+
+    def step_priority(self, index: int) -> int:
+        """A step's own priority if it set one, else the workflow's, else the default."""
+        step = self.steps[index]
+        if "priority" in step.model_fields_set:
+            return step.priority
+        return self.priority if self.priority is not None else step.priority
+
+
+class WorkflowListQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: Literal["pending", "running", "completed", "failed", "cancelled"] | None = None
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: str | None = Field(default=None, max_length=100)

@@ -25,8 +25,8 @@ from emp_tasks.connectors.base import StepRun
 from emp_tasks.errors import InvalidCursor, InvalidState, NotFound
 from emp_tasks.events import EventType
 from emp_tasks.ids import new_id
-from emp_tasks.models import Attempt, Step, StepStatus
-from emp_tasks.specs import StepCreate
+from emp_tasks.models import Attempt, Step, StepStatus, Workflow
+from emp_tasks.specs import StepCreate, WorkflowCreate
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
@@ -85,10 +85,10 @@ def step_object(step: Step) -> dict[str, Any]:
         "webhook_events": step.webhook_events,
         "correlation_id": step.correlation_id,
         "metadata": step.meta,
-        "created_at": _iso(step.created_at),
-        "started_at": _iso(step.started_at),
-        "completed_at": _iso(step.completed_at),
-        "updated_at": _iso(step.updated_at),
+        "created_at": iso(step.created_at),
+        "started_at": iso(step.started_at),
+        "completed_at": iso(step.completed_at),
+        "updated_at": iso(step.updated_at),
     }
 
 
@@ -147,8 +147,21 @@ def _transition(
     _emit(session, step, event_type, data, queue=queue)
 
 
-def _locked(session: Session, step_id: str) -> Step | None:
+def _locked(session: Session, step_id: str, *, workflow: bool = True) -> Step | None:
+    """The step, row-locked. A workflow's step locks its workflow first: every path
+    that changes a workflow and its steps takes the locks in that order."""
+    if workflow:
+        workflow_id = session.scalar(select(Step.workflow_id).where(Step.id == step_id))
+        if workflow_id is not None:
+            session.execute(select(Workflow.id).where(Workflow.id == workflow_id).with_for_update())
     return session.get(Step, step_id, with_for_update=True, populate_existing=True)
+
+
+def _after_finish(session: Session, step: Step) -> None:
+    if step.workflow_id is not None:
+        from emp_tasks import workflows
+
+        workflows.on_step_finished(session, step)
 
 
 def _visible(session: Session, step_id: str, principal: Principal, *, lock: bool = False) -> Step:
@@ -221,6 +234,60 @@ def _new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) ->
     )
 
 
+def create_for_workflow(session: Session, workflow: Workflow, spec: WorkflowCreate) -> list[Step]:
+    """Add a workflow's steps: those without dependencies pending (queued), others waiting."""
+    ids = [new_id() for _ in spec.steps]
+    created = []
+    for index, step_spec in enumerate(spec.steps):
+        step = _new_step(step_spec, workflow.customer_id, workflow.correlation_id)
+        step.id = ids[index]
+        step.workflow_id = workflow.id
+        step.step_index = index
+        step.priority = spec.step_priority(index)
+        step.depends_on = [ids[dependency] for dependency in step_spec.depends_on]
+        step.remaining_deps = len(step.depends_on)
+        if step.depends_on:
+            step.status = S.WAITING
+            step.queued_at = None
+        created.append(step)
+    session.add_all(created)
+    session.flush()
+    for step in created:
+        _emit(
+            session,
+            step,
+            EventType.STEP_SUBMITTED,
+            {
+                "service": step.service,
+                "priority": step.priority,
+                "status": step.status,
+                "step_index": step.step_index,
+            },
+            queue=step.status == S.PENDING,
+        )
+    return created
+
+
+def release(session: Session, step: Step) -> None:
+    """A waiting step's dependencies are all done: queue it (caller holds the locks)."""
+    step.queued_at = _now()
+    _transition(
+        session,
+        step,
+        S.PENDING,
+        EventType.STEP_QUEUED,
+        {"status": S.PENDING.value, "reason": "dependencies completed"},
+        queue=True,
+    )
+
+
+def skip(session: Session, step: Step, reason: str) -> None:
+    """A waiting step will never run: a step it depends on did not complete."""
+    step.completed_at = _now()
+    step.cancel_reason = reason
+    _transition(session, step, S.SKIPPED, EventType.STEP_SKIPPED, {"reason": reason})
+
+
 def get(step_id: str, principal: Principal) -> Step:
     with db.transaction() as session:
         return _visible(session, step_id, principal)
@@ -247,8 +314,8 @@ def attempts(step_id: str, principal: Principal) -> list[dict[str, Any]]:
                 "machine_id": row.machine_id,
                 "outcome": row.outcome,
                 "error": row.error,
-                "started_at": _iso(row.started_at),
-                "finished_at": _iso(row.finished_at),
+                "started_at": iso(row.started_at),
+                "finished_at": iso(row.finished_at),
             }
             for row in rows
         ]
@@ -284,7 +351,7 @@ def list_steps(
         workflow_id,
     )
     if cursor is not None:
-        query = query.where(Step.id < _decode_cursor(cursor))
+        query = query.where(Step.id < decode_cursor(cursor))
     with db.transaction() as session:
         rows = list(session.scalars(query))
     page = rows[:limit]
@@ -306,7 +373,7 @@ def count_steps(
         return int(session.scalar(query) or 0)
 
 
-def _decode_cursor(cursor: str) -> str:
+def decode_cursor(cursor: str) -> str:
     import uuid
 
     try:
@@ -369,11 +436,17 @@ def cancel(step_id: str, principal: Principal, reason: str | None = None) -> Ste
         step = _visible(session, step_id, principal, lock=True)
         if StepStatus(step.status) not in CANCELLABLE:
             raise InvalidState(f"step {step_id} is {step.status}; only unfinished steps cancel")
-        _finish_attempt(session, step, "cancelled", None)
-        step.cancel_reason = reason
-        step.completed_at = _now()
-        _transition(session, step, S.CANCELLED, EventType.STEP_CANCELLED, {"reason": reason})
+        cancel_in_workflow(session, step, reason)
+        _after_finish(session, step)
         return step
+
+
+def cancel_in_workflow(session: Session, step: Step, reason: str) -> None:
+    """Cancel an unfinished step (locked by the caller) without advancing its workflow."""
+    _finish_attempt(session, step, "cancelled", None)
+    step.cancel_reason = reason
+    step.completed_at = _now()
+    _transition(session, step, S.CANCELLED, EventType.STEP_CANCELLED, {"reason": reason})
 
 
 def retry(step_id: str, principal: Principal) -> Step:
@@ -382,6 +455,8 @@ def retry(step_id: str, principal: Principal) -> Step:
         step = _visible(session, step_id, principal, lock=True)
         if StepStatus(step.status) not in RETRYABLE_BY_CLIENT:
             raise InvalidState(f"step {step_id} is {step.status}; only failed or cancelled retry")
+        if step.workflow_id is not None:
+            raise InvalidState(f"step {step_id} belongs to a workflow; submit the workflow again")
         previous_error = step.error
         step.error = None
         step.result = None
@@ -401,7 +476,7 @@ def retry(step_id: str, principal: Principal) -> Step:
             {
                 "error": previous_error,
                 "attempt": step.attempts,
-                "retry_at": _iso(_now()),
+                "retry_at": iso(_now()),
                 "manual": True,
             },
             queue=True,
@@ -465,6 +540,10 @@ def begin(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
         )
         step.started_at = now
         _transition(session, step, S.RUNNING, EventType.STEP_STARTED, {"attempt": step.attempts})
+        if step.workflow_id is not None:
+            from emp_tasks import workflows
+
+            workflows.on_step_started(session, step)
         return StepRun(
             step_id=step.id,
             service=step.service,
@@ -485,10 +564,15 @@ def _dependency_results(session: Session, step: Step) -> dict[str, Any]:
 
 
 def _current(
-    session: Session, step_id: str, attempt: int, allowed: frozenset[StepStatus]
+    session: Session,
+    step_id: str,
+    attempt: int,
+    allowed: frozenset[StepStatus],
+    *,
+    workflow: bool = True,
 ) -> Step | None:
     """The step, locked, if `attempt` is still its current attempt in an allowed status."""
-    step = _locked(session, step_id)
+    step = _locked(session, step_id, workflow=workflow)
     if step is None or step.attempts != attempt or StepStatus(step.status) not in allowed:
         logger.info(
             "Superseded attempt ignored",
@@ -525,7 +609,7 @@ def report_progress(
     message: str | None = None,
 ) -> bool:
     with db.transaction() as session:
-        step = _current(session, step_id, attempt, frozenset({S.RUNNING}))
+        step = _current(session, step_id, attempt, frozenset({S.RUNNING}), workflow=False)
         if step is None:
             return False
         step.progress = max(0.0, min(100.0, float(progress)))
@@ -558,6 +642,7 @@ def complete(step_id: str, attempt: int, result: Any, duration_ms: int) -> bool:
             EventType.STEP_COMPLETED,
             {"result": result, "duration_ms": duration_ms, "attempt": attempt},
         )
+        _after_finish(session, step)
         return True
 
 
@@ -589,7 +674,7 @@ def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> Failur
             step,
             S.PENDING,
             EventType.STEP_RETRYING,
-            {"error": error, "attempt": step.attempts, "retry_at": _iso(step.queued_at)},
+            {"error": error, "attempt": step.attempts, "retry_at": iso(step.queued_at)},
             queue=True,
         )
         return FailureOutcome(status=S.PENDING, retry_in_s=delay)
@@ -601,6 +686,7 @@ def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> Failur
         EventType.STEP_FAILED,
         {"error": error, "attempts": step.attempts},
     )
+    _after_finish(session, step)
     return FailureOutcome(status=S.FAILED)
 
 
@@ -702,6 +788,7 @@ def _expire(session: Session, step: Step) -> None:
         EventType.STEP_FAILED,
         {"error": step.error, "attempts": step.attempts},
     )
+    _after_finish(session, step)
 
 
 def redispatch_pending() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from emp_tasks import config, redisdb, scratch
+from emp_tasks import config, redisdb, scratch, workers
 from emp_tasks.db import ROOT
 from emp_tasks.events import STREAM
 
@@ -139,8 +140,6 @@ def process_env(services: dict[str, str], **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def system(services) -> Iterator[RunningSystem]:
     """A worker (simulation connector, 2 threads) and the relay, from the Procfile."""
-    from emp_tasks import workers
-
     env = process_env(
         services,
         EMP_WORKER_ID="test-worker-1",
@@ -153,6 +152,41 @@ def system(services) -> Iterator[RunningSystem]:
         yield running
     finally:
         running.stop()
+
+
+LEASE_S = "2"
+
+
+@pytest.fixture
+def start_worker(services) -> Iterator[Callable[..., RunningSystem]]:
+    """Start `emp worker` processes for one service; all are stopped after the test."""
+    started: list[RunningSystem] = []
+
+    def start(service: str, worker_id: str, concurrency: int = 1) -> RunningSystem:
+        env = process_env(
+            services,
+            EMP_WORKER_SERVICES=service,
+            EMP_CONNECTORS=json.dumps({service: "simulation"}),
+            EMP_WORKER_ID=worker_id,
+            EMP_MACHINE_ID=f"machine-{worker_id}",
+            EMP_WORKER_CONCURRENCY=str(concurrency),
+            EMP_LEASE_TIMEOUT_S=LEASE_S,
+        )
+        running = RunningSystem(["worker"], env, ARTIFACTS / f"worker-{worker_id}.log")
+        started.append(running)
+        key = workers.HEARTBEAT_KEY.format(worker_id=worker_id)
+        wait_for(lambda: redisdb.client().exists(key), timeout_s=60, interval_s=0.1)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def kill_9(running: RunningSystem) -> None:
+    process = running.group.processes["worker"]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
 
 
 @pytest.fixture(scope="session")

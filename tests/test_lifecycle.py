@@ -8,60 +8,19 @@ interleave with its queue.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-from collections.abc import Callable, Iterator
 from datetime import datetime
 
-import pytest
 from sqlalchemy import select
 
-from emp_tasks import db, dispatch, redisdb, routing, workers
+from emp_tasks import db, dispatch, redisdb, routing
 from emp_tasks.models import Attempt, Step
 from tests.conftest import (
-    ARTIFACTS,
-    RunningSystem,
     headers,
-    process_env,
+    kill_9,
     stream_events,
     wait_for,
     wait_for_status,
 )
-
-LEASE_S = "2"
-
-
-@pytest.fixture
-def start_worker(services) -> Iterator[Callable[..., RunningSystem]]:
-    """Start `emp worker` processes for one service; all are stopped after the test."""
-    started: list[RunningSystem] = []
-
-    def start(service: str, worker_id: str, concurrency: int = 1) -> RunningSystem:
-        env = process_env(
-            services,
-            EMP_WORKER_SERVICES=service,
-            EMP_CONNECTORS=json.dumps({service: "simulation"}),
-            EMP_WORKER_ID=worker_id,
-            EMP_MACHINE_ID=f"machine-{worker_id}",
-            EMP_WORKER_CONCURRENCY=str(concurrency),
-            EMP_LEASE_TIMEOUT_S=LEASE_S,
-        )
-        running = RunningSystem(["worker"], env, ARTIFACTS / f"worker-{worker_id}.log")
-        started.append(running)
-        key = workers.HEARTBEAT_KEY.format(worker_id=worker_id)
-        wait_for(lambda: redisdb.client().exists(key), timeout_s=60, interval_s=0.1)
-        return running
-
-    yield start
-    for running in started:
-        running.stop()
-
-
-def kill_9(running: RunningSystem) -> None:
-    process = running.group.processes["worker"]
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(10)
 
 
 def submit(client, service: str, payload: dict | None = None, **fields) -> str:

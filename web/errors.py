@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from emp_tasks.errors import Forbidden, InvalidCursor, InvalidState, NotFound
+from emp_tasks.errors import Forbidden, InvalidCursor, InvalidState, NotFound, ValidationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,17 @@ def register(app: Flask) -> None:
                 "VALIDATION_FAILED",
                 exc.message,
                 [{"field": "cursor", "message": exc.message, "type": "cursor"}],
+            )
+        )
+
+    @app.errorhandler(ValidationFailed)
+    def _failed_rule(exc: ValidationFailed) -> Response:
+        return error_response(
+            ApiError(
+                400,
+                "VALIDATION_FAILED",
+                exc.message,
+                [{"field": exc.field, "message": exc.message, "type": "rule"}],
             )
         )
 

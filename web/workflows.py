@@ -1,0 +1,105 @@
+"""Workflows API routes: parse, authorise, call emp_tasks.workflows, serialise."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g
+
+from emp_tasks import workflows
+from emp_tasks.auth import Principal
+from emp_tasks.specs import CancelRequest, StatsQuery, WorkflowCreate, WorkflowListQuery
+from web.endpoints import endpoint, idempotency_key, ok
+
+bp = Blueprint("workflows", __name__)
+
+TAGS = ("workflows",)
+
+
+def _create(principal: Principal, body: WorkflowCreate) -> Response:
+    workflow, step_ids, created = workflows.submit(
+        body, principal, correlation_id=g.correlation_id, idempotency_key=idempotency_key()
+    )
+    return ok(
+        201 if created else 200,
+        workflow_id=workflow.id,
+        step_ids=step_ids,
+        job_ids=step_ids,
+        workflow=workflows.workflow_object(workflow),
+    )
+
+
+@endpoint(
+    bp,
+    "/api/workflows",
+    methods=("POST",),
+    body=WorkflowCreate,
+    status=201,
+    tags=TAGS,
+    headers=("Idempotency-Key",),
+    summary="Submit a workflow (a DAG of steps)",
+)
+def create_workflow(principal: Principal, body: WorkflowCreate) -> Response:
+    return _create(principal, body)
+
+
+@endpoint(
+    bp,
+    "/api/workflows/create",
+    methods=("POST",),
+    body=WorkflowCreate,
+    status=201,
+    tags=TAGS,
+    headers=("Idempotency-Key",),
+    summary="Submit a workflow (alias)",
+)
+def create_workflow_alias(principal: Principal, body: WorkflowCreate) -> Response:
+    return _create(principal, body)
+
+
+@endpoint(
+    bp, "/api/workflows", query=WorkflowListQuery, tags=TAGS, summary="List workflows, newest first"
+)
+def list_workflows(principal: Principal, query: WorkflowListQuery) -> Response:
+    page, next_cursor = workflows.list_workflows(
+        principal, status=query.status, limit=query.limit, cursor=query.cursor
+    )
+    return ok(workflows=[workflows.workflow_object(w) for w in page], next_cursor=next_cursor)
+
+
+@endpoint(bp, "/api/workflows/stats", query=StatsQuery, tags=TAGS, summary="Workflow counts")
+def workflow_stats(principal: Principal, query: StatsQuery) -> Response:
+    return ok(timeframe=query.timeframe, stats=workflows.stats(principal, query.timeframe))
+
+
+@endpoint(
+    bp,
+    "/api/workflows/<workflow_id>",
+    tags=TAGS,
+    summary="A workflow and the step_details of its steps",
+)
+def get_workflow(principal: Principal, workflow_id: str) -> Response:
+    workflow, details = workflows.status(workflow_id, principal)
+    return ok(workflow=workflow, steps=details)
+
+
+@endpoint(
+    bp,
+    "/api/workflows/<workflow_id>/status",
+    tags=TAGS,
+    summary="A workflow and the step_details of its steps",
+)
+def workflow_status(principal: Principal, workflow_id: str) -> Response:
+    workflow, details = workflows.status(workflow_id, principal)
+    return ok(workflow=workflow, steps=details)
+
+
+@endpoint(
+    bp,
+    "/api/workflows/<workflow_id>/cancel",
+    methods=("POST",),
+    body=CancelRequest,
+    tags=TAGS,
+    summary="Cancel a workflow's running and pending steps",
+)
+def cancel_workflow(principal: Principal, workflow_id: str, body: CancelRequest) -> Response:
+    workflow = workflows.cancel(workflow_id, principal, body.reason)
+    return ok(message=f"workflow {workflow_id} cancelled", workflow=workflow)
