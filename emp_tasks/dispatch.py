@@ -17,6 +17,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
+from celery import Signature, group
 from kombu import Exchange, Queue
 
 from emp_tasks import redisdb, routing
@@ -47,8 +48,8 @@ def spec(
     }
 
 
-def send(dispatch: dict[str, Any]) -> None:
-    """Put the task on its queue; a `not_before` in the future becomes a countdown."""
+def _signature(dispatch: dict[str, Any]) -> Signature:
+    """The step's task, addressed to its queue's list; a future `not_before` is a countdown."""
     from emp_tasks.celery_app import RUN_STEP, app
 
     countdown = None
@@ -56,7 +57,7 @@ def send(dispatch: dict[str, Any]) -> None:
         delay = (datetime.fromisoformat(dispatch["not_before"]) - datetime.now(UTC)).total_seconds()
         countdown = delay if delay > 0 else None
     name = dispatch["queue"]
-    app.send_task(
+    return app.signature(
         RUN_STEP,
         args=[dispatch["step_id"]],
         queue=Queue(name, _DEFAULT_EXCHANGE, routing_key=name),
@@ -64,7 +65,21 @@ def send(dispatch: dict[str, Any]) -> None:
         routing_key=name,
         priority=dispatch["priority"],
         countdown=countdown,
+        immutable=True,
     )
+
+
+def send(dispatch: dict[str, Any]) -> None:
+    """Put one step's task on its queue."""
+    _signature(dispatch).apply_async()
+
+
+def send_many(dispatches: list[dict[str, Any]]) -> None:
+    """Send steps that became ready together (a workflow's fan-out) as one Celery group."""
+    if len(dispatches) == 1:
+        send(dispatches[0])
+    elif dispatches:
+        group(_signature(each) for each in dispatches).apply_async()
 
 
 def broker_lost_data() -> bool:

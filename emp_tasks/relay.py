@@ -75,9 +75,7 @@ def publish_aggregates(aggregates: Iterable[str]) -> int:
             arguments += [row.type, row.envelope]
         push = redisdb.client().register_script(_PUSH_SCRIPT)
         stream_ids = push(keys=[STREAM, CHANNEL], args=arguments)
-        for row in rows:
-            if row.dispatch:
-                dispatch.send(row.dispatch)
+        dispatch.send_many([row.dispatch for row in rows if row.dispatch])
         connection.execute(
             _MARK_PUBLISHED,
             {"seqs": [row.seq for row in rows], "stream_ids": list(stream_ids)},
