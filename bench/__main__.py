@@ -2,8 +2,10 @@
 
 Owns the order of one run: create a scratch environment (fresh database and
 Redis index), measure EMP Tasks, then the bare Celery baselines on the same
-Redis, drop the scratch environment, and print the table. Exits 1 when any
-system did not complete every step by its deadline.
+Redis, drop the scratch environment, and print the table. The workflow rows
+(bench.workflows.SHAPES, skipped with --no-workflows) run on EMP Tasks' processes
+after its steps, and on the threads-pool bare Celery worker after its tasks.
+Exits 1 when any system did not complete every step or workflow by its deadline.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import sys
 from urllib.parse import parse_qs, urlsplit
 
-from bench import baseline, ours, report
+from bench import baseline, ours, report, workflows
 from bench.stats import Result
 from emp_tasks import redisdb, scratch
 from emp_tasks.db import ROOT
@@ -22,6 +24,7 @@ DATA_DIR = ROOT / ".emp" / "bench"
 EMBEDDED_REDIS_PORT = 6392
 DEFAULT_STEPS = 1000
 POOLS = ("threads", "prefork")
+WORKFLOW_POOL = "threads"  # the bare Celery worker the workflow rows run on
 
 
 def _positive(raw: str) -> int:
@@ -54,6 +57,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-prefork", action="store_true", help="skip the prefork bare Celery baseline"
+    )
+    parser.add_argument(
+        "--no-workflows", action="store_true", help="skip the workflow rows (fan-out/in, chain)"
+    )
+    parser.add_argument(
+        "--workflow-timeout",
+        type=float,
+        default=120.0,
+        help="seconds each workflow has to complete, per system (120)",
     )
     parser.add_argument(
         "--keep-services",
@@ -95,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     embedded = not (os.environ.get("REDIS_URL") and os.environ.get("DATABASE_URL"))
     already_up = _embedded_running() if embedded else (True, True)
     pools = POOLS[:1] if args.no_prefork else POOLS
+    shapes = () if args.no_workflows else workflows.SHAPES
     options = {
         "steps": args.steps,
         "threads": args.threads,
         "warmup": args.warmup,
         "status_requests": args.status_requests,
         "timeout_s": args.timeout,
+        "workflows": shapes,
+        "workflow_timeout_s": args.workflow_timeout,
     }
     print(f"creating a scratch environment in {DATA_DIR} ...", file=sys.stderr, flush=True)
     run = scratch.create("emp_bench", DATA_DIR, EMBEDDED_REDIS_PORT)
@@ -119,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.warmup,
                     args.timeout,
                     DATA_DIR / f"bare-{pool}.log",
+                    workflows=shapes if pool == WORKFLOW_POOL else (),
+                    workflow_timeout_s=args.workflow_timeout,
                 )
             )
     finally:
@@ -145,13 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     if inherited:
         print(f"EMP Tasks processes also inherit: {', '.join(inherited)}")
-    print(report.table(mine, baselines))
+    print(report.table(mine, baselines, shapes))
     print(
         "Worker concurrency 2 everywhere (EMP Tasks: `emp worker`, threads pool). "
-        "Ratio = EMP Tasks / baseline."
+        "Ratio = EMP Tasks / baseline in steps/s: above 1 EMP Tasks is faster, below 1 slower."
     )
+    if shapes:
+        print(
+            "Workflow rows: one workflow each, EMP Tasks one POST /api/workflows timed until "
+            "its row is 'completed' (PostgreSQL polled every "
+            f"{ours.POLL_INTERVAL_S * 1000:g} ms), bare Celery one canvas "
+            "(chain(si, chord(group, si)) / chain of si) timed from apply_async to .get(); "
+            f"bare Celery workflows on the {WORKFLOW_POOL} worker only."
+        )
     for result in (mine, *baselines):
-        print(report.summary(result))
+        print(report.summary(result, shapes))
     return 0 if all(result.ok for result in (mine, *baselines)) else 1
 
 

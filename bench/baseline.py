@@ -3,7 +3,9 @@
 The worker runs `celery -A bench.bare_celery worker` with the pool asked for and
 two concurrent slots; this process sends the tasks from a thread pool and waits
 for every result, so throughput covers the same path as ours: submit, broker,
-worker, stored outcome.
+worker, stored outcome. Then, on the same worker, each workflow shape is sent as
+one Celery canvas (chain, chord; the chord's counter kept by the Redis result
+backend) and timed from `apply_async` until its final result is back.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.stats import BenchError, Deadline, Result
+from bench.stats import BenchError, Deadline, Result, WorkflowResult
+from bench.workflows import Shape
 from emp_tasks.db import ROOT
 
 CONCURRENCY = 2
@@ -144,6 +148,29 @@ def _batch(count: int, threads: int, deadline: Deadline, result: Result | None) 
     return done
 
 
+def _run_workflow(shape: Shape, timeout_s: float) -> WorkflowResult:
+    """One `apply_async` of the shape's canvas, then `.get` on its last task's result."""
+    from bench import bare_celery
+
+    outcome = WorkflowResult(shape=shape.key, steps=shape.steps, hops=shape.hops)
+    signature = shape.celery_signature(bare_celery.noop)
+    deadline = Deadline(timeout_s)
+    started = time.perf_counter()
+    try:
+        pending = signature.apply_async()
+        outcome.submit_ms = (time.perf_counter() - started) * 1000
+        value = pending.get(timeout=max(0.1, deadline.remaining()))
+    except Exception as exc:  # a timeout or a task failure: reported
+        outcome.errors.append(f"{type(exc).__name__}: {exc}"[:300])
+        return outcome
+    finished = time.perf_counter()
+    if isinstance(value, dict) and value.get("ok"):
+        outcome.elapsed_s = finished - started
+    else:
+        outcome.errors.append(f"unexpected result {value!r}"[:300])
+    return outcome
+
+
 def run(
     redis_url: str,
     pool: str,
@@ -152,8 +179,13 @@ def run(
     warmup: int,
     timeout_s: float,
     log_path: Path,
+    workflows: Sequence[Shape] = (),
+    workflow_timeout_s: float = 120.0,
 ) -> Result:
-    """Run one bare Celery worker with `pool` and measure `tasks` no-op tasks end to end."""
+    """Run one bare Celery worker with `pool` and measure `tasks` no-op tasks end to end.
+
+    Then each of `workflows`, one after another on the drained queue, with its own deadline.
+    """
     os.environ["EMP_BENCH_REDIS_URL"] = redis_url  # for the bare app in this process
     result = Result(name=f"bare Celery ({pool})", requested=tasks)
     env = dict(os.environ, EMP_BENCH_REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
@@ -173,6 +205,10 @@ def run(
             if warmed != warmup:
                 raise BenchError(f"warm-up: {warmed} of {warmup} tasks came back")
         _batch(tasks, threads, Deadline(timeout_s), result)
+        for shape in workflows:
+            if process.poll() is not None or result.completed != tasks:
+                break  # reported below as not run
+            result.workflows[shape.key] = _run_workflow(shape, workflow_timeout_s)
         if process.poll() is not None:
             result.errors.append(f"worker exited ({process.returncode}) during the run")
     except BenchError as exc:
@@ -180,4 +216,11 @@ def run(
     finally:
         _stop(process)
         log.close()
+    for shape in workflows:
+        if shape.key not in result.workflows:
+            skipped = WorkflowResult(shape=shape.key, steps=shape.steps, hops=shape.hops)
+            skipped.errors.append(
+                "not run: the worker stopped or the tasks before it did not complete"
+            )
+            result.workflows[shape.key] = skipped
     return result

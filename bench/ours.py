@@ -2,11 +2,14 @@
 
 Steps are submitted with `POST /api/steps` from a pool of client threads (one
 requests.Session each); completion is read from PostgreSQL, not over HTTP, so
-the measurement does not load the API while the worker drains the queue.
+the measurement does not load the API while the worker drains the queue. Then,
+on the same processes, each workflow shape is submitted with one
+`POST /api/workflows` and its row in `workflows` is polled until it is completed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -18,9 +21,10 @@ from typing import Any
 import requests
 from sqlalchemy import func, select
 
-from bench.stats import BenchError, Deadline, Result
+from bench.stats import BenchError, Deadline, Result, WorkflowResult
+from bench.workflows import Shape
 from emp_tasks import config, db, redisdb, workers
-from emp_tasks.models import TERMINAL_STEP_STATUSES, Step, StepStatus
+from emp_tasks.models import TERMINAL_STEP_STATUSES, Step, StepStatus, Workflow, WorkflowStatus
 from emp_tasks.scratch import Scratch
 from emp_tasks.supervisor import ProcessGroup
 
@@ -244,8 +248,101 @@ def _measure(system: _System, clients: _Clients, options: dict[str, Any], result
         result.errors.append(f"{len(errors)} status reads failed, first: {errors[0]}")
 
 
+def _workflow_row(workflow_id: str) -> Any:
+    """(status, completed_steps, error, created_at, completed_at) of one workflow, or None."""
+    query = select(
+        Workflow.status,
+        Workflow.completed_steps,
+        Workflow.error,
+        Workflow.created_at,
+        Workflow.completed_at,
+    ).where(Workflow.id == workflow_id)
+    with db.transaction() as session:
+        return session.execute(query).one_or_none()
+
+
+def _cancel_workflow(clients: _Clients, workflow_id: str) -> None:
+    """Best effort, so a workflow left over does not load the next measurement."""
+    with contextlib.suppress(requests.RequestException):
+        clients.session().post(
+            f"{clients.base_url}/api/workflows/{workflow_id}/cancel",
+            json={"reason": "benchmark deadline passed"},
+            headers=clients.headers,
+            timeout=REQUEST_TIMEOUT_S,
+        )
+
+
+def _run_workflow(
+    system: _System, clients: _Clients, shape: Shape, timeout_s: float
+) -> WorkflowResult:
+    """One `POST /api/workflows`, then poll the workflow's row until completed or the deadline."""
+    outcome = WorkflowResult(shape=shape.key, steps=shape.steps, hops=shape.hops)
+    body = shape.emp_body()
+    deadline = Deadline(timeout_s)
+    started = time.perf_counter()
+    try:
+        response = clients.session().post(
+            clients.base_url + "/api/workflows",
+            json=body,
+            headers=clients.headers,
+            timeout=max(1.0, min(REQUEST_TIMEOUT_S, deadline.remaining())),
+        )
+    except requests.RequestException as exc:
+        outcome.errors.append(f"POST /api/workflows: {type(exc).__name__}: {exc}")
+        return outcome
+    outcome.submit_ms = (time.perf_counter() - started) * 1000
+    if response.status_code != 201:
+        text = response.text[:200]
+        outcome.errors.append(f"POST /api/workflows: HTTP {response.status_code}: {text}")
+        return outcome
+    workflow_id = response.json()["workflow_id"]
+    while True:
+        workflow = _workflow_row(workflow_id)
+        seen = time.perf_counter()
+        state = workflow.status if workflow is not None else "missing"
+        if state == WorkflowStatus.COMPLETED:
+            outcome.elapsed_s = seen - started
+            if workflow.completed_at is not None:
+                outcome.server_s = (workflow.completed_at - workflow.created_at).total_seconds()
+            return outcome
+        if state in (WorkflowStatus.FAILED, WorkflowStatus.CANCELLED):
+            outcome.errors.append(f"workflow {workflow_id} ended {state}: {workflow.error}")
+            return outcome
+        if deadline.expired:
+            done = workflow.completed_steps if workflow is not None else 0
+            outcome.errors.append(
+                f"workflow {workflow_id} still {state} after {timeout_s:g} s, "
+                f"{done} of {shape.steps} steps completed"
+            )
+            _cancel_workflow(clients, workflow_id)
+            return outcome
+        system.check_alive()
+        time.sleep(POLL_INTERVAL_S)
+
+
+def _measure_workflows(
+    system: _System, clients: _Clients, options: dict[str, Any], result: Result
+) -> None:
+    """Each shape in turn, on a drained queue; skipped when the steps did not all complete."""
+    for shape in options.get("workflows", ()):
+        if result.completed != result.requested:
+            outcome = WorkflowResult(shape=shape.key, steps=shape.steps, hops=shape.hops)
+            outcome.errors.append("not run: the step measurement before it did not complete")
+        else:
+            try:
+                outcome = _run_workflow(system, clients, shape, options["workflow_timeout_s"])
+            except BenchError as exc:
+                outcome = WorkflowResult(shape=shape.key, steps=shape.steps, hops=shape.hops)
+                outcome.errors.append(str(exc))
+        result.workflows[shape.key] = outcome
+
+
 def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
-    """Start web, worker and relay on the scratch run, measure, and stop them."""
+    """Start web, worker and relay on the scratch run, measure, and stop them.
+
+    `options["workflows"]` (shapes, may be empty) are measured after the steps, on the same
+    processes, each with `options["workflow_timeout_s"]`.
+    """
     use_scratch(run)
     result = Result(name="EMP Tasks", requested=options["steps"])
     port = free_port()
@@ -257,10 +354,16 @@ def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
         system = _System(group, log_path)
         system.wait_ready(clients.base_url, Deadline(START_TIMEOUT_S))
         _measure(system, clients, options, result)
+        _measure_workflows(system, clients, options, result)
     except BenchError as exc:
         result.errors.append(str(exc))
     finally:
         clients.close()
         group.stop()
         log.close()
+    for shape in options.get("workflows", ()):
+        if shape.key not in result.workflows:
+            skipped = WorkflowResult(shape=shape.key, steps=shape.steps, hops=shape.hops)
+            skipped.errors.append("not run: EMP Tasks stopped before it")
+            result.workflows[shape.key] = skipped
     return result

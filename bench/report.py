@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from bench.stats import Result, percentile
+from bench.stats import Result, WorkflowResult, percentile
+from bench.workflows import Shape
 
 DASH = "—"
 
@@ -40,8 +42,36 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
     return f"{ours / theirs:.2f}"
 
 
-def table(ours: Result, baselines: list[Result]) -> str:
-    """A Markdown table: ours, then each baseline with the ratio ours / baseline."""
+def _workflow_rows(ours: Result, baselines: list[Result], shape: Shape) -> list[list[str]]:
+    """steps/s (with ratios), seconds, and for a chain ms per hop, of one workflow shape."""
+
+    def of(result: Result) -> WorkflowResult | None:
+        return result.workflows.get(shape.key)
+
+    def cell(workflow: WorkflowResult | None, value: str) -> str:
+        return DASH if workflow is None else value
+
+    mine = of(ours)
+    throughput = [f"{shape.label}: steps/s", cell(mine, _number(mine and mine.throughput))]
+    elapsed = [
+        f"{shape.label}: submit to completed (s)",
+        cell(mine, _number(mine and mine.elapsed_s, 2)),
+    ]
+    per_hop = [f"{shape.label}: per hop (ms)", cell(mine, _number(mine and mine.per_hop_ms))]
+    for baseline in baselines:
+        theirs = of(baseline)
+        ratio = _ratio(mine and mine.throughput, theirs and theirs.throughput)
+        throughput += [cell(theirs, _number(theirs and theirs.throughput)), ratio]
+        elapsed += [cell(theirs, _number(theirs and theirs.elapsed_s, 2)), ""]
+        per_hop += [cell(theirs, _number(theirs and theirs.per_hop_ms)), ""]
+    return [throughput, elapsed, per_hop] if shape.hops else [throughput, elapsed]
+
+
+def table(ours: Result, baselines: list[Result], shapes: Sequence[Shape] = ()) -> str:
+    """A Markdown table: ours, then each baseline with the ratio ours / baseline (in steps/s).
+
+    The steps rows come first, then each workflow shape's rows.
+    """
     header = ["measure", ours.name]
     for baseline in baselines:
         header += [baseline.name, "ratio"]
@@ -56,6 +86,8 @@ def table(ours: Result, baselines: list[Result]) -> str:
         for row in (submit_rate, submit, status):
             row += [DASH, ""]
     rows = [header, throughput, elapsed, submit_rate, submit, status]
+    for shape in shapes:
+        rows += _workflow_rows(ours, baselines, shape)
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -69,8 +101,25 @@ def table(ours: Result, baselines: list[Result]) -> str:
     return "\n".join([line(header), separator, *(line(row) for row in rows[1:])])
 
 
-def summary(result: Result) -> str:
-    """`name: completed C of S submitted (N requested)` plus the first errors, if any."""
+def _workflow_summary(name: str, shape: Shape, workflow: WorkflowResult) -> str:
+    """`name, label: completed in S s (submit M ms, ...)` or its first errors."""
+    if workflow.ok:
+        text = f"{name}, {shape.label}: completed in {_number(workflow.elapsed_s, 2)} s"
+        detail = [f"submit call {_number(workflow.submit_ms)} ms"]
+        if workflow.server_s is not None:
+            detail.append(f"created_at to completed_at {_number(workflow.server_s, 2)} s")
+        return f"{text} ({', '.join(detail)})"
+    text = f"{name}, {shape.label}: not completed"
+    for error in workflow.errors[:3]:
+        text += f"\n  error: {error}"
+    return text
+
+
+def summary(result: Result, shapes: Sequence[Shape] = ()) -> str:
+    """`name: completed C of S submitted (N requested)` plus the first errors, if any.
+
+    Then one line per workflow shape the system ran.
+    """
     text = (
         f"{result.name}: {result.completed} completed of {result.submitted} submitted "
         f"({result.requested} requested)"
@@ -79,4 +128,8 @@ def summary(result: Result) -> str:
         text += f", {result.failed} not completed"
     for error in result.errors[:3]:
         text += f"\n  error: {error}"
+    for shape in shapes:
+        workflow = result.workflows.get(shape.key)
+        if workflow is not None:
+            text += "\n" + _workflow_summary(result.name, shape, workflow)
     return text

@@ -36,8 +36,38 @@ class Deadline:
 
 
 @dataclass
+class WorkflowResult:
+    """One workflow submitted once by one system: how long until it had completed."""
+
+    shape: str  # bench.workflows.Shape.key
+    steps: int
+    hops: int | None = None  # a chain's length, for the per-hop time
+    elapsed_s: float | None = None  # from just before the submit until seen completed
+    submit_ms: float | None = None  # the submit call alone (POST, or apply_async)
+    server_s: float | None = None  # EMP Tasks: the row's created_at to completed_at
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.elapsed_s is not None
+
+    @property
+    def throughput(self) -> float | None:
+        """Steps per second over the whole workflow; None unless it completed."""
+        if not self.ok or not self.elapsed_s:
+            return None
+        return self.steps / self.elapsed_s
+
+    @property
+    def per_hop_ms(self) -> float | None:
+        if not self.ok or self.elapsed_s is None or not self.hops:
+            return None
+        return self.elapsed_s / self.hops * 1000
+
+
+@dataclass
 class Result:
-    """What one system did with the N no-op steps (or tasks) it was given."""
+    """What one system did with the N no-op steps (or tasks) it was given, and its workflows."""
 
     name: str
     requested: int
@@ -49,10 +79,12 @@ class Result:
     submit_ms: list[float] = field(default_factory=list)
     status_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    workflows: dict[str, WorkflowResult] = field(default_factory=dict)  # by Shape.key
 
     @property
     def ok(self) -> bool:
-        return not self.errors and self.completed == self.requested
+        steps_ok = not self.errors and self.completed == self.requested
+        return steps_ok and all(workflow.ok for workflow in self.workflows.values())
 
     @property
     def throughput(self) -> float | None:

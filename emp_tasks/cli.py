@@ -44,6 +44,12 @@ def run(keep_services: bool) -> None:
     if not started_embedded:
         db.upgrade(settings.database_url)
     env = dict(os.environ)
+    if not env.get("EMP_WEBHOOK_SECRET"):
+        from emp_tasks import signing
+
+        env["EMP_WEBHOOK_SECRET"] = signing.new_secret()
+        click.echo("No EMP_WEBHOOK_SECRET set: per-resource webhooks are signed with")
+        click.echo(f"  {env['EMP_WEBHOOK_SECRET']}")
     if not env.get("EMP_API_KEYS"):
         env["EMP_API_KEYS"] = DEV_KEYS
         env.setdefault("EMP_BIND", "127.0.0.1")
@@ -155,6 +161,16 @@ def relay() -> None:
     _setup_logging()
     get_settings()
     outbox_relay.run_forever()
+
+
+@main.command()
+def webhooks() -> None:
+    """Deliver webhooks: consume the event stream, send, retry (run one or more)."""
+    from emp_tasks import delivery
+
+    _setup_logging()
+    get_settings()
+    delivery.run_forever()
 
 
 # --- administration ------------------------------------------------------------------------

@@ -54,6 +54,22 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+DEFAULT_WEBHOOK_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+def _schedule(raw: str) -> tuple[float, ...]:
+    """EMP_WEBHOOK_RETRY_SCHEDULE: seconds before each retry, comma-separated."""
+    if not raw.strip():
+        return DEFAULT_WEBHOOK_SCHEDULE
+    try:
+        delays = tuple(float(part) for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"EMP_WEBHOOK_RETRY_SCHEDULE must be seconds, got {raw!r}") from exc
+    if any(delay < 0 for delay in delays):
+        raise ConfigError("EMP_WEBHOOK_RETRY_SCHEDULE delays must be >= 0")
+    return delays
+
+
 def _connectors(raw: str) -> tuple[tuple[str, str], ...]:
     """EMP_CONNECTORS: a JSON object mapping a service name to a connector kind."""
     if not raw.strip():
@@ -114,6 +130,12 @@ class Settings:
     connectors: tuple[tuple[str, str], ...] = ()
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
+    webhook_secret: str | None = None
+    webhook_allow_private: bool = False
+    webhook_retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_SCHEDULE
+    webhook_timeout_s: float = 10.0
+    webhook_concurrency: int = 16
+    webhook_per_target: int = 4
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     machine_id: str = field(default_factory=socket.gethostname)
     worker_services: tuple[str, ...] = ("simulation",)
@@ -149,6 +171,12 @@ class Settings:
             connectors=_connectors(env.get("EMP_CONNECTORS", "")),
             retry_base_s=_float(env, "EMP_RETRY_BASE_S", 2.0),
             retry_max_s=_float(env, "EMP_RETRY_MAX_S", 300.0),
+            webhook_secret=env.get("EMP_WEBHOOK_SECRET") or None,
+            webhook_allow_private=_bool(env, "EMP_WEBHOOK_ALLOW_PRIVATE", False),
+            webhook_retry_schedule=_schedule(env.get("EMP_WEBHOOK_RETRY_SCHEDULE", "")),
+            webhook_timeout_s=_float(env, "EMP_WEBHOOK_TIMEOUT_S", 10.0),
+            webhook_concurrency=_int(env, "EMP_WEBHOOK_CONCURRENCY", 16, 1),
+            webhook_per_target=_int(env, "EMP_WEBHOOK_PER_TARGET", 4, 1),
             worker_id=env.get("EMP_WORKER_ID") or defaults.worker_id,
             machine_id=env.get("EMP_MACHINE_ID") or defaults.machine_id,
             worker_services=services or ("simulation",),

@@ -249,3 +249,79 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = _now_column()
 
     __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+
+class WebhookEndpoint(Base):
+    """A customer's registered webhook receiver."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    secret: Mapped[str] = mapped_column(String(200), nullable=False)
+    events: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
+    filters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    headers: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    legacy_event_names: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (Index("ix_webhook_endpoints_customer_id", "customer_id", "active"),)
+
+
+class WebhookDelivery(Base):
+    """One event to one target: created once per (event, target), retried until done."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    endpoint_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    target: Mapped[str] = mapped_column(Text, nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    customer_id: Mapped[str | None] = mapped_column(String(200))
+    event_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    event_type: Mapped[str] = mapped_column(String(100), nullable=False)
+    body: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("event_id", "target", name="uq_webhook_deliveries_event_target"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status IN ('pending', 'retrying', 'delivering')"),
+        ),
+        Index("ix_webhook_deliveries_endpoint_id", "endpoint_id", "created_at"),
+    )
+
+
+class WebhookAttempt(Base):
+    """One HTTP request of a delivery: the delivery log."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False
+    )
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    attempted_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (Index("ix_webhook_attempts_delivery_id", "delivery_id", "attempt"),)

@@ -194,3 +194,76 @@ class WorkflowListQuery(BaseModel):
     status: Literal["pending", "running", "completed", "failed", "cancelled"] | None = None
     limit: int = Field(default=50, ge=1, le=200)
     cursor: str | None = Field(default=None, max_length=100)
+
+
+WEBHOOK_EVENT_NAMES = sorted(
+    {e.value for e in EventType}
+    | {"job_" + e.value[len("step_") :] for e in EventType if e.value.startswith("step_")}
+    | {"*", "webhook_test"}
+)
+RESERVED_HEADERS = {
+    "content-type",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "host",
+    "content-length",
+}
+
+
+class WebhookFilters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    services: list[str] | None = Field(default=None, max_length=100)
+    workflow_ids: list[str] | None = Field(default=None, max_length=1000)
+
+
+class _WebhookFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    @field_validator("headers", check_fields=False)
+    @classmethod
+    def _own_headers_only(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value and RESERVED_HEADERS & {name.lower() for name in value}:
+            raise ValueError(f"must not set {', '.join(sorted(RESERVED_HEADERS))}")
+        return value
+
+
+class WebhookCreate(_WebhookFields):
+    """`POST /api/webhooks`: a receiver for this customer's events."""
+
+    url: str = Field(max_length=2000, pattern=r"^https?://\S+$")
+    events: list[Literal[tuple(WEBHOOK_EVENT_NAMES)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["*"], min_length=1
+    )
+    secret: str | None = Field(default=None, max_length=200)
+    filters: WebhookFilters = Field(default_factory=WebhookFilters)
+    headers: dict[str, str] = Field(default_factory=dict, max_length=20)
+    active: bool = True
+    description: str | None = Field(default=None, max_length=1000)
+    legacy_event_names: bool = False
+    customer_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class WebhookUpdate(_WebhookFields):
+    """`PATCH /api/webhooks/{id}`: only the fields sent change."""
+
+    url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
+    events: list[Literal[tuple(WEBHOOK_EVENT_NAMES)]] | None = Field(  # type: ignore[valid-type]
+        default=None, min_length=1
+    )
+    secret: str | None = Field(default=None, max_length=200)
+    filters: WebhookFilters | None = None
+    headers: dict[str, str] | None = Field(default=None, max_length=20)
+    active: bool | None = None
+    description: str | None = Field(default=None, max_length=1000)
+    legacy_event_names: bool | None = None
+
+
+class DeliveryListQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: Literal["pending", "delivering", "retrying", "succeeded", "failed", "dead"] | None = (
+        None
+    )
+    limit: int = Field(default=50, ge=1, le=200)

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, dispatch, events, idempotency
+from emp_tasks import db, dispatch, events, idempotency, webhooks
 from emp_tasks.auth import Principal
 from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import StepRun
@@ -183,6 +183,7 @@ def submit(
 ) -> tuple[Step, bool]:
     """Accept a step; return it and whether it was created (False: idempotent replay)."""
     customer_id = principal.customer_for(spec.customer_id)
+    webhooks.check_target("webhook_url", spec.webhook_url)
     for _ in range(2):
         try:
             with db.transaction() as session:

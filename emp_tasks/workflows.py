@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, events, idempotency, steps
+from emp_tasks import db, events, idempotency, steps, webhooks
 from emp_tasks.auth import Principal
 from emp_tasks.config import get_settings
 from emp_tasks.errors import InvalidState, NotFound, ValidationFailed
@@ -143,6 +143,9 @@ def submit(
     if len(spec.steps) > limit:
         raise ValidationFailed("steps", f"at most {limit} steps (EMP_MAX_WORKFLOW_STEPS)")
     customer_id = principal.customer_for(spec.customer_id)
+    webhooks.check_target("webhook_url", spec.webhook_url)
+    for index, step_spec in enumerate(spec.steps):
+        webhooks.check_target(f"steps.{index}.webhook_url", step_spec.webhook_url)
     for _ in range(2):
         try:
             with db.transaction() as session:

@@ -31,6 +31,7 @@ KEYS = {
     "bob": "test-key-bob",
     "admin": "test-key-admin",
 }
+WEBHOOK_SECRET = "whsec_" + "dGVzdC1zZWNyZXQtZm9yLXdlYmhvb2tzLTEyMzQ="
 API_KEYS = f"{KEYS['alice']}:alice,{KEYS['bob']}:bob,{KEYS['admin']}:ops:admin"
 
 
@@ -72,6 +73,10 @@ def services() -> Iterator[dict[str, str]]:
         "EMP_RELAY_INTERVAL_S": "0.2",
         "EMP_RECONCILE_INTERVAL_S": "0.3",
         "EMP_RATE_LIMIT_PER_MINUTE": "0",
+        "EMP_WEBHOOK_ALLOW_PRIVATE": "true",
+        "EMP_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "EMP_WEBHOOK_RETRY_SCHEDULE": "0.2,0.3,0.5,1,1,2,2,4",
+        "EMP_WEBHOOK_TIMEOUT_S": "3",
         "EMP_LOG_LEVEL": "INFO",
     }
     saved = {key: os.environ.get(key) for key in overrides}
@@ -158,7 +163,7 @@ LEASE_S = "2"
 
 
 @pytest.fixture
-def start_worker(services) -> Iterator[Callable[..., RunningSystem]]:
+def start_worker(services, system) -> Iterator[Callable[..., RunningSystem]]:
     """Start `emp worker` processes for one service; all are stopped after the test."""
     started: list[RunningSystem] = []
 

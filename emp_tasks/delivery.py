@@ -1,0 +1,496 @@
+"""Webhook delivery: the `webhooks` process.
+
+Consumer: reads `emp:events` in the consumer group `emp-webhooks` (at least once;
+every instance of the process shares the group, and entries a dead instance
+left unacknowledged are claimed after a minute), and records one delivery row
+per (event, target). The unique (event_id, target) key makes a repeated event or
+a second reader harmless.
+
+Sender: claims due deliveries with `FOR UPDATE SKIP LOCKED` (so two processes
+never send the same delivery at once), signs them as the Standard Webhooks spec
+says, POSTs them without following redirects, and records each attempt. Failures
+are retried on EMP_WEBHOOK_RETRY_SCHEDULE with jitter; 429/503 honour
+Retry-After; 410 disables the endpoint; after the last attempt a delivery is
+`dead` and can be replayed. A per-target cap on requests in flight keeps an
+endpoint that hangs from using up the threads that healthy endpoints need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import redis
+import requests
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from emp_tasks import db, redisdb, signing, targets, webhooks
+from emp_tasks.auth import Principal
+from emp_tasks.config import get_settings
+from emp_tasks.errors import InvalidState, NotFound
+from emp_tasks.events import STREAM
+from emp_tasks.ids import new_id
+from emp_tasks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+
+logger = logging.getLogger(__name__)
+
+GROUP = "emp-webhooks"
+CLAIM_IDLE_MS = 60_000
+MAX_RETRY_AFTER_S = 24 * 3600
+USER_AGENT = "EMP-Tasks-Webhooks/1"
+
+PENDING, DELIVERING, RETRYING = "pending", "delivering", "retrying"
+SUCCEEDED, FAILED, DEAD = "succeeded", "failed", "dead"
+FINISHED = (SUCCEEDED, FAILED, DEAD)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- recording -----------------------------------------------------------------------------
+
+
+def record(session: Session, envelope: dict[str, Any]) -> int:
+    """Create the deliveries an event needs (none twice); return how many were new."""
+    created = 0
+    for target in webhooks.targets_for(session, envelope):
+        body = webhooks.body_for(envelope, target.legacy)
+        created += _insert(session, envelope, target, body)
+    return created
+
+
+def _insert(
+    session: Session, envelope: dict[str, Any], target: webhooks.Target, body: dict[str, Any]
+) -> int:
+    statement = (
+        insert(WebhookDelivery)
+        .values(
+            id=new_id(),
+            endpoint_id=target.endpoint_id,
+            target=target.key,
+            url=target.url,
+            customer_id=envelope.get("customer_id"),
+            event_id=envelope["id"],
+            event_type=body["type"],
+            body=body,
+            status=PENDING,
+            attempts=0,
+            next_attempt_at=_now(),
+        )
+        .on_conflict_do_nothing(constraint="uq_webhook_deliveries_event_target")
+        .returning(WebhookDelivery.id)
+    )
+    return 1 if session.scalar(statement) else 0
+
+
+# --- the API's view ------------------------------------------------------------------------
+
+
+def delivery_object(delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "webhook_id": delivery.endpoint_id,
+        "event_id": delivery.event_id,
+        "event_type": delivery.event_type,
+        "url": delivery.url,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "next_attempt_at": webhooks.iso(delivery.next_attempt_at)
+        if delivery.status in (PENDING, RETRYING)
+        else None,
+        "last_status_code": delivery.last_status_code,
+        "last_error": delivery.last_error,
+        "created_at": webhooks.iso(delivery.created_at),
+        "delivered_at": webhooks.iso(delivery.delivered_at),
+        "body": delivery.body,
+        "log": [
+            {
+                "attempt": row.attempt,
+                "status_code": row.status_code,
+                "error": row.error,
+                "duration_ms": row.duration_ms,
+                "attempted_at": webhooks.iso(row.attempted_at),
+            }
+            for row in attempts
+        ],
+    }
+
+
+def _attempts(session: Session, delivery_ids: list[str]) -> dict[str, list[WebhookAttempt]]:
+    grouped: dict[str, list[WebhookAttempt]] = {key: [] for key in delivery_ids}
+    rows = session.scalars(
+        select(WebhookAttempt)
+        .where(WebhookAttempt.delivery_id.in_(delivery_ids))
+        .order_by(WebhookAttempt.delivery_id, WebhookAttempt.attempt)
+    )
+    for row in rows:
+        grouped[row.delivery_id].append(row)
+    return grouped
+
+
+def list_deliveries(
+    endpoint_id: str, principal: Principal, status: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    with db.transaction() as session:
+        webhooks.visible(session, endpoint_id, principal)
+        query = (
+            select(WebhookDelivery)
+            .where(WebhookDelivery.endpoint_id == endpoint_id)
+            .order_by(WebhookDelivery.id.desc())
+            .limit(limit)
+        )
+        if status:
+            query = query.where(WebhookDelivery.status == status)
+        rows = list(session.scalars(query))
+        logs = _attempts(session, [row.id for row in rows])
+        return [delivery_object(row, logs[row.id]) for row in rows]
+
+
+def send_test(endpoint_id: str, principal: Principal) -> dict[str, Any]:
+    """Queue a `webhook_test` event for this endpoint; the webhooks process sends it."""
+    with db.transaction() as session:
+        endpoint = webhooks.visible(session, endpoint_id, principal)
+        envelope = {
+            "id": new_id(),
+            "type": webhooks.TEST_EVENT,
+            "timestamp": time.time_ns() // 1_000_000,
+            "customer_id": endpoint.customer_id,
+            "data": {"webhook_id": endpoint.id, "message": "test delivery from EMP Tasks"},
+        }
+        target = webhooks.Target(f"endpoint:{endpoint.id}", endpoint.url, endpoint.id, False)
+        _insert(session, envelope, target, webhooks.body_for(envelope, False))
+        delivery = session.scalar(
+            select(WebhookDelivery).where(WebhookDelivery.event_id == envelope["id"])
+        )
+        return delivery_object(delivery, [])
+
+
+def replay(endpoint_id: str, delivery_id: str, principal: Principal) -> dict[str, Any]:
+    """Send a finished delivery again (same event id), e.g. a dead one after an outage."""
+    with db.transaction() as session:
+        webhooks.visible(session, endpoint_id, principal)
+        delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
+        if delivery is None or delivery.endpoint_id != endpoint_id:
+            raise NotFound("delivery", delivery_id)
+        if delivery.status not in FINISHED:
+            raise InvalidState(f"delivery {delivery_id} is {delivery.status}; it is not finished")
+        delivery.status = PENDING
+        delivery.next_attempt_at = _now()
+        delivery.updated_at = _now()
+        return delivery_object(delivery, _attempts(session, [delivery.id])[delivery.id])
+
+
+# --- sending -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: str
+    url: str
+    event_id: str
+    body: dict[str, Any]
+    attempt: int
+    endpoint_id: str | None
+    secret: str | None
+    headers: dict[str, str]
+
+
+_CLAIM = text(
+    """
+    SELECT d.id, d.url, d.event_id, d.body, d.attempts, d.endpoint_id,
+           e.secret, e.headers
+    FROM webhook_deliveries d LEFT JOIN webhook_endpoints e ON e.id = d.endpoint_id
+    WHERE (d.status IN ('pending', 'retrying') AND d.next_attempt_at <= now())
+       OR (d.status = 'delivering' AND d.claimed_until < now())
+    ORDER BY d.next_attempt_at
+    LIMIT :limit
+    FOR UPDATE OF d SKIP LOCKED
+    """
+)
+
+
+def claim(limit: int, in_flight: Counter[str], per_target: int) -> list[Claimed]:
+    """Take due deliveries for this process, at most `per_target` in flight per URL."""
+    settings = get_settings()
+    lease = timedelta(seconds=settings.webhook_timeout_s * 3 + 10)
+    chosen: list[Claimed] = []
+    with db.engine().begin() as connection:
+        for row in connection.execute(_CLAIM, {"limit": limit * 4}):
+            if len(chosen) >= limit or in_flight[row.url] >= per_target:
+                continue
+            in_flight[row.url] += 1
+            chosen.append(
+                Claimed(
+                    id=row.id,
+                    url=row.url,
+                    event_id=row.event_id,
+                    body=row.body,
+                    attempt=row.attempts + 1,
+                    endpoint_id=row.endpoint_id,
+                    secret=row.secret if row.endpoint_id else settings.webhook_secret,
+                    headers=row.headers or {},
+                )
+            )
+        if chosen:
+            connection.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_([c.id for c in chosen]))
+                .values(status=DELIVERING, claimed_until=_now() + lease, updated_at=_now())
+            )
+    return chosen
+
+
+@dataclass(frozen=True)
+class Response:
+    status_code: int | None
+    error: str | None
+    retry_after_s: float | None
+    duration_ms: int
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, (parsedate_to_datetime(value) - _now()).total_seconds())
+        except (TypeError, ValueError):
+            return None
+
+
+def post(item: Claimed) -> Response:
+    """Sign and POST one delivery; never raises."""
+    settings = get_settings()
+    started = time.monotonic()
+
+    def done(code: int | None, error: str | None, retry_after: float | None = None) -> Response:
+        return Response(code, error, retry_after, int((time.monotonic() - started) * 1000))
+
+    if not item.secret:
+        return done(None, "no signing secret: set EMP_WEBHOOK_SECRET for per-resource webhooks")
+    try:
+        targets.check(item.url, settings.webhook_allow_private)
+    except targets.TargetRefused as exc:
+        return done(None, f"target refused: {exc}")
+    body = json.dumps(item.body, separators=(",", ":"), ensure_ascii=False)
+    timestamp = int(time.time())
+    headers = {
+        **item.headers,
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "webhook-id": item.event_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signing.sign(item.secret, item.event_id, timestamp, body),
+    }
+    try:
+        response = requests.post(
+            item.url,
+            data=body.encode(),
+            headers=headers,
+            timeout=(min(5.0, settings.webhook_timeout_s), settings.webhook_timeout_s),
+            allow_redirects=False,
+        )
+    except requests.RequestException as exc:
+        return done(None, f"{type(exc).__name__}: {exc}"[:500])
+    error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+    retry_after = (
+        _retry_after(response.headers.get("Retry-After"))
+        if response.status_code in (429, 503)
+        else None
+    )
+    return done(response.status_code, error, retry_after)
+
+
+def _next_delay(attempt: int, retry_after: float | None) -> float | None:
+    """Seconds until the next attempt after `attempt` failed, or None when none is left."""
+    schedule = get_settings().webhook_retry_schedule
+    if attempt > len(schedule):
+        return None
+    delay = schedule[attempt - 1] * random.uniform(0.8, 1.2)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
+    return delay
+
+
+def finish(item: Claimed, response: Response) -> str:
+    """Record the attempt and decide what becomes of the delivery; return its status."""
+    now = _now()
+    with db.transaction() as session:
+        session.add(
+            WebhookAttempt(
+                delivery_id=item.id,
+                attempt=item.attempt,
+                status_code=response.status_code,
+                error=response.error,
+                duration_ms=response.duration_ms,
+                attempted_at=now,
+            )
+        )
+        delivery = session.get(WebhookDelivery, item.id, with_for_update=True)
+        if delivery is None:
+            return FAILED
+        delivery.attempts = item.attempt
+        delivery.last_status_code = response.status_code
+        delivery.last_error = response.error
+        delivery.claimed_until = None
+        delivery.updated_at = now
+        code = response.status_code
+        if code is not None and 200 <= code < 300:
+            delivery.status = SUCCEEDED
+            delivery.delivered_at = now
+        elif code == 410 or (response.error or "").startswith(("target refused", "no signing")):
+            delivery.status = FAILED
+            if code == 410 and item.endpoint_id:
+                _disable(session, item.endpoint_id, f"410 Gone at {webhooks.iso(now)}")
+        else:
+            delay = _next_delay(item.attempt, response.retry_after_s)
+            if delay is None:
+                delivery.status = DEAD
+            else:
+                delivery.status = RETRYING
+                delivery.next_attempt_at = now + timedelta(seconds=delay)
+        return delivery.status
+
+
+def _disable(session: Session, endpoint_id: str, reason: str) -> None:
+    endpoint = session.get(WebhookEndpoint, endpoint_id, with_for_update=True)
+    if endpoint is not None:
+        endpoint.active = False
+        endpoint.disabled_reason = reason
+        endpoint.updated_at = _now()
+        logger.warning(
+            "Webhook endpoint disabled",
+            extra={"action": "webhook_disabled", "webhook_id": endpoint_id, "reason": reason},
+        )
+
+
+# --- the process ---------------------------------------------------------------------------
+
+
+def ensure_group(client: redis.Redis) -> None:
+    """Create the consumer group at the stream's start (nothing published is skipped)."""
+    try:
+        client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class WebhookProcess:
+    """Consumer loop in the calling thread, sender loop in another, requests in a pool."""
+
+    def __init__(self) -> None:
+        settings = get_settings()
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.pool = ThreadPoolExecutor(settings.webhook_concurrency, "emp-webhook")
+        self.free = threading.Semaphore(settings.webhook_concurrency)
+        self.in_flight: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        threading.Thread(target=self._send_forever, name="emp-webhook-sender", daemon=True).start()
+        logger.info("Webhooks started", extra={"action": "webhooks_start", "consumer": self.name})
+        last_claim = 0.0
+        while not self.stopping.is_set():
+            try:
+                client = redisdb.client()
+                ensure_group(client)
+                if time.monotonic() - last_claim > CLAIM_IDLE_MS / 2000:
+                    last_claim = time.monotonic()
+                    self._consume_abandoned(client)
+                batches = client.xreadgroup(GROUP, self.name, {STREAM: ">"}, count=200, block=1000)
+                for _, entries in batches or []:
+                    self._consume(client, entries)
+            except Exception:
+                logger.exception("Webhook consumer failed", extra={"action": "webhooks_consume"})
+                time.sleep(1)
+
+    def _consume_abandoned(self, client: redis.Redis) -> None:
+        start = "0-0"
+        while True:
+            start, entries, *_ = client.xautoclaim(
+                STREAM, GROUP, self.name, CLAIM_IDLE_MS, start_id=start, count=100
+            )
+            if entries:
+                self._consume(client, entries)
+            if start == "0-0" or not entries:
+                return
+
+    def _consume(self, client: redis.Redis, entries: list) -> None:
+        ids = []
+        with db.transaction() as session:
+            for stream_id, fields in entries:
+                ids.append(stream_id)
+                if fields and "event" in fields:
+                    record(session, json.loads(fields["event"]))
+        client.xack(STREAM, GROUP, *ids)
+        self.wake.set()
+
+    def _send_forever(self) -> None:
+        settings = get_settings()
+        while not self.stopping.is_set():
+            self.wake.wait(0.25)
+            self.wake.clear()
+            try:
+                self._send_due(settings.webhook_concurrency, settings.webhook_per_target)
+            except Exception:
+                logger.exception("Webhook sender failed", extra={"action": "webhooks_send"})
+                time.sleep(1)
+
+    def _send_due(self, concurrency: int, per_target: int) -> None:
+        while True:
+            with self.lock:
+                room = concurrency - sum(self.in_flight.values())
+                if room <= 0:
+                    return
+                batch = claim(room, self.in_flight, per_target)
+            if not batch:
+                return
+            for item in batch:
+                self.pool.submit(self._deliver, item)
+
+    def _deliver(self, item: Claimed) -> None:
+        try:
+            status = finish(item, post(item))
+            logger.info(
+                "Webhook attempt",
+                extra={
+                    "action": "webhook_attempt",
+                    "delivery_id": item.id,
+                    "url": item.url,
+                    "attempt": item.attempt,
+                    "status": status,
+                },
+            )
+        except Exception:
+            logger.exception(
+                "Webhook delivery failed", extra={"action": "webhook_error", "delivery_id": item.id}
+            )
+        finally:
+            with self.lock:
+                self.in_flight[item.url] -= 1
+                if self.in_flight[item.url] <= 0:
+                    del self.in_flight[item.url]
+            self.wake.set()
+
+
+def run_forever() -> None:
+    WebhookProcess().run()

@@ -1,0 +1,240 @@
+"""Webhook endpoints and matching: who wants which event.
+
+A customer registers endpoints (event types or `*`, optional filters by service
+and workflow); steps and workflows may also name a `webhook_url` of their own.
+`targets_for(event)` answers, for one published event, every place it must go.
+Delivery itself (signing, sending, retries) is emp_tasks.delivery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from emp_tasks import db, signing, targets
+from emp_tasks.auth import Principal
+from emp_tasks.config import get_settings
+from emp_tasks.errors import NotFound, ValidationFailed
+from emp_tasks.events import legacy_name
+from emp_tasks.ids import new_id
+from emp_tasks.models import Step, WebhookEndpoint, Workflow
+from emp_tasks.specs import WebhookCreate, WebhookUpdate
+
+TERMINAL_STEP_EVENTS = ("step_completed", "step_failed", "step_cancelled")
+TERMINAL_WORKFLOW_EVENTS = ("workflow_completed", "workflow_failed", "workflow_cancelled")
+TEST_EVENT = "webhook_test"
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def endpoint_object(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
+    shown = {
+        "id": endpoint.id,
+        "url": endpoint.url,
+        "events": endpoint.events,
+        "filters": endpoint.filters,
+        "headers": endpoint.headers,
+        "active": endpoint.active,
+        "description": endpoint.description,
+        "legacy_event_names": endpoint.legacy_event_names,
+        "disabled_reason": endpoint.disabled_reason,
+        "customer_id": endpoint.customer_id,
+        "created_at": iso(endpoint.created_at),
+        "updated_at": iso(endpoint.updated_at),
+    }
+    if with_secret:
+        shown["secret"] = endpoint.secret
+    return shown
+
+
+def check_target(field: str, url: str | None) -> None:
+    """Refuse a URL that webhooks may not reach (400 naming `field`)."""
+    if url is None:
+        return
+    try:
+        targets.check(url, get_settings().webhook_allow_private)
+    except targets.TargetRefused as exc:
+        raise ValidationFailed(field, str(exc)) from exc
+
+
+def _check_secret(secret: str) -> None:
+    try:
+        signing.key_of(secret)
+    except signing.InvalidSecret as exc:
+        raise ValidationFailed("secret", str(exc)) from exc
+
+
+# --- endpoint registry ---------------------------------------------------------------------
+
+
+def visible(session: Session, endpoint_id: str, principal: Principal) -> WebhookEndpoint:
+    endpoint = session.get(WebhookEndpoint, endpoint_id)
+    if endpoint is None or not principal.may_see(endpoint.customer_id):
+        raise NotFound("webhook", endpoint_id)
+    return endpoint
+
+
+def create(spec: WebhookCreate, principal: Principal) -> WebhookEndpoint:
+    check_target("url", spec.url)
+    secret = spec.secret or signing.new_secret()
+    _check_secret(secret)
+    now = datetime.now(UTC)
+    endpoint = WebhookEndpoint(
+        id=new_id(),
+        customer_id=principal.customer_for(spec.customer_id),
+        url=spec.url,
+        secret=secret,
+        events=spec.events,
+        filters=spec.filters.model_dump(exclude_none=True),
+        headers=spec.headers,
+        active=spec.active,
+        description=spec.description,
+        legacy_event_names=spec.legacy_event_names,
+        created_at=now,
+        updated_at=now,
+    )
+    with db.transaction() as session:
+        session.add(endpoint)
+    return endpoint
+
+
+def list_endpoints(principal: Principal) -> list[WebhookEndpoint]:
+    query = select(WebhookEndpoint).order_by(WebhookEndpoint.id.desc())
+    if not principal.admin:
+        query = query.where(WebhookEndpoint.customer_id == principal.customer_id)
+    with db.transaction() as session:
+        return list(session.scalars(query))
+
+
+def get(endpoint_id: str, principal: Principal) -> WebhookEndpoint:
+    with db.transaction() as session:
+        return visible(session, endpoint_id, principal)
+
+
+def update(endpoint_id: str, spec: WebhookUpdate, principal: Principal) -> WebhookEndpoint:
+    changes = spec.model_dump(exclude_unset=True)
+    if "url" in changes:
+        check_target("url", changes["url"])
+    if changes.get("secret"):
+        _check_secret(changes["secret"])
+    with db.transaction() as session:
+        endpoint = visible(session, endpoint_id, principal)
+        for name, value in changes.items():
+            if name == "filters" and value is not None:
+                value = {key: item for key, item in value.items() if item is not None}
+            if value is not None or name == "description":
+                setattr(endpoint, name, value)
+        if changes.get("active"):
+            endpoint.disabled_reason = None
+        endpoint.updated_at = datetime.now(UTC)
+        return endpoint
+
+
+def delete(endpoint_id: str, principal: Principal) -> None:
+    with db.transaction() as session:
+        session.delete(visible(session, endpoint_id, principal))
+
+
+# --- matching ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One place an event goes: a registered endpoint, or a resource's own webhook_url."""
+
+    key: str
+    url: str
+    endpoint_id: str | None
+    legacy: bool
+
+
+def _endpoint_wants(
+    endpoint: WebhookEndpoint, envelope: dict[str, Any], service: str | None
+) -> bool:
+    event_type = envelope["type"]
+    names = {event_type, legacy_name(event_type)} - {None}
+    if "*" not in endpoint.events and not names & set(endpoint.events):
+        return False
+    if envelope["timestamp"] < endpoint.created_at.timestamp() * 1000:
+        return False  # registered after the event happened
+    services = endpoint.filters.get("services")
+    if services and service not in services:
+        return False
+    workflow_ids = endpoint.filters.get("workflow_ids")
+    return not (workflow_ids and envelope.get("workflow_id") not in workflow_ids)
+
+
+def targets_for(session: Session, envelope: dict[str, Any]) -> list[Target]:
+    """Every target that must receive this event."""
+    found: list[Target] = []
+    service = None
+    step_id, workflow_id = envelope.get("step_id"), envelope.get("workflow_id")
+    if step_id:
+        step = session.execute(
+            select(Step.service, Step.webhook_url, Step.webhook_events).where(Step.id == step_id)
+        ).one_or_none()
+        if step is not None:
+            service = step.service
+            wanted = step.webhook_events or TERMINAL_STEP_EVENTS
+            if step.webhook_url and envelope["type"] in wanted:
+                found.append(Target(f"url:{step.webhook_url}", step.webhook_url, None, False))
+    elif workflow_id and envelope["type"].startswith("workflow_"):
+        workflow = session.execute(
+            select(Workflow.webhook_url, Workflow.webhook_events).where(Workflow.id == workflow_id)
+        ).one_or_none()
+        if workflow is not None and workflow.webhook_url:
+            wanted = workflow.webhook_events or TERMINAL_WORKFLOW_EVENTS
+            if envelope["type"] in wanted:
+                key = f"url:{workflow.webhook_url}"
+                found.append(Target(key, workflow.webhook_url, None, False))
+    if envelope.get("customer_id"):
+        endpoints = session.scalars(
+            select(WebhookEndpoint).where(
+                WebhookEndpoint.customer_id == envelope["customer_id"],
+                WebhookEndpoint.active.is_(True),
+            )
+        )
+        for endpoint in endpoints:
+            if _endpoint_wants(endpoint, envelope, service):
+                found.append(
+                    Target(
+                        f"endpoint:{endpoint.id}",
+                        endpoint.url,
+                        endpoint.id,
+                        endpoint.legacy_event_names,
+                    )
+                )
+    return found
+
+
+def body_for(envelope: dict[str, Any], legacy: bool) -> dict[str, Any]:
+    """The Standard Webhooks body `{id, type, timestamp, data}` for one target."""
+    data = dict(envelope.get("data") or {})
+    for key in (
+        "step_id",
+        "workflow_id",
+        "machine_id",
+        "worker_id",
+        "customer_id",
+        "correlation_id",
+    ):
+        if envelope.get(key) is not None:
+            data.setdefault(key, envelope[key])
+    event_type = envelope["type"]
+    if legacy and legacy_name(event_type):
+        event_type = legacy_name(event_type)
+        if envelope.get("step_id"):
+            data["job_id"] = envelope["step_id"]
+    timestamp = datetime.fromtimestamp(envelope["timestamp"] / 1000, UTC)
+    return {
+        "id": envelope["id"],
+        "type": event_type,
+        "timestamp": timestamp.isoformat().replace("+00:00", "Z"),
+        "data": data,
+    }
