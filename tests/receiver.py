@@ -22,6 +22,8 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     default: tuple[int, dict[str, str]] = (200, {})
+    hang: threading.Event | None = None
+    """When set, every request waits on it (a receiver that stopped answering)."""
     _server: ThreadingHTTPServer | None = None
 
     @property
@@ -37,6 +39,8 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                if owner.hang is not None:
+                    owner.hang.wait(30)
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length).decode()
                 owner.received.append(

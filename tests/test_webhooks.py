@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -32,13 +33,13 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def start_webhooks(services) -> Iterator[Callable[[], RunningSystem]]:
+def start_webhooks(services) -> Iterator[Callable[..., RunningSystem]]:
     """Start `webhooks` processes from the Procfile; all are stopped after the test."""
     started: list[RunningSystem] = []
 
-    def start() -> RunningSystem:
+    def start(**env: str) -> RunningSystem:
         log = ARTIFACTS / f"webhooks-{len(started)}.log"
-        running = RunningSystem(["webhooks"], process_env(services), log)
+        running = RunningSystem(["webhooks"], process_env(services, **env), log)
         started.append(running)
         wait_for(lambda: "Webhooks started" in log.read_text(), timeout_s=60, interval_s=0.1)
         return running
@@ -314,3 +315,22 @@ def test_filters_and_per_step_webhook_urls(client, system, receiver, start_webho
         assert receiver.received == []
     finally:
         other.stop()
+
+
+def test_a_hanging_endpoint_does_not_hold_up_healthy_ones(client, system, receiver, start_webhooks):
+    start_webhooks(EMP_WEBHOOK_TIMEOUT_S="30")
+    stuck = Receiver(free_port())
+    stuck.hang = threading.Event()
+    stuck.start()
+    try:
+        hanging = register(client, stuck.url, events=["step_completed"])
+        register(client, receiver.url, events=["step_completed"])
+        step_ids = [submit(client) for _ in range(30)]
+        wait_for(lambda: len(receiver.received) == 30, timeout_s=60)
+        assert {json.loads(r.body)["data"]["step_id"] for r in receiver.received} == set(step_ids)
+        # All 30 arrived while every request to the hanging endpoint is still waiting:
+        # it holds at most EMP_WEBHOOK_PER_TARGET of the sender's threads.
+        assert all(d["attempts"] == 0 for d in deliveries(client, hanging["id"]))
+    finally:
+        stuck.hang.set()
+        stuck.stop()
