@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy.exc import OperationalError
 
 app = Celery("emp_tasks")
 app.config_from_object("celeryconfig")
@@ -11,7 +13,17 @@ app.config_from_object("celeryconfig")
 RUN_STEP = "emp.run_step"
 
 
-@app.task(name=RUN_STEP, acks_late=True, ignore_result=True)
+@app.task(
+    name=RUN_STEP,
+    acks_late=True,
+    ignore_result=True,
+    # The database or Redis was briefly unreachable: send the task again rather than
+    # acknowledge it and leave a pending step without one.
+    autoretry_for=(OperationalError, RedisConnectionError),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=None,
+)
 def run_step(step_id: str) -> str:
     from emp_tasks import execution
 

@@ -503,7 +503,9 @@ def begin(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
     transaction (two events): a worker calls this right before the connector runs.
     """
     with db.transaction() as session:
-        step = _locked(session, step_id)
+        # No workflow lock: starting a step changes no workflow counter, and parallel
+        # steps of one workflow must not queue behind each other here.
+        step = _locked(session, step_id, workflow=False)
         if step is None or step.status != S.PENDING:
             logger.info(
                 "Step not pending; task dropped",

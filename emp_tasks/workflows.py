@@ -22,7 +22,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from emp_tasks import db, events, idempotency, steps, webhooks
@@ -276,10 +276,17 @@ def _unfinished(session: Session, workflow_id: str) -> list[Step]:
 
 
 def on_step_started(session: Session, step: Step) -> None:
-    workflow = session.get(Workflow, step.workflow_id)
-    if workflow is not None and workflow.status == W.PENDING:
-        workflow.status = W.RUNNING
-        workflow.started_at = workflow.updated_at = _now()
+    """The workflow's first step to start makes it running (later ones change nothing).
+
+    A conditional UPDATE rather than a lock: once the workflow runs, the row does not
+    match and no step start waits for it.
+    """
+    now = _now()
+    session.execute(
+        update(Workflow)
+        .where(Workflow.id == step.workflow_id, Workflow.status == W.PENDING)
+        .values(status=W.RUNNING, started_at=now, updated_at=now)
+    )
 
 
 def on_step_finished(session: Session, step: Step) -> None:
