@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from emp_tasks import db
+from emp_tasks.errors import InvalidState
 from emp_tasks.models import IdempotencyKey
+
+T = TypeVar("T")
 
 WINDOW_HOURS = 24
 
@@ -53,3 +60,31 @@ def claim(
     ).returning(IdempotencyKey.key)
     if session.scalar(statement) is None:
         raise KeyTaken(key)
+
+
+def create_once(
+    customer_id: str,
+    key: str | None,
+    resource_type: str,
+    load: Callable[[Session, str], T],
+    create: Callable[[Session], tuple[T, str]],
+) -> tuple[T, bool]:
+    """Run `create` in a transaction unless `key` already names a resource (then `load` it).
+
+    `create` returns the result and the new resource's id; the key is bound to it in
+    the same transaction. Returns the result and whether it was created.
+    """
+    for _ in range(2):
+        try:
+            with db.transaction() as session:
+                if key:
+                    existing = find(session, customer_id, key, resource_type)
+                    if existing:
+                        return load(session, existing), False
+                result, resource_id = create(session)
+                if key:
+                    claim(session, customer_id, key, resource_type, resource_id)
+                return result, True
+        except KeyTaken:
+            continue
+    raise InvalidState("Idempotency-Key was already used for a different kind of request")

@@ -184,29 +184,23 @@ def submit(
     """Accept a step; return it and whether it was created (False: idempotent replay)."""
     customer_id = principal.customer_for(spec.customer_id)
     webhooks.check_target("webhook_url", spec.webhook_url)
-    for _ in range(2):
-        try:
-            with db.transaction() as session:
-                if idempotency_key:
-                    existing = idempotency.find(session, customer_id, idempotency_key, "step")
-                    if existing:
-                        return session.get(Step, existing), False
-                step = _new_step(spec, customer_id, correlation_id)
-                session.add(step)
-                session.flush()
-                if idempotency_key:
-                    idempotency.claim(session, customer_id, idempotency_key, "step", step.id)
-                _emit(
-                    session,
-                    step,
-                    EventType.STEP_SUBMITTED,
-                    {"service": step.service, "priority": step.priority, "status": step.status},
-                    queue=True,
-                )
-                return step, True
-        except idempotency.KeyTaken:
-            continue
-    raise InvalidState("Idempotency-Key was already used for a different kind of request")
+
+    def create(session: Session) -> tuple[Step, str]:
+        step = _new_step(spec, customer_id, correlation_id)
+        session.add(step)
+        session.flush()
+        _emit(
+            session,
+            step,
+            EventType.STEP_SUBMITTED,
+            {"service": step.service, "priority": step.priority, "status": step.status},
+            queue=True,
+        )
+        return step, step.id
+
+    return idempotency.create_once(
+        customer_id, idempotency_key, "step", lambda session, i: session.get(Step, i), create
+    )
 
 
 def _new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) -> Step:

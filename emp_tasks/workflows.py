@@ -146,50 +146,45 @@ def submit(
     webhooks.check_target("webhook_url", spec.webhook_url)
     for index, step_spec in enumerate(spec.steps):
         webhooks.check_target(f"steps.{index}.webhook_url", step_spec.webhook_url)
-    for _ in range(2):
-        try:
-            with db.transaction() as session:
-                if idempotency_key:
-                    existing = idempotency.find(session, customer_id, idempotency_key, "workflow")
-                    if existing:
-                        workflow = session.get(Workflow, existing)
-                        return workflow, _step_ids(session, workflow.id), False
-                now = _now()
-                workflow = Workflow(
-                    id=new_id(),
-                    customer_id=customer_id,
-                    name=spec.name,
-                    description=spec.description,
-                    status=W.PENDING,
-                    failure_policy=spec.failure_policy,
-                    priority=spec.priority if spec.priority is not None else 50,
-                    total_steps=len(spec.steps),
-                    completed_steps=0,
-                    failed_steps=0,
-                    webhook_url=spec.webhook_url,
-                    webhook_events=spec.webhook_events,
-                    meta=spec.metadata,
-                    correlation_id=correlation_id,
-                    created_at=now,
-                    updated_at=now,
-                )
-                session.add(workflow)
-                session.flush()
-                if idempotency_key:
-                    idempotency.claim(
-                        session, customer_id, idempotency_key, "workflow", workflow.id
-                    )
-                _emit(
-                    session,
-                    workflow,
-                    EventType.WORKFLOW_SUBMITTED,
-                    {"name": workflow.name, "total_steps": workflow.total_steps},
-                )
-                created = steps.create_for_workflow(session, workflow, spec)
-                return workflow, [step.id for step in created], True
-        except idempotency.KeyTaken:
-            continue
-    raise InvalidState("Idempotency-Key was already used for a different kind of request")
+
+    def load(session: Session, workflow_id: str) -> tuple[Workflow, list[str]]:
+        return session.get(Workflow, workflow_id), _step_ids(session, workflow_id)
+
+    def create(session: Session) -> tuple[tuple[Workflow, list[str]], str]:
+        now = _now()
+        workflow = Workflow(
+            id=new_id(),
+            customer_id=customer_id,
+            name=spec.name,
+            description=spec.description,
+            status=W.PENDING,
+            failure_policy=spec.failure_policy,
+            priority=spec.priority if spec.priority is not None else 50,
+            total_steps=len(spec.steps),
+            completed_steps=0,
+            failed_steps=0,
+            webhook_url=spec.webhook_url,
+            webhook_events=spec.webhook_events,
+            meta=spec.metadata,
+            correlation_id=correlation_id,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(workflow)
+        session.flush()
+        _emit(
+            session,
+            workflow,
+            EventType.WORKFLOW_SUBMITTED,
+            {"name": workflow.name, "total_steps": workflow.total_steps},
+        )
+        created = steps.create_for_workflow(session, workflow, spec)
+        return (workflow, [step.id for step in created]), workflow.id
+
+    (workflow, step_ids), was_created = idempotency.create_once(
+        customer_id, idempotency_key, "workflow", load, create
+    )
+    return workflow, step_ids, was_created
 
 
 def _step_ids(session: Session, workflow_id: str) -> list[str]:

@@ -139,13 +139,17 @@ def endpoint(
     deprecated: bool = False,
     headers: tuple[str, ...] = (),
     not_found_codes: dict[str, str] | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
-    """Register `rule` on `blueprint`; the view receives `principal`, `body`, `query`."""
+    """Register `rule` (and any `aliases`, same behaviour) on `blueprint`.
+
+    The view receives `principal`, `body` and `query` as declared.
+    """
 
     def decorate(view: Callable[..., Response]) -> Callable[..., Response]:
-        ROUTES.append(
+        ROUTES.extend(
             Route(
-                rule=rule,
+                rule=each,
                 methods=methods,
                 summary=summary,
                 tags=tags,
@@ -157,6 +161,7 @@ def endpoint(
                 deprecated=deprecated,
                 headers=headers,
             )
+            for each in (rule, *aliases)
         )
 
         @functools.wraps(view)
@@ -174,9 +179,9 @@ def endpoint(
                 response.headers["Deprecation"] = "true"
             return response
 
-        blueprint.add_url_rule(
-            rule, endpoint=f"{view.__name__}", view_func=handle, methods=list(methods)
-        )
+        for number, each in enumerate((rule, *aliases)):
+            name = view.__name__ if number == 0 else f"{view.__name__}_alias{number}"
+            blueprint.add_url_rule(each, endpoint=name, view_func=handle, methods=list(methods))
         return handle
 
     return decorate

@@ -96,19 +96,15 @@ def job_stats(principal: Principal, query: StatsQuery) -> Response:
     return ok(timeframe=query.timeframe, stats=steps.stats(principal, query.timeframe))
 
 
-@endpoint(bp, "/api/jobs/<job_id>", tags=TAGS, not_found_codes=JOB_CODES, summary="Get a job")
-def get_job(principal: Principal, job_id: str) -> Response:
-    return ok(job=job_object(steps.get(job_id, principal)))
-
-
 @endpoint(
     bp,
-    "/api/jobs/<job_id>/status",
+    "/api/jobs/<job_id>",
+    aliases=("/api/jobs/<job_id>/status",),
     tags=TAGS,
     not_found_codes=JOB_CODES,
-    summary="Get a job's status",
+    summary="Get a job",
 )
-def job_status(principal: Principal, job_id: str) -> Response:
+def get_job(principal: Principal, job_id: str) -> Response:
     return ok(job=job_object(steps.get(job_id, principal)))
 
 

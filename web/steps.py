@@ -21,16 +21,10 @@ def submit(body: StepCreate, principal: Principal):
     )
 
 
-def _created(body: StepCreate, principal: Principal) -> Response:
-    step, created = submit(body, principal)
-    return ok(
-        201 if created else 200, step_id=step.id, status=step.status, step=steps.step_object(step)
-    )
-
-
 @endpoint(
     bp,
     "/api/steps",
+    aliases=("/submit-step",),
     methods=("POST",),
     body=StepCreate,
     status=201,
@@ -39,21 +33,10 @@ def _created(body: StepCreate, principal: Principal) -> Response:
     summary="Submit a step",
 )
 def create_step(principal: Principal, body: StepCreate) -> Response:
-    return _created(body, principal)
-
-
-@endpoint(
-    bp,
-    "/submit-step",
-    methods=("POST",),
-    body=StepCreate,
-    status=201,
-    tags=("seed",),
-    headers=("Idempotency-Key",),
-    summary="Submit a step (seed-compatible)",
-)
-def submit_step_seed(principal: Principal, body: StepCreate) -> Response:
-    return _created(body, principal)
+    step, created = submit(body, principal)
+    return ok(
+        201 if created else 200, step_id=step.id, status=step.status, step=steps.step_object(step)
+    )
 
 
 @endpoint(bp, "/api/steps", query=StepListQuery, tags=TAGS, summary="List steps, newest first")
@@ -74,7 +57,7 @@ def step_stats(principal: Principal, query: StatsQuery) -> Response:
     return ok(timeframe=query.timeframe, stats=steps.stats(principal, query.timeframe))
 
 
-@endpoint(bp, "/api/steps/<step_id>", tags=TAGS, summary="Get a step")
+@endpoint(bp, "/api/steps/<step_id>", aliases=("/step/<step_id>",), tags=TAGS, summary="Get a step")
 def get_step(principal: Principal, step_id: str) -> Response:
     return ok(step=steps.step_object(steps.get(step_id, principal)))
 
@@ -87,11 +70,6 @@ def step_attempts(principal: Principal, step_id: str) -> Response:
 @endpoint(bp, "/api/steps/<step_id>/events", tags=TAGS, summary="A step's events, oldest first")
 def step_events(principal: Principal, step_id: str) -> Response:
     return ok(events=steps.history(step_id, principal))
-
-
-@endpoint(bp, "/step/<step_id>", tags=("seed",), summary="Get a step (seed-compatible)")
-def get_step_seed(principal: Principal, step_id: str) -> Response:
-    return ok(step=steps.step_object(steps.get(step_id, principal)))
 
 
 @endpoint(

@@ -14,7 +14,18 @@ bp = Blueprint("workflows", __name__)
 TAGS = ("workflows",)
 
 
-def _create(principal: Principal, body: WorkflowCreate) -> Response:
+@endpoint(
+    bp,
+    "/api/workflows",
+    aliases=("/api/workflows/create",),
+    methods=("POST",),
+    body=WorkflowCreate,
+    status=201,
+    tags=TAGS,
+    headers=("Idempotency-Key",),
+    summary="Submit a workflow (a DAG of steps)",
+)
+def create_workflow(principal: Principal, body: WorkflowCreate) -> Response:
     workflow, step_ids, created = workflows.submit(
         body, principal, correlation_id=g.correlation_id, idempotency_key=idempotency_key()
     )
@@ -25,34 +36,6 @@ def _create(principal: Principal, body: WorkflowCreate) -> Response:
         job_ids=step_ids,
         workflow=workflows.workflow_object(workflow),
     )
-
-
-@endpoint(
-    bp,
-    "/api/workflows",
-    methods=("POST",),
-    body=WorkflowCreate,
-    status=201,
-    tags=TAGS,
-    headers=("Idempotency-Key",),
-    summary="Submit a workflow (a DAG of steps)",
-)
-def create_workflow(principal: Principal, body: WorkflowCreate) -> Response:
-    return _create(principal, body)
-
-
-@endpoint(
-    bp,
-    "/api/workflows/create",
-    methods=("POST",),
-    body=WorkflowCreate,
-    status=201,
-    tags=TAGS,
-    headers=("Idempotency-Key",),
-    summary="Submit a workflow (alias)",
-)
-def create_workflow_alias(principal: Principal, body: WorkflowCreate) -> Response:
-    return _create(principal, body)
 
 
 @endpoint(
@@ -73,21 +56,11 @@ def workflow_stats(principal: Principal, query: StatsQuery) -> Response:
 @endpoint(
     bp,
     "/api/workflows/<workflow_id>",
+    aliases=("/api/workflows/<workflow_id>/status",),
     tags=TAGS,
     summary="A workflow and the step_details of its steps",
 )
 def get_workflow(principal: Principal, workflow_id: str) -> Response:
-    workflow, details = workflows.status(workflow_id, principal)
-    return ok(workflow=workflow, steps=details)
-
-
-@endpoint(
-    bp,
-    "/api/workflows/<workflow_id>/status",
-    tags=TAGS,
-    summary="A workflow and the step_details of its steps",
-)
-def workflow_status(principal: Principal, workflow_id: str) -> Response:
     workflow, details = workflows.status(workflow_id, principal)
     return ok(workflow=workflow, steps=details)
 
