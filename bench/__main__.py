@@ -4,8 +4,11 @@ Owns the order of one run: create a scratch environment (fresh database and
 Redis index), measure EMP Tasks, then the bare Celery baselines on the same
 Redis, drop the scratch environment, and print the table. The workflow rows
 (bench.workflows.SHAPES, skipped with --no-workflows) run on EMP Tasks' processes
-after its steps, and on the threads-pool bare Celery worker after its tasks.
-Exits 1 when any system did not complete every step or workflow by its deadline.
+after its steps, and on the threads-pool bare Celery worker after its tasks. The
+webhook latency rows (bench.webhook_rows, skipped with --no-webhooks) run last, on
+EMP Tasks only: there is no bare Celery equivalent.
+Exits 1 when any system did not complete every step or workflow by its deadline, or
+when fewer webhooks than expected arrived by theirs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import sys
 from urllib.parse import parse_qs, urlsplit
 
-from bench import baseline, ours, report, workflows
+from bench import baseline, ours, report, webhook_rows, workflows
 from bench.stats import Result
 from emp_tasks import redisdb, scratch
 from emp_tasks.db import ROOT
@@ -31,6 +34,13 @@ def _positive(raw: str) -> int:
     value = int(raw)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {raw}")
     return value
 
 
@@ -66,6 +76,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=120.0,
         help="seconds each workflow has to complete, per system (120)",
+    )
+    parser.add_argument(
+        "--no-webhooks", action="store_true", help="skip the webhook latency rows (EMP Tasks only)"
+    )
+    many = webhook_rows.ENDPOINT_COUNTS[1]
+    parser.add_argument(
+        "--webhook-steps",
+        type=_positive,
+        default=200,
+        help="steps of the 1-endpoint webhook row (200)",
+    )
+    parser.add_argument(
+        "--webhook-fanout-steps",
+        type=_positive,
+        default=100,
+        help=f"steps of the {many}-endpoint webhook row, {many} webhooks each (100)",
+    )
+    parser.add_argument(
+        "--webhook-rate",
+        type=_positive_float,
+        default=20.0,
+        help="steps/s submitted in the 1-endpoint webhook row (20)",
+    )
+    parser.add_argument(
+        "--webhook-fanout-rate",
+        type=_positive_float,
+        default=4.0,
+        help=f"steps/s submitted in the {many}-endpoint webhook row (4)",
+    )
+    parser.add_argument(
+        "--webhook-timeout",
+        type=float,
+        default=60.0,
+        help="seconds each webhook row waits for its webhooks after its last submit (60)",
     )
     parser.add_argument(
         "--keep-services",
@@ -108,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     already_up = _embedded_running() if embedded else (True, True)
     pools = POOLS[:1] if args.no_prefork else POOLS
     shapes = () if args.no_workflows else workflows.SHAPES
+    hooks = (
+        []
+        if args.no_webhooks
+        else webhook_rows.configs(
+            args.webhook_steps,
+            args.webhook_fanout_steps,
+            args.webhook_rate,
+            args.webhook_fanout_rate,
+        )
+    )
     options = {
         "steps": args.steps,
         "threads": args.threads,
@@ -116,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         "timeout_s": args.timeout,
         "workflows": shapes,
         "workflow_timeout_s": args.workflow_timeout,
+        "webhooks": hooks,
+        "webhook_timeout_s": args.webhook_timeout,
     }
     print(f"creating a scratch environment in {DATA_DIR} ...", file=sys.stderr, flush=True)
     run = scratch.create("emp_bench", DATA_DIR, EMBEDDED_REDIS_PORT)
     try:
-        print("measuring EMP Tasks (web, worker, relay) ...", file=sys.stderr, flush=True)
+        names = ", ".join(ours.PROCESSES)
+        print(f"measuring EMP Tasks ({names}) ...", file=sys.stderr, flush=True)
         mine = ours.run(run, options, DATA_DIR / "ours.log")
         baselines: list[Result] = []
         for pool in pools:
@@ -162,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if inherited:
         print(f"EMP Tasks processes also inherit: {', '.join(inherited)}")
-    print(report.table(mine, baselines, shapes))
+    print(report.table(mine, baselines, shapes, hooks))
     print(
         "Worker concurrency 2 everywhere (EMP Tasks: `emp worker`, threads pool). "
         "Ratio = EMP Tasks / baseline in steps/s: above 1 EMP Tasks is faster, below 1 slower."
@@ -175,8 +232,17 @@ def main(argv: list[str] | None = None) -> int:
             "(chain(si, chord(group, si)) / chain of si) timed from apply_async to .get(); "
             f"bare Celery workflows on the {WORKFLOW_POOL} worker only."
         )
+    if hooks:
+        print(
+            "Webhook rows (EMP Tasks only, no bare Celery equivalent): per configuration, "
+            "endpoints registered with POST /api/webhooks for step_completed on one local "
+            "receiver (one path each), steps submitted at a steady rate by "
+            f"{ours.WEBHOOK_THREADS} client threads after {ours.WEBHOOK_WARMUP} warm-up steps; "
+            "latency of every (endpoint, step) webhook from the step row's completed_at to "
+            "its receipt (matched by data.step_id); the endpoints are deleted afterwards."
+        )
     for result in (mine, *baselines):
-        print(report.summary(result, shapes))
+        print(report.summary(result, shapes, hooks))
     return 0 if all(result.ok for result in (mine, *baselines)) else 1
 
 

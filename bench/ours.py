@@ -1,15 +1,19 @@
-"""The EMP Tasks side of the benchmark: the Procfile's web, worker and relay, driven over HTTP.
+"""The EMP Tasks side of the benchmark: the Procfile's web, worker, webhooks and relay, over HTTP.
 
 Steps are submitted with `POST /api/steps` from a pool of client threads (one
 requests.Session each); completion is read from PostgreSQL, not over HTTP, so
 the measurement does not load the API while the worker drains the queue. Then,
 on the same processes, each workflow shape is submitted with one
 `POST /api/workflows` and its row in `workflows` is polled until it is completed.
+Last, each webhook configuration (bench.webhook_rows) registers its endpoints
+with `POST /api/webhooks`, submits steps at a steady rate, waits for every
+`step_completed` webhook at a local receiver, and deletes its endpoints again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import threading
@@ -21,23 +25,35 @@ from typing import Any
 import requests
 from sqlalchemy import func, select
 
-from bench.stats import BenchError, Deadline, Result, WorkflowResult
+from bench.stats import BenchError, Deadline, Result, WebhookResult, WorkflowResult
+from bench.webhook_rows import Receiver, WebhookRow
 from bench.workflows import Shape
-from emp_tasks import config, db, redisdb, workers
-from emp_tasks.models import TERMINAL_STEP_STATUSES, Step, StepStatus, Workflow, WorkflowStatus
+from emp_tasks import config, db, delivery, events, redisdb, workers
+from emp_tasks.models import (
+    TERMINAL_STEP_STATUSES,
+    Step,
+    StepStatus,
+    WebhookDelivery,
+    Workflow,
+    WorkflowStatus,
+)
 from emp_tasks.scratch import Scratch
 from emp_tasks.supervisor import ProcessGroup
 
 API_KEY = "bench-key"
-PROCESSES = ["web", "worker", "relay"]
+PROCESSES = ["web", "worker", "webhooks", "relay"]
 STEP_BODY = {"service": "simulation"}
 START_TIMEOUT_S = 90.0
 WARMUP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.1
+WEBHOOK_THREADS = 4  # client threads submitting the webhook rows' steps at their steady rate
+WEBHOOK_WARMUP = 3  # steps per webhook configuration before the measured ones
+CATCH_UP_TIMEOUT_S = 60.0  # for the webhooks process to have read the whole event stream
 SET_BY_BENCH = frozenset(
     {
         "EMP_API_KEYS",
+        "EMP_WEBHOOK_ALLOW_PRIVATE",
         "EMP_BIND",
         "EMP_RATE_LIMIT_PER_MINUTE",
         "EMP_WORKER_CONCURRENCY",
@@ -65,6 +81,7 @@ def process_env(run: Scratch, port: int) -> dict[str, str]:
         "EMP_WORKER_CONCURRENCY": "2",
         "EMP_WORKER_ID": f"bench-worker-{os.getpid()}",
         "EMP_LOG_LEVEL": "WARNING",
+        "EMP_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on 127.0.0.1
         "PYTHONUNBUFFERED": "1",
     }
     return {**os.environ, **settings}
@@ -337,11 +354,232 @@ def _measure_workflows(
         result.workflows[shape.key] = outcome
 
 
+# --- webhook latency rows ------------------------------------------------------------------
+
+
+def _register_webhook(clients: _Clients, url: str) -> str:
+    """`POST /api/webhooks` for `url`, subscribed to step_completed; return the endpoint id."""
+    body = {"url": url, "events": ["step_completed"], "description": "benchmark receiver"}
+    try:
+        response = clients.session().post(
+            clients.base_url + "/api/webhooks",
+            json=body,
+            headers=clients.headers,
+            timeout=REQUEST_TIMEOUT_S,
+        )
+    except requests.RequestException as exc:
+        raise BenchError(f"POST /api/webhooks: {type(exc).__name__}: {exc}") from exc
+    if response.status_code != 201:
+        text = response.text[:200]
+        raise BenchError(f"POST /api/webhooks: HTTP {response.status_code}: {text}")
+    return response.json()["webhook"]["id"]
+
+
+def _delete_webhooks(clients: _Clients, endpoint_ids: list[str]) -> list[str]:
+    """`DELETE /api/webhooks/{id}` for each (their deliveries go with them); return errors."""
+    errors = []
+    for endpoint_id in endpoint_ids:
+        try:
+            response = clients.session().delete(
+                f"{clients.base_url}/api/webhooks/{endpoint_id}",
+                headers=clients.headers,
+                timeout=REQUEST_TIMEOUT_S,
+            )
+        except requests.RequestException as exc:
+            errors.append(f"DELETE /api/webhooks/{endpoint_id}: {type(exc).__name__}: {exc}")
+            continue
+        if response.status_code != 200:
+            errors.append(f"DELETE /api/webhooks/{endpoint_id}: HTTP {response.status_code}")
+    return errors
+
+
+def _paced_submit(
+    clients: _Clients, count: int, rate: float, deadline: Deadline
+) -> tuple[list[str], list[str]]:
+    """Submit `count` steps, the i-th not before start + i / rate; return ids and errors.
+
+    WEBHOOK_THREADS clients share the schedule, so one slow call does not delay the next.
+    """
+    indexes = itertools.count()
+    lock = threading.Lock()
+    outcomes: list[tuple[int, str | None, str | None]] = []
+    start = time.perf_counter()
+
+    def client() -> None:
+        while True:
+            with lock:
+                index = next(indexes)
+            if index >= count:
+                return
+            delay = start + index / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(min(delay, deadline.remaining()))
+            step_id, _, error = _submit_one(clients, deadline)
+            with lock:
+                outcomes.append((index, step_id, error))
+
+    threads = min(WEBHOOK_THREADS, count)
+    with ThreadPoolExecutor(threads, thread_name_prefix="bench-webhook-submit") as pool:
+        for future in [pool.submit(client) for _ in range(threads)]:
+            future.result()
+    outcomes.sort(key=lambda outcome: outcome[0])
+    ids = [step_id for _, step_id, _ in outcomes if step_id is not None]
+    errors = [error for _, _, error in outcomes if error is not None]
+    return ids, errors
+
+
+def _consumer_state() -> tuple[bool, str]:
+    """Whether the webhooks process has read and acknowledged all of emp:events, and why not."""
+    client = redisdb.client()
+    if not client.exists(events.STREAM):
+        return False, f"no {events.STREAM} stream yet"
+    groups = {group["name"]: group for group in client.xinfo_groups(events.STREAM)}
+    group = groups.get(delivery.GROUP)
+    if group is None:
+        return False, f"no consumer group {delivery.GROUP} yet"
+    last = client.xinfo_stream(events.STREAM)["last-generated-id"]
+    read = group["last-delivered-id"]
+    if read != last or group["pending"]:
+        return False, f"group read up to {read} of {last}, {group['pending']} unacknowledged"
+    return True, ""
+
+
+def _wait_caught_up(system: _System, deadline: Deadline) -> None:
+    """Until the webhooks process has consumed the stream, so no backlog is measured."""
+    while True:
+        caught_up, why = _consumer_state()
+        if caught_up:
+            return
+        if deadline.expired:
+            raise BenchError(f"webhooks process behind after {deadline.seconds:g} s: {why}")
+        system.check_alive()
+        time.sleep(POLL_INTERVAL_S)
+
+
+def _wait_webhooks(
+    system: _System, receiver: Receiver, ids: list[str], endpoints: int, deadline: Deadline
+) -> int:
+    """Until every (endpoint, step) webhook of `ids` arrived or the deadline; return how many."""
+    expected = len(ids) * endpoints
+    while True:
+        received = receiver.count(ids)
+        if received >= expected or deadline.expired:
+            return received
+        system.check_alive()
+        time.sleep(POLL_INTERVAL_S / 2)
+
+
+def _webhook_latencies(
+    receiver: Receiver, ids: list[str], urls: dict[str, int], outcome: WebhookResult
+) -> None:
+    """Fill `outcome` from the step rows' completed_at, the delivery rows and the receipts."""
+    step_id_of = WebhookDelivery.body["data"]["step_id"].astext
+    with db.transaction() as session:
+        steps = {
+            row.id: row
+            for row in session.execute(
+                select(Step.id, Step.status, Step.completed_at).where(Step.id.in_(ids))
+            )
+        }
+        recorded = {
+            (row.step_id, urls[row.url]): row.created_at
+            for row in session.execute(
+                select(
+                    step_id_of.label("step_id"), WebhookDelivery.url, WebhookDelivery.created_at
+                ).where(
+                    WebhookDelivery.event_type == "step_completed",
+                    WebhookDelivery.url.in_(list(urls)),
+                    step_id_of.in_(ids),
+                )
+            )
+            if row.url in urls
+        }
+    statuses: dict[str, int] = {}
+    for step_id in ids:
+        step = steps.get(step_id)
+        status = str(step.status) if step is not None else "missing"
+        statuses[status] = statuses.get(status, 0) + 1
+        if step is None or step.status != StepStatus.COMPLETED or step.completed_at is None:
+            continue
+        outcome.completed += 1
+        done = step.completed_at.timestamp()
+        for index, at in receiver.receipts(step_id).items():
+            outcome.latencies_ms.append((at - done) * 1000)
+            created = recorded.get((step_id, index))
+            if created is not None:
+                outcome.recorded_ms.append((created.timestamp() - done) * 1000)
+                outcome.sent_ms.append((at - created.timestamp()) * 1000)
+    if outcome.completed != len(ids):
+        outcome.errors.append(f"webhook rows' steps by status at the deadline: {statuses}")
+
+
+def _measure_webhooks(
+    system: _System, clients: _Clients, row: WebhookRow, timeout_s: float
+) -> WebhookResult:
+    """Register the row's endpoints, warm up, submit its steps, wait, delete the endpoints."""
+    outcome = row.empty_result()
+    receiver = Receiver().start()
+    urls = {receiver.url(index): index for index in range(row.endpoints)}
+    endpoint_ids: list[str] = []
+    try:
+        _wait_caught_up(system, Deadline(CATCH_UP_TIMEOUT_S))
+        for url in urls:
+            endpoint_ids.append(_register_webhook(clients, url))
+
+        deadline = Deadline(WARMUP_TIMEOUT_S)
+        ids, errors = _paced_submit(clients, WEBHOOK_WARMUP, row.rate, deadline)
+        if errors:
+            raise BenchError(f"webhook warm-up submit failed: {errors[0]}")
+        received = _wait_webhooks(system, receiver, ids, row.endpoints, deadline)
+        if received != len(ids) * row.endpoints:
+            raise BenchError(
+                f"webhook warm-up: {received} of {len(ids) * row.endpoints} webhooks "
+                f"within {deadline.seconds:g} s"
+            )
+
+        deadline = Deadline(row.steps / row.rate + timeout_s)
+        ids, errors = _paced_submit(clients, row.steps, row.rate, deadline)
+        outcome.submitted, outcome.expected = len(ids), len(ids) * row.endpoints
+        if errors:
+            outcome.errors.append(f"{len(errors)} submits failed, first: {errors[0]}")
+        outcome.received = _wait_webhooks(system, receiver, ids, row.endpoints, deadline)
+        _webhook_latencies(receiver, ids, urls, outcome)
+        if outcome.received < outcome.expected:
+            outcome.errors.append(
+                f"{outcome.received} of {outcome.expected} webhooks received "
+                f"within {deadline.seconds:g} s"
+            )
+    except BenchError as exc:
+        outcome.errors.append(str(exc))
+    finally:
+        outcome.errors.extend(_delete_webhooks(clients, endpoint_ids)[:3])
+        receiver.stop()
+        outcome.duplicates = receiver.duplicates
+        if receiver.unexpected:
+            outcome.errors.append(f"unexpected requests, first: {receiver.unexpected[0]}")
+    return outcome
+
+
+def _measure_webhook_rows(
+    system: _System, clients: _Clients, options: dict[str, Any], result: Result
+) -> None:
+    """Each webhook configuration in turn; skipped when the steps did not all complete."""
+    for row in options.get("webhooks", ()):
+        if result.completed != result.requested:
+            outcome = row.empty_result()
+            outcome.errors.append("not run: the step measurement before it did not complete")
+        else:
+            outcome = _measure_webhooks(system, clients, row, options["webhook_timeout_s"])
+        result.webhooks[row.key] = outcome
+
+
 def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
-    """Start web, worker and relay on the scratch run, measure, and stop them.
+    """Start web, worker, webhooks and relay on the scratch run, measure, and stop them.
 
     `options["workflows"]` (shapes, may be empty) are measured after the steps, on the same
-    processes, each with `options["workflow_timeout_s"]`.
+    processes, each with `options["workflow_timeout_s"]`; then `options["webhooks"]`
+    (bench.webhook_rows.Config, may be empty), each with `options["webhook_timeout_s"]`
+    after its last scheduled submit.
     """
     use_scratch(run)
     result = Result(name="EMP Tasks", requested=options["steps"])
@@ -355,6 +593,7 @@ def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
         system.wait_ready(clients.base_url, Deadline(START_TIMEOUT_S))
         _measure(system, clients, options, result)
         _measure_workflows(system, clients, options, result)
+        _measure_webhook_rows(system, clients, options, result)
     except BenchError as exc:
         result.errors.append(str(exc))
     finally:
@@ -366,4 +605,9 @@ def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
             skipped = WorkflowResult(shape=shape.key, steps=shape.steps, hops=shape.hops)
             skipped.errors.append("not run: EMP Tasks stopped before it")
             result.workflows[shape.key] = skipped
+    for row in options.get("webhooks", ()):
+        if row.key not in result.webhooks:
+            hook = row.empty_result()
+            hook.errors.append("not run: EMP Tasks stopped before it")
+            result.webhooks[row.key] = hook
     return result

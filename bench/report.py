@@ -6,7 +6,8 @@ import math
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from bench.stats import Result, WorkflowResult, percentile
+from bench.stats import Result, WebhookResult, WorkflowResult, percentile
+from bench.webhook_rows import WebhookRow
 from bench.workflows import Shape
 
 DASH = "—"
@@ -67,10 +68,25 @@ def _workflow_rows(ours: Result, baselines: list[Result], shape: Shape) -> list[
     return [throughput, elapsed, per_hop] if shape.hops else [throughput, elapsed]
 
 
-def table(ours: Result, baselines: list[Result], shapes: Sequence[Shape] = ()) -> str:
+def _webhook_row(ours: Result, baselines: list[Result], row: WebhookRow) -> list[str]:
+    """p50 / p99 of one webhook configuration; EMP Tasks only, so a dash for every baseline."""
+    hook = ours.webhooks.get(row.key)
+    cells = [f"{row.label}: completed to received p50 / p99 (ms)"]
+    cells.append(_latency(hook.latencies_ms) if hook is not None and hook.ok else DASH)
+    for _ in baselines:
+        cells += [DASH, ""]
+    return cells
+
+
+def table(
+    ours: Result,
+    baselines: list[Result],
+    shapes: Sequence[Shape] = (),
+    webhooks: Sequence[WebhookRow] = (),
+) -> str:
     """A Markdown table: ours, then each baseline with the ratio ours / baseline (in steps/s).
 
-    The steps rows come first, then each workflow shape's rows.
+    The steps rows come first, then each workflow shape's rows, then each webhook row.
     """
     header = ["measure", ours.name]
     for baseline in baselines:
@@ -88,6 +104,7 @@ def table(ours: Result, baselines: list[Result], shapes: Sequence[Shape] = ()) -
     rows = [header, throughput, elapsed, submit_rate, submit, status]
     for shape in shapes:
         rows += _workflow_rows(ours, baselines, shape)
+    rows += [_webhook_row(ours, baselines, row) for row in webhooks]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -115,10 +132,37 @@ def _workflow_summary(name: str, shape: Shape, workflow: WorkflowResult) -> str:
     return text
 
 
-def summary(result: Result, shapes: Sequence[Shape] = ()) -> str:
+def _p50(values: list[float]) -> str:
+    return _number(percentile(values, 50)) if values else DASH
+
+
+def _webhook_summary(name: str, row: WebhookRow, hook: WebhookResult) -> str:
+    """`name, label: R of E webhooks received (...)`, the latencies, and the first errors."""
+    plural = "" if row.endpoints == 1 else "s"
+    text = (
+        f"{name}, {row.label}: {hook.received} of {hook.expected} webhooks received "
+        f"({hook.submitted} of {row.steps} steps submitted at {row.rate:g}/s, "
+        f"{hook.completed} completed, × {row.endpoints} endpoint{plural}; "
+        f"{hook.duplicates} received twice)"
+    )
+    if hook.latencies_ms:
+        text += (
+            f"\n  completed to received p50 / p99 {_latency(hook.latencies_ms)} ms "
+            f"(completed to delivery row p50 {_p50(hook.recorded_ms)} ms, "
+            f"delivery row to received p50 {_p50(hook.sent_ms)} ms, "
+            f"max {_number(max(hook.latencies_ms))} ms)"
+        )
+    for error in hook.errors[:3]:
+        text += f"\n  error: {error}"
+    return text
+
+
+def summary(
+    result: Result, shapes: Sequence[Shape] = (), webhooks: Sequence[WebhookRow] = ()
+) -> str:
     """`name: completed C of S submitted (N requested)` plus the first errors, if any.
 
-    Then one line per workflow shape the system ran.
+    Then one line per workflow shape the system ran, and per webhook row it ran.
     """
     text = (
         f"{result.name}: {result.completed} completed of {result.submitted} submitted "
@@ -132,4 +176,8 @@ def summary(result: Result, shapes: Sequence[Shape] = ()) -> str:
         workflow = result.workflows.get(shape.key)
         if workflow is not None:
             text += "\n" + _workflow_summary(result.name, shape, workflow)
+    for row in webhooks:
+        hook = result.webhooks.get(row.key)
+        if hook is not None:
+            text += "\n" + _webhook_summary(result.name, row, hook)
     return text

@@ -66,6 +66,34 @@ class WorkflowResult:
 
 
 @dataclass
+class WebhookResult:
+    """One webhook latency configuration of EMP Tasks: steps submitted, webhooks received.
+
+    `latencies_ms` holds, per (endpoint, step) received, the step row's `completed_at` to the
+    receipt of its `step_completed` webhook at the local receiver (the first one, if repeated).
+    """
+
+    key: str  # bench.webhook_rows.WebhookRow.key
+    endpoints: int
+    steps: int  # requested
+    rate: float  # steps per second submitted
+    submitted: int = 0
+    completed: int = 0  # of the submitted steps, completed by the deadline
+    expected: int = 0  # webhooks: submitted steps x endpoints
+    received: int = 0  # distinct (endpoint, step) webhooks received by the deadline
+    duplicates: int = 0  # webhooks received again for an (endpoint, step) already received
+    latencies_ms: list[float] = field(default_factory=list)
+    recorded_ms: list[float] = field(default_factory=list)  # completed_at to delivery row
+    sent_ms: list[float] = field(default_factory=list)  # delivery row to receipt
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        wanted = self.steps * self.endpoints
+        return not self.errors and self.expected == wanted and self.received == wanted
+
+
+@dataclass
 class Result:
     """What one system did with the N no-op steps (or tasks) it was given, and its workflows."""
 
@@ -80,11 +108,13 @@ class Result:
     status_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     workflows: dict[str, WorkflowResult] = field(default_factory=dict)  # by Shape.key
+    webhooks: dict[str, WebhookResult] = field(default_factory=dict)  # by WebhookRow.key
 
     @property
     def ok(self) -> bool:
         steps_ok = not self.errors and self.completed == self.requested
-        return steps_ok and all(workflow.ok for workflow in self.workflows.values())
+        workflows_ok = all(workflow.ok for workflow in self.workflows.values())
+        return steps_ok and workflows_ok and all(hook.ok for hook in self.webhooks.values())
 
     @property
     def throughput(self) -> float | None:
