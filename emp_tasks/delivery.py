@@ -64,12 +64,15 @@ def _now() -> datetime:
 # --- recording -----------------------------------------------------------------------------
 
 
-def record(session: Session, envelope: dict[str, Any]) -> int:
-    """Create the deliveries an event needs (none twice); return how many were new."""
+def record(session: Session, envelopes: list[dict[str, Any]]) -> int:
+    """Create the deliveries these events need (none twice); return how many were new."""
+    lookup = webhooks.Lookup(session, envelopes)
     created = 0
-    for target in webhooks.targets_for(session, envelope):
-        body = webhooks.body_for(envelope, target.legacy)
-        created += _insert(session, envelope, target, body)
+    for envelope in envelopes:
+        for target in webhooks.targets_for(lookup, envelope):
+            created += _insert(
+                session, envelope, target, webhooks.body_for(envelope, target.legacy)
+            )
     return created
 
 
@@ -435,12 +438,12 @@ class WebhookProcess:
                 return
 
     def _consume(self, client: redis.Redis, entries: list) -> None:
-        ids = []
+        ids = [stream_id for stream_id, _ in entries]
+        envelopes = [
+            json.loads(fields["event"]) for _, fields in entries if fields and "event" in fields
+        ]
         with db.transaction() as session:
-            for stream_id, fields in entries:
-                ids.append(stream_id)
-                if fields and "event" in fields:
-                    record(session, json.loads(fields["event"]))
+            record(session, envelopes)
         client.xack(STREAM, GROUP, *ids)
         self.wake.set()
 

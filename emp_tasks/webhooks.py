@@ -170,46 +170,77 @@ def _endpoint_wants(
     return not (workflow_ids and envelope.get("workflow_id") not in workflow_ids)
 
 
-def targets_for(session: Session, envelope: dict[str, Any]) -> list[Target]:
+class Lookup:
+    """What matching a batch of events needs, read with three queries for the whole batch."""
+
+    def __init__(self, session: Session, envelopes: list[dict[str, Any]]) -> None:
+        step_ids = {e["step_id"] for e in envelopes if e.get("step_id")}
+        workflow_ids = {e["workflow_id"] for e in envelopes if e.get("workflow_id")}
+        customers = {e["customer_id"] for e in envelopes if e.get("customer_id")}
+        self.steps = (
+            {
+                row.id: row
+                for row in session.execute(
+                    select(Step.id, Step.service, Step.webhook_url, Step.webhook_events).where(
+                        Step.id.in_(step_ids)
+                    )
+                )
+            }
+            if step_ids
+            else {}
+        )
+        self.workflows = (
+            {
+                row.id: row
+                for row in session.execute(
+                    select(Workflow.id, Workflow.webhook_url, Workflow.webhook_events).where(
+                        Workflow.id.in_(workflow_ids)
+                    )
+                )
+            }
+            if workflow_ids
+            else {}
+        )
+        self.endpoints: dict[str, list[WebhookEndpoint]] = {c: [] for c in customers}
+        if customers:
+            for endpoint in session.scalars(
+                select(WebhookEndpoint).where(
+                    WebhookEndpoint.customer_id.in_(customers),
+                    WebhookEndpoint.active.is_(True),
+                )
+            ):
+                self.endpoints[endpoint.customer_id].append(endpoint)
+
+
+def targets_for(lookup: Lookup, envelope: dict[str, Any]) -> list[Target]:
     """Every target that must receive this event."""
     found: list[Target] = []
     service = None
     step_id, workflow_id = envelope.get("step_id"), envelope.get("workflow_id")
     if step_id:
-        step = session.execute(
-            select(Step.service, Step.webhook_url, Step.webhook_events).where(Step.id == step_id)
-        ).one_or_none()
+        step = lookup.steps.get(step_id)
         if step is not None:
             service = step.service
             wanted = step.webhook_events or TERMINAL_STEP_EVENTS
             if step.webhook_url and envelope["type"] in wanted:
                 found.append(Target(f"url:{step.webhook_url}", step.webhook_url, None, False))
     elif workflow_id and envelope["type"].startswith("workflow_"):
-        workflow = session.execute(
-            select(Workflow.webhook_url, Workflow.webhook_events).where(Workflow.id == workflow_id)
-        ).one_or_none()
+        workflow = lookup.workflows.get(workflow_id)
         if workflow is not None and workflow.webhook_url:
             wanted = workflow.webhook_events or TERMINAL_WORKFLOW_EVENTS
             if envelope["type"] in wanted:
                 key = f"url:{workflow.webhook_url}"
                 found.append(Target(key, workflow.webhook_url, None, False))
-    if envelope.get("customer_id"):
-        endpoints = session.scalars(
-            select(WebhookEndpoint).where(
-                WebhookEndpoint.customer_id == envelope["customer_id"],
-                WebhookEndpoint.active.is_(True),
-            )
-        )
-        for endpoint in endpoints:
-            if _endpoint_wants(endpoint, envelope, service):
-                found.append(
-                    Target(
-                        f"endpoint:{endpoint.id}",
-                        endpoint.url,
-                        endpoint.id,
-                        endpoint.legacy_event_names,
-                    )
+    for endpoint in lookup.endpoints.get(envelope.get("customer_id") or "", []):
+        if _endpoint_wants(endpoint, envelope, service):
+            found.append(
+                Target(
+                    f"endpoint:{endpoint.id}",
+                    endpoint.url,
+                    endpoint.id,
+                    endpoint.legacy_event_names,
                 )
+            )
     return found
 
 
