@@ -96,14 +96,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--webhook-rate",
         type=_positive_float,
-        default=20.0,
-        help="steps/s submitted in the 1-endpoint webhook row (20)",
+        default=10.0,
+        help="steps/s submitted in the 1-endpoint webhook row (10)",
     )
     parser.add_argument(
         "--webhook-fanout-rate",
         type=_positive_float,
-        default=4.0,
-        help=f"steps/s submitted in the {many}-endpoint webhook row (4)",
+        default=1.0,
+        help=f"steps/s submitted in the {many}-endpoint webhook row, {many} webhooks each (1)",
     )
     parser.add_argument(
         "--webhook-timeout",

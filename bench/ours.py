@@ -539,7 +539,7 @@ def _measure_webhooks(
 
         deadline = Deadline(row.steps / row.rate + timeout_s)
         ids, errors = _paced_submit(clients, row.steps, row.rate, deadline)
-        outcome.submitted, outcome.expected = len(ids), len(ids) * row.endpoints
+        outcome.submitted, outcome.expected = len(ids), row.expected
         if errors:
             outcome.errors.append(f"{len(errors)} submits failed, first: {errors[0]}")
         outcome.received = _wait_webhooks(system, receiver, ids, row.endpoints, deadline)

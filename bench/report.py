@@ -148,8 +148,9 @@ def _webhook_summary(name: str, row: WebhookRow, hook: WebhookResult) -> str:
     if hook.latencies_ms:
         text += (
             f"\n  completed to received p50 / p99 {_latency(hook.latencies_ms)} ms "
-            f"(completed to delivery row p50 {_p50(hook.recorded_ms)} ms, "
-            f"delivery row to received p50 {_p50(hook.sent_ms)} ms, "
+            f"(completed_at to the delivery row's created_at, its recording transaction's "
+            f"start, p50 {_p50(hook.recorded_ms)} ms; created_at to received p50 "
+            f"{_p50(hook.sent_ms)} ms; "
             f"max {_number(max(hook.latencies_ms))} ms)"
         )
     for error in hook.errors[:3]:

@@ -79,12 +79,13 @@ class WebhookResult:
     rate: float  # steps per second submitted
     submitted: int = 0
     completed: int = 0  # of the submitted steps, completed by the deadline
-    expected: int = 0  # webhooks: submitted steps x endpoints
+    expected: int = 0  # webhooks: steps x endpoints
     received: int = 0  # distinct (endpoint, step) webhooks received by the deadline
     duplicates: int = 0  # webhooks received again for an (endpoint, step) already received
     latencies_ms: list[float] = field(default_factory=list)
-    recorded_ms: list[float] = field(default_factory=list)  # completed_at to delivery row
-    sent_ms: list[float] = field(default_factory=list)  # delivery row to receipt
+    # completed_at to the delivery row's created_at (its recording transaction's start)
+    recorded_ms: list[float] = field(default_factory=list)
+    sent_ms: list[float] = field(default_factory=list)  # the delivery row's created_at to receipt
     errors: list[str] = field(default_factory=list)
 
     @property
