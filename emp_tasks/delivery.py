@@ -17,6 +17,7 @@ endpoint that hangs from using up the threads that healthy endpoints need.
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import logging
 import os
@@ -277,6 +278,19 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
+_local = threading.local()
+
+
+def _http() -> requests.Session:
+    """One HTTP session per sender thread: connections to a receiver are reused."""
+    if not hasattr(_local, "session"):
+        session = requests.Session()
+        session.trust_env = False  # no proxy or .netrc from the environment
+        session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        _local.session = session
+    return _local.session
+
+
 def post(item: Claimed) -> Response:
     """Sign and POST one delivery; never raises."""
     settings = get_settings()
@@ -302,7 +316,7 @@ def post(item: Claimed) -> Response:
         "webhook-signature": signing.sign(item.secret, item.event_id, timestamp, body),
     }
     try:
-        response = requests.post(
+        response = _http().post(
             item.url,
             data=body.encode(),
             headers=headers,
@@ -401,6 +415,7 @@ class WebhookProcess:
     def __init__(self) -> None:
         settings = get_settings()
         self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.concurrency = settings.webhook_concurrency
         self.pool = ThreadPoolExecutor(settings.webhook_concurrency, "emp-webhook")
         self.free = threading.Semaphore(settings.webhook_concurrency)
         self.in_flight: Counter[str] = Counter()
@@ -412,18 +427,29 @@ class WebhookProcess:
         threading.Thread(target=self._send_forever, name="emp-webhook-sender", daemon=True).start()
         logger.info("Webhooks started", extra={"action": "webhooks_start", "consumer": self.name})
         last_claim = 0.0
+        group_ready = False
         while not self.stopping.is_set():
             try:
                 client = redisdb.client()
-                ensure_group(client)
+                if not group_ready:
+                    ensure_group(client)
+                    group_ready = True
                 if time.monotonic() - last_claim > CLAIM_IDLE_MS / 2000:
                     last_claim = time.monotonic()
                     self._consume_abandoned(client)
                 batches = client.xreadgroup(GROUP, self.name, {STREAM: ">"}, count=200, block=1000)
                 for _, entries in batches or []:
                     self._consume(client, entries)
+            except redis.ResponseError as exc:
+                group_ready = False  # NOGROUP: the stream was deleted (Redis flushed)
+                if "NOGROUP" not in str(exc):
+                    logger.exception(
+                        "Webhook consumer failed", extra={"action": "webhooks_consume"}
+                    )
+                    time.sleep(1)
             except Exception:
                 logger.exception("Webhook consumer failed", extra={"action": "webhooks_consume"})
+                group_ready = False
                 time.sleep(1)
 
     def _consume_abandoned(self, client: redis.Redis) -> None:
@@ -443,9 +469,10 @@ class WebhookProcess:
             json.loads(fields["event"]) for _, fields in entries if fields and "event" in fields
         ]
         with db.transaction() as session:
-            record(session, envelopes)
+            created = record(session, envelopes)
         client.xack(STREAM, GROUP, *ids)
-        self.wake.set()
+        if created:
+            self.wake.set()
 
     def _send_forever(self) -> None:
         settings = get_settings()
@@ -492,7 +519,11 @@ class WebhookProcess:
                 self.in_flight[item.url] -= 1
                 if self.in_flight[item.url] <= 0:
                     del self.in_flight[item.url]
-            self.wake.set()
+                # Claim again once half the threads are free: one claim per batch, not
+                # one per delivery (the sender also looks every 0.25 s).
+                half_free = sum(self.in_flight.values()) <= self.concurrency // 2
+            if half_free:
+                self.wake.set()
 
 
 def run_forever() -> None:

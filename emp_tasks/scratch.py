@@ -20,6 +20,7 @@ import redis
 from emp_tasks import db
 
 REDIS_LOCK = "emp:scratch-lock"
+LOCK_TTL_S = 6 * 3600
 
 
 def server_urls(data_dir: Path, embedded_redis_port: int) -> tuple[str, str]:
@@ -61,7 +62,7 @@ def _claim_redis_db(url: str) -> tuple[str, redis.Redis]:
     for index in range(1, 16):
         candidate = _with_path(url, f"/{index}")
         client = redis.Redis.from_url(candidate, decode_responses=True)
-        if client.set(REDIS_LOCK, token, nx=True, ex=6 * 3600):
+        if client.set(REDIS_LOCK, token, nx=True, ex=LOCK_TTL_S):
             for key in client.scan_iter("*"):
                 if key != REDIS_LOCK:
                     client.delete(key)

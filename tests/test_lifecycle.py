@@ -12,7 +12,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from emp_tasks import db, dispatch, redisdb, routing
+from emp_tasks import db, dispatch, redisdb, routing, scratch
 from emp_tasks.models import Attempt, Step
 from tests.conftest import (
     headers,
@@ -291,7 +291,10 @@ def test_flushing_redis_mid_run_loses_no_accepted_step(client, start_worker):
             for s in step_ids
         )
     )
-    redisdb.client().flushdb()  # queued tasks, the event stream, heartbeats: all gone
+    client_ = redisdb.client()
+    claim = client_.get(scratch.REDIS_LOCK)  # this run's hold on its Redis database
+    client_.flushdb()  # queued tasks, the event stream, heartbeats: all gone
+    client_.set(scratch.REDIS_LOCK, claim, ex=scratch.LOCK_TTL_S)
     for step_id in step_ids:
         step = wait_for_status(client, step_id, {"completed", "failed"}, timeout_s=60)
         assert step["status"] == "completed"
