@@ -343,3 +343,22 @@ def test_a_hanging_endpoint_does_not_hold_up_healthy_ones(client, system, receiv
     finally:
         stuck.hang.set()
         stuck.stop()
+
+
+def test_redirects_are_not_followed(client, system, receiver, start_webhooks):
+    start_webhooks()
+    elsewhere = Receiver(free_port()).start()
+    try:
+        endpoint = register(client, receiver.url, events=["step_completed"])
+        receiver.answer((302, {"Location": elsewhere.url}), 200)
+        submit(client)
+        wait_for(lambda: len(receiver.received) == 2, timeout_s=60)
+        done = wait_for(
+            lambda: (
+                (d := deliveries(client, endpoint["id"])) and d[0]["status"] == "succeeded" and d
+            )
+        )
+        assert [a["status_code"] for a in done[0]["log"]] == [302, 200]
+        assert elsewhere.received == []
+    finally:
+        elsewhere.stop()
