@@ -261,7 +261,7 @@ def _unfinished(session: Session, workflow_id: str) -> list[Step]:
         session.scalars(
             select(Step)
             .where(Step.workflow_id == workflow_id, Step.status.in_(UNFINISHED_STEP_STATUSES))
-            .order_by(Step.step_index)
+            .order_by(Step.id)  # the lock order every multi-step locker uses
             .with_for_update()
         )
     )
