@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from emp_tasks import steps
 from emp_tasks.config import get_settings
@@ -20,7 +21,6 @@ logger = logging.getLogger(__name__)
 _running: dict[str, int] = {}
 _lock = threading.Lock()
 _renewer: threading.Thread | None = None
-_wake = threading.Event()
 
 
 def hold(step_id: str, attempt: int) -> None:
@@ -52,8 +52,7 @@ def _ensure_renewer() -> None:
 def _renew_forever() -> None:
     interval = max(0.2, get_settings().lease_timeout_s / 3)
     while True:
-        _wake.wait(interval)
-        _wake.clear()
+        time.sleep(interval)
         attempts = held()
         if not attempts:
             continue

@@ -485,7 +485,6 @@ def retry(step_id: str, principal: Principal) -> Step:
 @dataclass(frozen=True)
 class FailureOutcome:
     status: StepStatus | None
-    retry_in_s: float | None = None
 
 
 def begin(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
@@ -674,7 +673,7 @@ def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> Failur
             {"error": error, "attempt": step.attempts, "retry_at": iso(step.queued_at)},
             queue=True,
         )
-        return FailureOutcome(status=S.PENDING, retry_in_s=delay)
+        return FailureOutcome(status=S.PENDING)
     step.completed_at = _now()
     _transition(
         session,
