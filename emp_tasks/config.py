@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -70,19 +71,44 @@ def _schedule(raw: str) -> tuple[float, ...]:
     return delays
 
 
-def _connectors(raw: str) -> tuple[tuple[str, str], ...]:
-    """EMP_CONNECTORS: a JSON object mapping a service name to a connector kind."""
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """One service's connector from EMP_CONNECTORS: its kind and the kind's options."""
+
+    service: str
+    kind: str
+    options_json: str = "{}"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return json.loads(self.options_json)
+
+
+def _connectors(raw: str) -> tuple[ConnectorConfig, ...]:
+    """EMP_CONNECTORS: JSON mapping a service to a connector kind, or to the kind's options.
+
+    `{"sdxl-fast": "simulation", "sdxl": {"kind": "comfyui", "url": "http://127.0.0.1:8188"}}`
+    """
     if not raw.strip():
         return ()
     try:
         mapping = json.loads(raw)
     except ValueError as exc:
         raise ConfigError(f"EMP_CONNECTORS is not JSON: {exc}") from exc
-    if not isinstance(mapping, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
-    ):
-        raise ConfigError('EMP_CONNECTORS must map service names to connector kinds: {"s": "k"}')
-    return tuple(sorted(mapping.items()))
+    if not isinstance(mapping, dict):
+        raise ConfigError('EMP_CONNECTORS must be a JSON object: {"service": "kind" or {...}}')
+    configs = []
+    for service, value in sorted(mapping.items()):
+        if isinstance(value, str):
+            configs.append(ConnectorConfig(service, value))
+        elif isinstance(value, dict) and isinstance(value.get("kind"), str):
+            options = {k: v for k, v in value.items() if k != "kind"}
+            configs.append(ConnectorConfig(service, value["kind"], json.dumps(options)))
+        else:
+            raise ConfigError(
+                f"EMP_CONNECTORS[{service!r}] must be a connector kind or an object with a 'kind'"
+            )
+    return tuple(configs)
 
 
 @dataclass(frozen=True)
@@ -127,7 +153,7 @@ class Settings:
     max_workflow_steps: int = 1000
     lease_timeout_s: int = 60
     reconcile_interval_s: float = 5.0
-    connectors: tuple[tuple[str, str], ...] = ()
+    connectors: tuple[ConnectorConfig, ...] = ()
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
     webhook_secret: str | None = None

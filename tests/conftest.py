@@ -167,15 +167,23 @@ def start_worker(services, system) -> Iterator[Callable[..., RunningSystem]]:
     """Start `emp worker` processes for one service; all are stopped after the test."""
     started: list[RunningSystem] = []
 
-    def start(service: str, worker_id: str, concurrency: int = 1) -> RunningSystem:
+    def start(
+        service: str,
+        worker_id: str,
+        concurrency: int = 1,
+        connector: str | dict[str, Any] = "simulation",
+        **env_vars: str,
+    ) -> RunningSystem:
+        """`connector`: the service's EMP_CONNECTORS entry; `env_vars`: more settings."""
         env = process_env(
             services,
             EMP_WORKER_SERVICES=service,
-            EMP_CONNECTORS=json.dumps({service: "simulation"}),
+            EMP_CONNECTORS=json.dumps({service: connector}),
             EMP_WORKER_ID=worker_id,
             EMP_MACHINE_ID=f"machine-{worker_id}",
             EMP_WORKER_CONCURRENCY=str(concurrency),
             EMP_LEASE_TIMEOUT_S=LEASE_S,
+            **env_vars,
         )
         running = RunningSystem(["worker"], env, ARTIFACTS / f"worker-{worker_id}.log")
         started.append(running)

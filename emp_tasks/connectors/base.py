@@ -83,11 +83,17 @@ ProgressReporter = Callable[..., None]
 class Connector(Protocol):
     """Runs a step and returns its JSON-serialisable result, or raises StepFailure.
 
+    Built once per service as `Kind(service, options)`, options from EMP_CONNECTORS.
     A connector polls `cancel_requested()` at least once a second while it waits
     and, when it returns True, stops its backend and raises StepInterrupted.
+
+    Optional: `health() -> dict` (is the backend up, what it reports) and
+    `models() -> list[str]` (models the backend can load; a worker advertises
+    them for the service unless EMP_WORKER_MODELS names them).
     """
 
     name: str
+    service: str
 
     def run(
         self,

@@ -20,6 +20,9 @@ POLL_S = 0.05
 class SimulationConnector:
     name = "simulation"
 
+    def __init__(self, service: str = "simulation", options: dict[str, Any] | None = None) -> None:
+        self.service = service
+
     def run(
         self,
         step: StepRun,
