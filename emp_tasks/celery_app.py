@@ -48,13 +48,24 @@ def _fresh_connections_after_fork(**_: object) -> None:
 
 @worker_ready.connect
 def _announce(**_: object) -> None:
-    from emp_tasks import workers
+    from emp_tasks import presence
 
-    workers.start_heartbeat()
+    if presence.current() is not None:
+        presence.current().start()
 
 
 @worker_shutdown.connect
 def _retire(**_: object) -> None:
-    from emp_tasks import workers
+    from emp_tasks import presence
 
-    workers.stop_heartbeat()
+    if presence.current() is not None:
+        presence.current().stop()
+
+
+def _add_queue_sync() -> None:
+    from emp_tasks.presence import QueueSync
+
+    app.steps["consumer"].add(QueueSync)
+
+
+_add_queue_sync()

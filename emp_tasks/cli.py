@@ -124,25 +124,51 @@ def api() -> None:
     help="Steps run at once (default EMP_WORKER_CONCURRENCY, 1).",
 )
 @click.option("--services", default=None, help="Comma-separated services (EMP_WORKER_SERVICES).")
-def worker(pool: str, concurrency: int | None, services: str | None) -> None:
+@click.option(
+    "--gpus",
+    default=None,
+    help="One worker process per GPU: comma-separated indices, or 'all'.",
+)
+def worker(pool: str, concurrency: int | None, services: str | None, gpus: str | None) -> None:
     """Run a Celery worker that executes steps through connectors."""
+    from emp_tasks import capabilities, launcher, presence
+    from emp_tasks.config import ConfigError
+
     if services:
         os.environ["EMP_WORKER_SERVICES"] = services
     _setup_logging()
     settings = get_settings()
-    from emp_tasks import routing
+    if gpus is not None:
+        if pool == "prefork":
+            raise click.UsageError("--gpus runs the threads pool: CUDA does not survive fork")
+        try:
+            indices = launcher.parse_gpus(gpus)
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from exc
+        click.echo(f"Starting one worker per GPU: {', '.join(indices)}")
+        sys.exit(launcher.Launcher(indices).run())
+    try:
+        caps = capabilities.discover(connector_models=presence.connector_models)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if pool == "prefork" and caps.gpu_count:
+        raise click.UsageError(
+            "the prefork pool forks after CUDA may be initialised: use threads or solo,"
+            " or `--gpus` for one process per GPU"
+        )
+    workers_at_once = concurrency or settings.worker_concurrency
+    presence.install(caps, pool, workers_at_once)
     from emp_tasks.celery_app import app
 
-    queues = routing.queues_for_services(settings.worker_services)
     app.worker_main(
         [
             "worker",
             "--queues",
-            ",".join(queues),
+            presence.own_queue(settings.worker_id),
             "--pool",
             pool,
             "--concurrency",
-            str(concurrency or settings.worker_concurrency),
+            str(workers_at_once),
             "--hostname",
             f"{settings.worker_id}@{settings.machine_id}",
             "--loglevel",

@@ -164,7 +164,6 @@ class Settings:
     webhook_per_target: int = 4
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     machine_id: str = field(default_factory=socket.gethostname)
-    worker_services: tuple[str, ...] = ("simulation",)
     worker_concurrency: int = 1
     web_workers: int = 2
     web_threads: int = 8
@@ -174,9 +173,6 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         redis_url = env.get("REDIS_URL") or None
-        services = tuple(
-            s.strip() for s in env.get("EMP_WORKER_SERVICES", "simulation").split(",") if s.strip()
-        )
         defaults = cls(redis_url=None, database_url=None, broker_url=None)
         return cls(
             redis_url=redis_url,
@@ -205,7 +201,6 @@ class Settings:
             webhook_per_target=_int(env, "EMP_WEBHOOK_PER_TARGET", 4, 1),
             worker_id=env.get("EMP_WORKER_ID") or defaults.worker_id,
             machine_id=env.get("EMP_MACHINE_ID") or defaults.machine_id,
-            worker_services=services or ("simulation",),
             worker_concurrency=_int(env, "EMP_WORKER_CONCURRENCY", 1, 1),
             web_workers=_int(env, "EMP_WEB_WORKERS", 2, 1),
             web_threads=_int(env, "EMP_WEB_THREADS", 8, 1),

@@ -45,6 +45,7 @@ from emp_tasks.errors import InvalidState, NotFound
 from emp_tasks.events import STREAM
 from emp_tasks.ids import new_id
 from emp_tasks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from emp_tasks.times import iso
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +114,13 @@ def delivery_object(delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -
         "url": delivery.url,
         "status": delivery.status,
         "attempts": delivery.attempts,
-        "next_attempt_at": webhooks.iso(delivery.next_attempt_at)
+        "next_attempt_at": iso(delivery.next_attempt_at)
         if delivery.status in (PENDING, RETRYING)
         else None,
         "last_status_code": delivery.last_status_code,
         "last_error": delivery.last_error,
-        "created_at": webhooks.iso(delivery.created_at),
-        "delivered_at": webhooks.iso(delivery.delivered_at),
+        "created_at": iso(delivery.created_at),
+        "delivered_at": iso(delivery.delivered_at),
         "body": delivery.body,
         "log": [
             {
@@ -127,7 +128,7 @@ def delivery_object(delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -
                 "status_code": row.status_code,
                 "error": row.error,
                 "duration_ms": row.duration_ms,
-                "attempted_at": webhooks.iso(row.attempted_at),
+                "attempted_at": iso(row.attempted_at),
             }
             for row in attempts
         ],
@@ -374,7 +375,7 @@ def finish(item: Claimed, response: Response) -> str:
         elif code == 410 or (response.error or "").startswith(("target refused", "no signing")):
             delivery.status = FAILED
             if code == 410 and item.endpoint_id:
-                _disable(session, item.endpoint_id, f"410 Gone at {webhooks.iso(now)}")
+                _disable(session, item.endpoint_id, f"410 Gone at {iso(now)}")
         else:
             delay = _next_delay(item.attempt, response.retry_after_s)
             if delay is None:

@@ -30,19 +30,19 @@ _DEFAULT_EXCHANGE = Exchange("")
 
 def spec(
     step_id: str,
-    service: str,
-    requirements: dict[str, Any],
+    queue: str,
     priority: int,
     not_before: datetime | None = None,
     continuation: bool = False,
 ) -> dict[str, Any]:
     """What the relay needs to send this step's task: stored in the outbox row.
 
-    `continuation`: the step continues a workflow under way (see routing).
+    `queue`: the step's route queue; `continuation`: the step continues a workflow
+    under way (see routing).
     """
     return {
         "step_id": step_id,
-        "queue": routing.queue_for(service, requirements),
+        "queue": queue,
         "priority": routing.broker_priority(priority, continuation),
         "not_before": not_before.isoformat() if not_before else None,
     }

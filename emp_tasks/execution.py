@@ -13,7 +13,7 @@ import time
 import traceback
 from typing import Any
 
-from emp_tasks import connectors, leases, steps
+from emp_tasks import connectors, dispatch, leases, presence, steps
 from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted, StepRun
 
@@ -47,9 +47,36 @@ class _StopSignal:
 
 
 def run_step(step_id: str) -> str:
-    """Run the step's next attempt here; return what became of it (for logs)."""
+    """Run the step's next attempt here; return what became of it (for logs).
+
+    A worker that is draining, or that lacks what the step requires, sends the
+    step's task back to its queue for another worker and leaves the step pending.
+    """
     settings = get_settings()
-    run = steps.begin(step_id, settings.worker_id, settings.machine_id)
+    here = presence.current()
+    if here is not None and not here.accepting():
+        steps.send_again(step_id)
+        logger.info(
+            "Worker not accepting work; step handed back",
+            extra={"action": "step_handed_back", "step_id": step_id, "reason": "draining"},
+        )
+        return "handed back"
+    try:
+        run = steps.begin(
+            step_id,
+            settings.worker_id,
+            settings.machine_id,
+            caps=here.caps if here is not None else None,
+        )
+    except steps.NotServable as refused:
+        dispatch.send(refused.dispatch_spec)
+        logger.warning(
+            "Step needs what this worker lacks; handed back",
+            extra={"action": "step_handed_back", "step_id": step_id, "unmet": refused.unmet},
+        )
+        if here is not None:
+            here.nudge()  # re-read the routes: this worker should not consume that queue
+        return "handed back"
     if run is None:
         return "dropped"
     leases.hold(step_id, run.attempt)

@@ -102,6 +102,8 @@ class Step(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     customer_id: Mapped[str] = mapped_column(String(200), nullable=False)
     service: Mapped[str] = mapped_column(String(200), nullable=False)
+    queue: Mapped[str] = mapped_column(String(250), nullable=False)
+    """The Celery queue of the step's route (service, requirements, customer): see routing."""
     status: Mapped[str] = mapped_column(String(20), nullable=False)
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=50)
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
@@ -153,6 +155,12 @@ class Step(Base):
         Index("ix_steps_created_at", "created_at"),
         Index("ix_steps_customer_id_created_at", "customer_id", "created_at"),
         Index("ix_steps_workflow_id_step_index", "workflow_id", "step_index"),
+        Index("ix_steps_queue_pending", "queue", postgresql_where=text("status = 'pending'")),
+        Index(
+            "ix_steps_worker_id_active",
+            "worker_id",
+            postgresql_where=text("status IN ('assigned', 'running')"),
+        ),
         Index(
             "ix_steps_depends_on",
             "depends_on",
@@ -325,3 +333,73 @@ class WebhookAttempt(Base):
     attempted_at: Mapped[datetime] = _now_column()
 
     __table_args__ = (Index("ix_webhook_attempts_delivery_id", "delivery_id", "attempt"),)
+
+
+class Route(Base):
+    """A Celery queue and the requirements every step on it has (see emp_tasks.routing).
+
+    Workers read this table to decide which queues they can consume.
+    """
+
+    __tablename__ = "routes"
+
+    queue: Mapped[str] = mapped_column(String(250), primary_key=True)
+    service: Mapped[str] = mapped_column(String(200), nullable=False)
+    customer_id: Mapped[str | None] = mapped_column(String(200))
+    requirements: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    created_at: Mapped[datetime] = _now_column()
+
+
+class WorkerStatus(StrEnum):
+    ONLINE = "online"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+    REMOVED = "removed"
+
+
+class Machine(Base):
+    """A host of one or more workers (one per GPU)."""
+
+    __tablename__ = "machines"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    first_seen_at: Mapped[datetime] = _now_column()
+    last_seen_at: Mapped[datetime] = _now_column()
+    removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Worker(Base):
+    """One Celery worker process: what it can do, what it consumes, whether it is alive."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    machine_id: Mapped[str] = mapped_column(
+        String(200), ForeignKey("machines.id", ondelete="CASCADE"), nullable=False
+    )
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    capabilities: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    queues: Mapped[list[Any]] = mapped_column(JSONB, nullable=False, default=list)
+    """The queues the worker reported consuming at its last heartbeat."""
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    pool: Mapped[str | None] = mapped_column(String(20))
+    concurrency: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    heartbeat_timeout_s: Mapped[float] = mapped_column(Float, nullable=False, default=60.0)
+    """The worker's EMP_LEASE_TIMEOUT_S: silent this long, it is offline."""
+    version: Mapped[str | None] = mapped_column(String(40))
+    started_at: Mapped[datetime] = _now_column()
+    last_heartbeat_at: Mapped[datetime] = _now_column()
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (
+        Index("ix_workers_machine_id", "machine_id"),
+        Index("ix_workers_status_heartbeat", "status", "last_heartbeat_at"),
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s.value}'" for s in WorkerStatus) + ")",
+            name="ck_workers_status",
+        ),
+    )

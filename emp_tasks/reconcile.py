@@ -1,5 +1,6 @@
 """Recovery that no single request or worker can do: the relay runs it periodically.
 
+- workers silent for their lease timeout are marked offline, their steps re-queued;
 - attempts whose worker stopped renewing its lease are failed as lost and retried;
 - pending steps past their queue deadline fail with EXPIRED;
 - when the broker lost its data (Redis flushed or restarted empty), every pending
@@ -11,23 +12,25 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from emp_tasks import dispatch, steps
+from emp_tasks import dispatch, steps, workers
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Report:
+    offline: int = 0
     lost: int = 0
     expired: int = 0
     redispatched: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.lost or self.expired or self.redispatched)
+        return bool(self.offline or self.lost or self.expired or self.redispatched)
 
 
 def run_once() -> Report:
     report = Report()
+    report.offline = len(workers.mark_silent_offline())
     for step_id, attempt in steps.expired_leases():
         if steps.lose(step_id, attempt).status is not None:
             report.lost += 1

@@ -18,8 +18,9 @@ from typing import Any
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, dispatch, events, idempotency, webhooks
+from emp_tasks import db, dispatch, events, idempotency, queues, routing, webhooks
 from emp_tasks.auth import Principal
+from emp_tasks.capabilities import Capabilities
 from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import StepRun
 from emp_tasks.errors import InvalidCursor, InvalidState, NotFound
@@ -27,6 +28,7 @@ from emp_tasks.events import EventType
 from emp_tasks.ids import new_id
 from emp_tasks.models import Attempt, Step, StepStatus, Workflow
 from emp_tasks.specs import StepCreate, WorkflowCreate
+from emp_tasks.times import iso
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +56,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
-
-
 def step_object(step: Step) -> dict[str, Any]:
     """The public shape of a step (API.md, "Step object fields")."""
     return {
@@ -67,6 +65,7 @@ def step_object(step: Step) -> dict[str, Any]:
         "priority": step.priority,
         "payload": step.payload,
         "requirements": step.requirements,
+        "queue": step.queue,
         "result": step.result,
         "error": step.error,
         "progress": step.progress,
@@ -115,16 +114,19 @@ def _emit(
         machine_id=step.machine_id,
         worker_id=step.worker_id,
         customer_id=step.customer_id,
-        dispatch=dispatch.spec(
-            step.id,
-            step.service,
-            step.requirements,
-            step.priority,
-            step.queued_at,
-            continuation=bool(step.workflow_id and step.depends_on),
-        )
-        if queue
-        else None,
+        dispatch=_queue_spec(session, step) if queue else None,
+    )
+
+
+def _queue_spec(session: Session, step: Step) -> dict[str, Any]:
+    """Record the step's route (if new) and say how to send its task."""
+    queues.ensure(session, queues.route_of(step))
+    return dispatch.spec(
+        step.id,
+        step.queue,
+        step.priority,
+        step.queued_at,
+        continuation=bool(step.workflow_id and step.depends_on),
     )
 
 
@@ -147,7 +149,7 @@ def _transition(
     _emit(session, step, event_type, data, queue=queue)
 
 
-def _locked(session: Session, step_id: str, *, workflow: bool = True) -> Step | None:
+def lock(session: Session, step_id: str, *, workflow: bool = True) -> Step | None:
     """The step, row-locked. A workflow's step locks its workflow first: every path
     that changes a workflow and its steps takes the locks in that order."""
     if workflow:
@@ -164,8 +166,10 @@ def _after_finish(session: Session, step: Step) -> None:
         workflows.on_step_finished(session, step)
 
 
-def _visible(session: Session, step_id: str, principal: Principal, *, lock: bool = False) -> Step:
-    step = _locked(session, step_id) if lock else session.get(Step, step_id)
+def _visible(
+    session: Session, step_id: str, principal: Principal, *, for_update: bool = False
+) -> Step:
+    step = lock(session, step_id) if for_update else session.get(Step, step_id)
     if step is None or not principal.may_see(step.customer_id):
         raise NotFound("step", step_id)
     return step
@@ -205,14 +209,16 @@ def submit(
 
 def _new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) -> Step:
     now = _now()
+    requirements = spec.requirements.model_dump(exclude_none=True)
     return Step(
         id=new_id(),
         customer_id=customer_id,
         service=spec.service,
+        queue=routing.route_for(spec.service, requirements, customer_id).queue,
         status=S.PENDING,
         priority=spec.priority,
         payload=spec.payload,
-        requirements=spec.requirements.model_dump(exclude_none=True),
+        requirements=requirements,
         max_retries=spec.max_retries,
         timeout_s=float(spec.timeout_s),
         depends_on=[],
@@ -428,7 +434,7 @@ def cancel(step_id: str, principal: Principal, reason: str | None = None) -> Ste
     """Cancel a step that has not finished; a running one is stopped by its worker."""
     reason = reason or "cancelled by client"
     with db.transaction() as session:
-        step = _visible(session, step_id, principal, lock=True)
+        step = _visible(session, step_id, principal, for_update=True)
         if StepStatus(step.status) not in CANCELLABLE:
             raise InvalidState(f"step {step_id} is {step.status}; only unfinished steps cancel")
         cancel_in_workflow(session, step, reason)
@@ -447,7 +453,7 @@ def cancel_in_workflow(session: Session, step: Step, reason: str) -> None:
 def retry(step_id: str, principal: Principal) -> Step:
     """Queue a failed or cancelled step again as a new attempt."""
     with db.transaction() as session:
-        step = _visible(session, step_id, principal, lock=True)
+        step = _visible(session, step_id, principal, for_update=True)
         if StepStatus(step.status) not in RETRYABLE_BY_CLIENT:
             raise InvalidState(f"step {step_id} is {step.status}; only failed or cancelled retry")
         if step.workflow_id is not None:
@@ -487,18 +493,33 @@ class FailureOutcome:
     status: StepStatus | None
 
 
-def begin(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
+class NotServable(Exception):
+    """The worker lacks what the step requires; the step's task goes back to its queue."""
+
+    def __init__(self, unmet: list[str], dispatch_spec: dict[str, Any]) -> None:
+        super().__init__("; ".join(unmet))
+        self.unmet = unmet
+        self.dispatch_spec = dispatch_spec
+
+
+def begin(
+    step_id: str, worker_id: str, machine_id: str, caps: Capabilities | None = None
+) -> StepRun | None:
     """Take a pending step for this worker as a new attempt and mark it running.
 
     Returns None if the step is not pending. This database check is what makes a
     cancelled step or a redelivered task harmless: Celery's own revokes and acks
     live in memory and in Redis, which may be lost. Assignment and start are one
     transaction (two events): a worker calls this right before the connector runs.
+
+    With the worker's capabilities, the step's requirements are checked again here
+    (routing sends a step only to capable workers; this makes it a guarantee):
+    raises NotServable, leaving the step pending, when the worker lacks any.
     """
     with db.transaction() as session:
         # No workflow lock: starting a step changes no workflow counter, and parallel
         # steps of one workflow must not queue behind each other here.
-        step = _locked(session, step_id, workflow=False)
+        step = lock(session, step_id, workflow=False)
         if step is None or step.status != S.PENDING:
             logger.info(
                 "Step not pending; task dropped",
@@ -513,6 +534,18 @@ def begin(step_id: str, worker_id: str, machine_id: str) -> StepRun | None:
         if step.expires_at is not None and step.expires_at <= now:
             _expire(session, step)
             return None
+        if caps is not None:
+            unmet = routing.unmet(caps, queues.route_of(step))
+            if unmet:
+                raise NotServable(
+                    unmet,
+                    dispatch.spec(
+                        step.id,
+                        step.queue,
+                        step.priority,
+                        continuation=bool(step.workflow_id and step.depends_on),
+                    ),
+                )
         step.attempts += 1
         step.worker_id = worker_id
         step.machine_id = machine_id
@@ -568,7 +601,7 @@ def _current(
     workflow: bool = True,
 ) -> Step | None:
     """The step, locked, if `attempt` is still its current attempt in an allowed status."""
-    step = _locked(session, step_id, workflow=workflow)
+    step = lock(session, step_id, workflow=workflow)
     if step is None or step.attempts != attempt or StepStatus(step.status) not in allowed:
         logger.info(
             "Superseded attempt ignored",
@@ -732,27 +765,52 @@ def expired_leases(limit: int = 100) -> list[tuple[str, int]]:
 
 
 def lose(step_id: str, attempt: int) -> FailureOutcome:
-    """The attempt's worker is gone: fail the attempt as lost, and retry the step."""
+    """The attempt's lease ran out: fail the attempt as lost, and retry the step."""
     with db.transaction() as session:
         step = _current(session, step_id, attempt, ACTIVE)
         if step is None or (step.lease_expires_at and step.lease_expires_at > _now()):
             return FailureOutcome(status=None)
-        logger.warning(
-            "Attempt lost with its worker; step re-queued",
-            extra={
-                "action": "step_attempt_lost",
-                "step_id": step_id,
-                "attempt": attempt,
-                "worker_id": step.worker_id,
-            },
-        )
-        error = {
-            "code": WORKER_LOST,
-            "message": f"worker {step.worker_id} stopped renewing its lease",
-            "type": "system",
-            "retryable": True,
-        }
-        return _fail_attempt(session, step, error)
+        return lose_with_worker(session, step, "stopped renewing its lease")
+
+
+def lose_with_worker(session: Session, step: Step, why: str = "went offline") -> FailureOutcome:
+    """The step's worker is gone (the caller holds the step's locks): lost, retried."""
+    logger.warning(
+        "Attempt lost with its worker; step re-queued",
+        extra={
+            "action": "step_attempt_lost",
+            "step_id": step.id,
+            "attempt": step.attempts,
+            "worker_id": step.worker_id,
+        },
+    )
+    error = {
+        "code": WORKER_LOST,
+        "message": f"worker {step.worker_id} {why}",
+        "type": "system",
+        "retryable": True,
+    }
+    return _fail_attempt(session, step, error)
+
+
+def requeue(session: Session, step: Step, code: str, message: str) -> None:
+    """Give a running step back to its queue at once (caller holds the locks).
+
+    For operator actions and restarts, not failures: the ended attempt is
+    recorded as `requeued` and does not spend one of the step's retries.
+    """
+    error = {"code": code, "message": message, "type": "system", "retryable": True}
+    _finish_attempt(session, step, "requeued", error)
+    step.max_retries += 1
+    step.queued_at = _now()
+    _transition(
+        session,
+        step,
+        S.PENDING,
+        EventType.STEP_RETRYING,
+        {"error": error, "attempt": step.attempts, "retry_at": iso(step.queued_at)},
+        queue=True,
+    )
 
 
 def overdue(limit: int = 100) -> list[str]:
@@ -770,7 +828,7 @@ def overdue(limit: int = 100) -> list[str]:
 def expire(step_id: str) -> bool:
     """Fail a pending step whose queue deadline passed; it never starts."""
     with db.transaction() as session:
-        step = _locked(session, step_id)
+        step = lock(session, step_id)
         if step is None or step.status != S.PENDING or step.expires_at is None:
             return False
         if step.expires_at > _now():
@@ -807,8 +865,7 @@ def redispatch_pending() -> int:
         rows = session.execute(
             select(
                 Step.id,
-                Step.service,
-                Step.requirements,
+                Step.queue,
                 Step.priority,
                 Step.queued_at,
                 Step.workflow_id,
@@ -821,8 +878,7 @@ def redispatch_pending() -> int:
         dispatch.send(
             dispatch.spec(
                 row.id,
-                row.service,
-                row.requirements,
+                row.queue,
                 row.priority,
                 row.queued_at,
                 continuation=bool(row.workflow_id and row.depends_on),
@@ -830,6 +886,22 @@ def redispatch_pending() -> int:
         )
         sent += 1
     return sent
+
+
+def send_again(step_id: str) -> bool:
+    """Send a pending step's task once more (a worker handed it back); False if not pending."""
+    with db.transaction() as session:
+        step = session.get(Step, step_id)
+        if step is None or step.status != S.PENDING:
+            return False
+        spec = dispatch.spec(
+            step.id,
+            step.queue,
+            step.priority,
+            continuation=bool(step.workflow_id and step.depends_on),
+        )
+    dispatch.send(spec)
+    return True
 
 
 def should_stop(step_id: str, attempt: int) -> bool:

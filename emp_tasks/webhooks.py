@@ -23,14 +23,11 @@ from emp_tasks.events import legacy_name
 from emp_tasks.ids import new_id
 from emp_tasks.models import Step, WebhookEndpoint, Workflow
 from emp_tasks.specs import WebhookCreate, WebhookUpdate
+from emp_tasks.times import iso
 
 TERMINAL_STEP_EVENTS = ("step_completed", "step_failed", "step_cancelled")
 TERMINAL_WORKFLOW_EVENTS = ("workflow_completed", "workflow_failed", "workflow_cancelled")
 TEST_EVENT = "webhook_test"
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
 def endpoint_object(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:

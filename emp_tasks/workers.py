@@ -1,58 +1,433 @@
-"""Worker presence: each worker heartbeats a short-lived key in Redis while it runs."""
+"""The fleet registry: machines and workers in PostgreSQL, and every change to them.
+
+A worker registers when it starts (`register`: `worker_online`), heartbeats while
+it runs (`heartbeat`), and says goodbye when it stops (`stop`: `worker_offline`).
+The relay's reconcile loop marks a worker that went silent for its lease timeout
+offline (`mark_silent_offline`) and re-queues the steps it was running. Operators
+drain and resume workers and remove machines; each change records a
+`worker_status_changed` event and nudges the worker over `emp:fleet`.
+
+Statuses: `online` (takes work) -> `draining` (finishes what it runs, takes
+nothing new) -> `online` again on resume; `offline` (stopped or silent);
+`removed` (its machine was deleted; it takes nothing until it registers again).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
+from typing import Any
 
-from emp_tasks import redisdb
-from emp_tasks.config import get_settings
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from emp_tasks import __version__, db, events, queues
+from emp_tasks.capabilities import Capabilities
+from emp_tasks.errors import InvalidState, NotFound
+from emp_tasks.events import EventType
+from emp_tasks.models import Machine, Step, StepStatus, Worker, WorkerStatus
+from emp_tasks.times import iso, now
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_KEY = "emp:worker:{worker_id}"
-HEARTBEAT_INTERVAL_S = 5.0
-HEARTBEAT_TTL_S = 20
-
-_stop = threading.Event()
+W = WorkerStatus
+LIVE = (W.ONLINE, W.DRAINING)
+ACTIVE_STEP = (StepStatus.ASSIGNED, StepStatus.RUNNING)
 
 
-def _beat() -> None:
-    settings = get_settings()
-    key = HEARTBEAT_KEY.format(worker_id=settings.worker_id)
-    value = json.dumps(
-        {
-            "worker_id": settings.worker_id,
-            "machine_id": settings.machine_id,
-            "services": list(settings.worker_services),
-        }
+def aggregate(worker_id: str) -> str:
+    return f"worker:{worker_id}"
+
+
+def _record(session: Session, worker: Worker, event_type: EventType, data: dict[str, Any]) -> None:
+    events.record(
+        session,
+        event_type,
+        aggregate=aggregate(worker.id),
+        data={"worker_id": worker.id, "machine_id": worker.machine_id, **data},
+        machine_id=worker.machine_id,
+        worker_id=worker.id,
     )
-    while not _stop.is_set():
-        try:
-            redisdb.client().set(key, value, ex=HEARTBEAT_TTL_S)
-        except Exception:
-            logger.warning("Heartbeat failed", extra={"action": "worker_heartbeat_failed"})
-        _stop.wait(HEARTBEAT_INTERVAL_S)
-    try:
-        redisdb.client().delete(key)
-    except Exception:
-        logger.warning("Heartbeat key not removed", extra={"action": "worker_heartbeat_failed"})
 
 
-def start_heartbeat() -> None:
-    _stop.clear()
-    threading.Thread(target=_beat, name="emp-heartbeat", daemon=True).start()
+def _set_status(
+    session: Session, worker: Worker, status: WorkerStatus, reason: str | None
+) -> WorkerStatus:
+    previous = WorkerStatus(worker.status)
+    worker.status = status
+    worker.status_reason = reason
+    worker.updated_at = now()
+    if status == W.OFFLINE:
+        worker.stopped_at = now()
+        _record(
+            session,
+            worker,
+            EventType.WORKER_OFFLINE,
+            {"status": status.value, "previous": previous.value, "reason": reason},
+        )
+    else:
+        _record(
+            session,
+            worker,
+            EventType.WORKER_STATUS_CHANGED,
+            {"status": status.value, "previous": previous.value, "reason": reason},
+        )
+    return previous
 
 
-def stop_heartbeat() -> None:
-    _stop.set()
+# --- the worker's side ---------------------------------------------------------------------
+
+
+def register(
+    worker_id: str,
+    machine_id: str,
+    caps: Capabilities,
+    *,
+    hostname: str | None = None,
+    pid: int | None = None,
+    pool: str | None = None,
+    concurrency: int = 1,
+    heartbeat_timeout_s: float = 60.0,
+) -> WorkerStatus:
+    """A worker process started: record it online (a drained worker stays draining).
+
+    Steps still assigned to an earlier process with the same worker id are not
+    running any more; they are re-queued at once instead of waiting for their lease.
+    """
+    from emp_tasks import steps
+
+    with db.transaction() as session:
+        machine = session.get(Machine, machine_id, with_for_update=True)
+        if machine is None:
+            machine = Machine(id=machine_id, hostname=hostname)
+            session.add(machine)
+        machine.hostname = hostname
+        machine.last_seen_at = now()
+        machine.removed_at = None
+        session.flush()
+        worker = session.get(Worker, worker_id, with_for_update=True)
+        fresh = worker is None
+        if worker is None:
+            worker = Worker(id=worker_id, machine_id=machine_id, status=W.OFFLINE, queues=[])
+            session.add(worker)
+        status = W.DRAINING if worker.status == W.DRAINING else W.ONLINE
+        worker.machine_id = machine_id
+        worker.status = status
+        worker.status_reason = "registered"
+        worker.capabilities = caps.as_dict()
+        worker.hostname = hostname
+        worker.pid = pid
+        worker.pool = pool
+        worker.concurrency = concurrency
+        worker.heartbeat_timeout_s = heartbeat_timeout_s
+        worker.version = __version__
+        worker.started_at = worker.last_heartbeat_at = worker.updated_at = now()
+        worker.stopped_at = None
+        worker.queues = []
+        session.flush()
+        _record(
+            session,
+            worker,
+            EventType.WORKER_ONLINE,
+            {"status": status.value, "capabilities": caps.as_dict(), "first_seen": fresh},
+        )
+        orphans = _active_steps(session, [worker_id])
+        for step in orphans:
+            steps.requeue(session, step, "WORKER_RESTARTED", f"worker {worker_id} restarted")
+    queues.nudge_workers(f"worker:{worker_id}")
+    return status
+
+
+def heartbeat(worker_id: str, consumed: list[str]) -> WorkerStatus | None:
+    """The worker is alive and consumes `consumed`; return its status (None: not registered).
+
+    A worker the reconciler marked offline while it was, in fact, alive (a long
+    pause, a database outage) comes back online here.
+    """
+    with db.transaction() as session:
+        worker = session.get(Worker, worker_id, with_for_update=True)
+        if worker is None:
+            return None
+        worker.last_heartbeat_at = now()
+        if sorted(worker.queues or []) != sorted(consumed):
+            worker.queues = sorted(consumed)
+        if worker.status == W.OFFLINE:
+            worker.stopped_at = None
+            worker.status = W.ONLINE
+            worker.status_reason = "heartbeat resumed"
+            _record(
+                session,
+                worker,
+                EventType.WORKER_ONLINE,
+                {"status": W.ONLINE.value, "capabilities": worker.capabilities, "resumed": True},
+            )
+        session.execute(
+            update(Machine).where(Machine.id == worker.machine_id).values(last_seen_at=func.now())
+        )
+        return WorkerStatus(worker.status)
+
+
+def stop(worker_id: str, reason: str = "stopped") -> None:
+    """The worker process is shutting down cleanly."""
+    with db.transaction() as session:
+        worker = session.get(Worker, worker_id, with_for_update=True)
+        if worker is None or worker.status in (W.OFFLINE, W.REMOVED):
+            return
+        worker.queues = []
+        _set_status(session, worker, W.OFFLINE, reason)
+
+
+# --- operators -----------------------------------------------------------------------------
+
+
+def _locked(session: Session, worker_id: str) -> Worker:
+    worker = session.get(Worker, worker_id, with_for_update=True)
+    if worker is None:
+        raise NotFound("worker", worker_id)
+    return worker
+
+
+def drain(worker_id: str, reason: str | None = None) -> dict[str, Any]:
+    """Stop giving the worker new steps; what it runs now finishes."""
+    with db.transaction() as session:
+        worker = _locked(session, worker_id)
+        if worker.status == W.ONLINE:
+            _set_status(session, worker, W.DRAINING, reason or "drained by an operator")
+        elif worker.status != W.DRAINING:
+            raise InvalidState(f"worker {worker_id} is {worker.status}; only online workers drain")
+        result = _describe(session, [worker])[0]
+    queues.nudge_workers(f"worker:{worker_id}")
+    return result
+
+
+def resume(worker_id: str) -> dict[str, Any]:
+    """Let a drained worker take new steps again."""
+    with db.transaction() as session:
+        worker = _locked(session, worker_id)
+        if worker.status == W.DRAINING:
+            _set_status(session, worker, W.ONLINE, "resumed by an operator")
+        elif worker.status != W.ONLINE:
+            raise InvalidState(f"worker {worker_id} is {worker.status}; only a drained one resumes")
+        result = _describe(session, [worker])[0]
+    queues.nudge_workers(f"worker:{worker_id}")
+    return result
+
+
+def remove_machine(machine_id: str) -> dict[str, Any]:
+    """Take a machine out of the fleet: its workers take nothing more and the steps they
+    run are re-queued for other workers (without spending the steps' retries)."""
+    from emp_tasks import steps
+
+    with db.transaction() as session:
+        machine = session.get(Machine, machine_id, with_for_update=True)
+        if machine is None or machine.removed_at is not None:
+            raise NotFound("machine", machine_id)
+        machine.removed_at = now()
+        fleet = list(
+            session.scalars(
+                select(Worker)
+                .where(Worker.machine_id == machine_id)
+                .order_by(Worker.id)
+                .with_for_update()
+            )
+        )
+        for worker in fleet:
+            if worker.status != W.REMOVED:
+                worker.queues = []
+                _set_status(session, worker, W.REMOVED, f"machine {machine_id} removed")
+        requeued = []
+        for step in _active_steps(session, [worker.id for worker in fleet]):
+            steps.requeue(session, step, "MACHINE_REMOVED", f"machine {machine_id} was removed")
+            requeued.append(step.id)
+    queues.nudge_workers(f"machine:{machine_id}")
+    return {"machine_id": machine_id, "requeued_step_ids": requeued}
+
+
+def _active_steps(session: Session, worker_ids: list[str]) -> list[Step]:
+    if not worker_ids:
+        return []
+    from emp_tasks import steps
+
+    ids = list(
+        session.scalars(
+            select(Step.id)
+            .where(Step.worker_id.in_(worker_ids), Step.status.in_(ACTIVE_STEP))
+            .order_by(Step.id)
+        )
+    )
+    return [step for step in (steps.lock(session, i) for i in ids) if step is not None]
+
+
+# --- the reconciler ------------------------------------------------------------------------
+
+
+def mark_silent_offline(limit: int = 100) -> list[str]:
+    """Workers silent for longer than their lease timeout: offline, their steps re-queued."""
+    from emp_tasks import steps
+
+    with db.transaction() as session:
+        silent = list(
+            session.scalars(
+                select(Worker)
+                .where(
+                    Worker.status.in_(LIVE),
+                    Worker.last_heartbeat_at
+                    < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, Worker.heartbeat_timeout_s),
+                )
+                .order_by(Worker.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        for worker in silent:
+            silence = (now() - worker.last_heartbeat_at).total_seconds()
+            logger.warning(
+                "Worker silent; marked offline",
+                extra={"action": "worker_offline", "worker_id": worker.id, "silent_s": silence},
+            )
+            worker.queues = []
+            _set_status(session, worker, W.OFFLINE, f"no heartbeat for {silence:.1f} s")
+        for step in _active_steps(session, [worker.id for worker in silent]):
+            steps.lose_with_worker(session, step)
+    return [worker.id for worker in silent]
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _describe(session: Session, fleet: list[Worker]) -> list[dict[str, Any]]:
+    current: dict[str, list[str]] = {}
+    if fleet:
+        rows = session.execute(
+            select(Step.worker_id, Step.id)
+            .where(Step.worker_id.in_([w.id for w in fleet]), Step.status.in_(ACTIVE_STEP))
+            .order_by(Step.id)
+        )
+        for worker_id, step_id in rows:
+            current.setdefault(worker_id, []).append(step_id)
+    return [
+        {
+            "id": worker.id,
+            "machine_id": worker.machine_id,
+            "status": worker.status,
+            "status_reason": worker.status_reason,
+            "capabilities": worker.capabilities,
+            "queues": worker.queues,
+            "current_step_id": (current.get(worker.id) or [None])[0],
+            "current_step_ids": current.get(worker.id, []),
+            "concurrency": worker.concurrency,
+            "pool": worker.pool,
+            "hostname": worker.hostname,
+            "pid": worker.pid,
+            "version": worker.version,
+            "started_at": iso(worker.started_at),
+            "last_heartbeat_at": iso(worker.last_heartbeat_at),
+            "stopped_at": iso(worker.stopped_at),
+        }
+        for worker in fleet
+    ]
+
+
+def list_workers(status: str | None = None, machine_id: str | None = None) -> list[dict[str, Any]]:
+    with db.transaction() as session:
+        query = select(Worker).order_by(Worker.machine_id, Worker.id)
+        if status:
+            query = query.where(Worker.status == status)
+        if machine_id:
+            query = query.where(Worker.machine_id == machine_id)
+        return _describe(session, list(session.scalars(query)))
+
+
+def get_worker(worker_id: str) -> dict[str, Any]:
+    with db.transaction() as session:
+        worker = session.get(Worker, worker_id)
+        if worker is None:
+            raise NotFound("worker", worker_id)
+        return _describe(session, [worker])[0]
+
+
+def _machine_object(machine: Machine, fleet: list[dict[str, Any]]) -> dict[str, Any]:
+    live = [w for w in fleet if w["status"] in LIVE]
+    gpus = [w["capabilities"].get("gpu_model") for w in fleet]
+    return {
+        "id": machine.id,
+        "hostname": machine.hostname,
+        "status": "online" if live else "offline",
+        "workers_online": len(live),
+        "workers": fleet,
+        "gpus": [gpu for gpu in gpus if gpu],
+        "first_seen_at": iso(machine.first_seen_at),
+        "last_seen_at": iso(machine.last_seen_at),
+    }
+
+
+def list_machines() -> list[dict[str, Any]]:
+    with db.transaction() as session:
+        machines = list(
+            session.scalars(
+                select(Machine).where(Machine.removed_at.is_(None)).order_by(Machine.id)
+            )
+        )
+        fleet = _describe(
+            session,
+            list(
+                session.scalars(
+                    select(Worker)
+                    .where(Worker.machine_id.in_([m.id for m in machines]))
+                    .order_by(Worker.id)
+                )
+            ),
+        )
+    return [
+        _machine_object(machine, [w for w in fleet if w["machine_id"] == machine.id])
+        for machine in machines
+    ]
+
+
+def get_machine(machine_id: str) -> dict[str, Any]:
+    with db.transaction() as session:
+        machine = session.get(Machine, machine_id)
+        if machine is None or machine.removed_at is not None:
+            raise NotFound("machine", machine_id)
+        fleet = _describe(
+            session,
+            list(
+                session.scalars(
+                    select(Worker).where(Worker.machine_id == machine_id).order_by(Worker.id)
+                )
+            ),
+        )
+    return _machine_object(machine, fleet)
 
 
 def online_count() -> int:
-    """Workers whose heartbeat has not expired."""
-    return sum(1 for _ in redisdb.client().scan_iter(match=HEARTBEAT_KEY.format(worker_id="*")))
+    with db.transaction() as session:
+        return session.scalar(
+            select(func.count()).select_from(Worker).where(Worker.status == W.ONLINE)
+        )
+
+
+_LIVE_CACHE_S = 1.0
+_live_cache: tuple[float, list[tuple[str, Capabilities]]] = (0.0, [])
+_live_lock = threading.Lock()
+
+
+def live_capabilities() -> list[tuple[str, Capabilities]]:
+    """(status, capabilities) of online and draining workers, cached for a second."""
+    global _live_cache
+    with _live_lock:
+        stamp, cached = _live_cache
+        if time.monotonic() - stamp < _LIVE_CACHE_S:
+            return cached
+    with db.transaction() as session:
+        rows = session.execute(
+            select(Worker.status, Worker.capabilities).where(Worker.status.in_(LIVE))
+        ).all()
+    fresh = [(row.status, Capabilities.from_dict(row.capabilities)) for row in rows]
+    with _live_lock:
+        _live_cache = (time.monotonic(), fresh)
+    return fresh
 
 
 def wait_for_workers(count: int = 1, timeout_s: float = 30.0) -> bool:
@@ -62,3 +437,11 @@ def wait_for_workers(count: int = 1, timeout_s: float = 30.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+HEARTBEAT_MAX_INTERVAL_S = 5.0
+
+
+def heartbeat_interval(lease_timeout_s: float) -> float:
+    """Beat at least three times per lease timeout, and at least every 5 s."""
+    return max(0.2, min(HEARTBEAT_MAX_INTERVAL_S, lease_timeout_s / 3))

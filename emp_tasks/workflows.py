@@ -1,7 +1,7 @@
 """Workflows: the DAG of steps, its progress, its failure policies, and `step_details`.
 
 PostgreSQL decides progress. Every transition of a workflow's step locks the
-workflow row first (see steps._locked), so the completions of a fan-in's
+workflow row first (see steps.lock), so the completions of a fan-in's
 dependencies are applied one after another: each decrements its dependents'
 `remaining_deps`, and the one that brings a dependent to zero queues it. A step
 therefore starts as soon as its own dependencies are done, never waits on one it
@@ -33,6 +33,7 @@ from emp_tasks.events import EventType
 from emp_tasks.ids import new_id
 from emp_tasks.models import TERMINAL_STEP_STATUSES, Step, StepStatus, Workflow, WorkflowStatus
 from emp_tasks.specs import WorkflowCreate
+from emp_tasks.times import iso
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +87,10 @@ def workflow_object(workflow: Workflow) -> dict[str, Any]:
         "webhook_events": workflow.webhook_events,
         "correlation_id": workflow.correlation_id,
         "metadata": workflow.meta,
-        "created_at": steps.iso(workflow.created_at),
-        "started_at": steps.iso(workflow.started_at),
-        "completed_at": steps.iso(workflow.completed_at),
-        "updated_at": steps.iso(workflow.updated_at),
+        "created_at": iso(workflow.created_at),
+        "started_at": iso(workflow.started_at),
+        "completed_at": iso(workflow.completed_at),
+        "updated_at": iso(workflow.updated_at),
     }
 
 
@@ -113,8 +114,8 @@ def step_details(session: Session, workflow_id: str) -> list[dict[str, Any]]:
             "depends_on": [index_of[dependency] for dependency in row.depends_on],
             "result": row.result,
             "error": row.error,
-            "started_at": steps.iso(row.started_at),
-            "completed_at": steps.iso(row.completed_at),
+            "started_at": iso(row.started_at),
+            "completed_at": iso(row.completed_at),
             "worker_id": row.worker_id,
         }
         for row in rows

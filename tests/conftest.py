@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import select
 
 from emp_tasks import config, redisdb, scratch, workers
 from emp_tasks.db import ROOT
@@ -187,13 +188,20 @@ def start_worker(services, system) -> Iterator[Callable[..., RunningSystem]]:
         )
         running = RunningSystem(["worker"], env, ARTIFACTS / f"worker-{worker_id}.log")
         started.append(running)
-        key = workers.HEARTBEAT_KEY.format(worker_id=worker_id)
-        wait_for(lambda: redisdb.client().exists(key), timeout_s=60, interval_s=0.1)
+        wait_for(lambda: worker_status(worker_id) == "online", timeout_s=60, interval_s=0.1)
         return running
 
     yield start
     for running in started:
         running.stop()
+
+
+def worker_status(worker_id: str) -> str | None:
+    from emp_tasks import db
+    from emp_tasks.models import Worker
+
+    with db.transaction() as session:
+        return session.scalar(select(Worker.status).where(Worker.id == worker_id))
 
 
 def kill_9(running: RunningSystem) -> None:

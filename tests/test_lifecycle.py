@@ -265,8 +265,8 @@ def test_late_result_of_a_superseded_attempt_is_ignored(client, start_worker):
 def test_redelivered_task_does_not_run_the_step_twice(client, start_worker):
     start_worker("redeliver-sim", "redeliver-1", concurrency=2)
     step_id = submit(client, "redeliver-sim", {"duration_s": 1})
-    wait_for_status(client, step_id, {"running"})
-    spec = dispatch.spec(step_id, "redeliver-sim", {}, 50)
+    running = wait_for_status(client, step_id, {"running"})
+    spec = dispatch.spec(step_id, running["queue"], 50)
     dispatch.send(spec)  # what Redis' visibility timeout would do: the same task again
     step = wait_for_status(client, step_id, {"completed"})
     dispatch.send(spec)  # and once more after completion

@@ -18,6 +18,8 @@ NOT_FOUND_CODES = {
     "step": "STEP_NOT_FOUND",
     "workflow": "WORKFLOW_NOT_FOUND",
     "webhook": "WEBHOOK_NOT_FOUND",
+    "machine": "MACHINE_NOT_FOUND",
+    "worker": "WORKER_NOT_FOUND",
 }
 
 

@@ -72,7 +72,7 @@ def health() -> Response:
     try:
         online = workers.online_count()
         checks["workers"] = {"status": "ok" if online else "none", "online": online}
-    except redis.RedisError as exc:
+    except Exception as exc:
         checks["workers"] = {"status": "unknown", "error": str(exc)[:300]}
     return _report(checks, ("database", "redis", "broker"))
 

@@ -1,0 +1,249 @@
+"""A worker's presence in the fleet, from inside its process.
+
+Registers the worker when Celery is ready, heartbeats it, and keeps it consuming
+exactly the queues it should: every recorded route it can serve while it is
+online, none while it is draining or removed. A thread does the database work
+(heartbeat, read routes and status) every heartbeat interval, and at once when
+a nudge arrives on `emp:fleet`; a Celery consumer step applies the wanted queue
+set from inside the consumer's own event loop, the only place where adding and
+cancelling consumers is safe.
+
+Every worker also consumes its own queue, `emp.worker.<worker_id>`, so Celery
+always has one queue to consume, even while the worker takes no steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from celery import bootsteps
+
+from emp_tasks import db, queues, redisdb, routing, workers
+from emp_tasks.capabilities import Capabilities
+from emp_tasks.config import get_settings
+from emp_tasks.models import WorkerStatus
+
+logger = logging.getLogger(__name__)
+
+APPLY_INTERVAL_S = 0.2
+
+
+def own_queue(worker_id: str) -> str:
+    return f"{routing.QUEUE_PREFIX}.worker.{worker_id}"
+
+
+def wanted_queues(caps: Capabilities, status: WorkerStatus | None) -> list[str]:
+    """The route queues this worker should consume in this status."""
+    if status not in (WorkerStatus.ONLINE, None):
+        return []
+    with db.transaction() as session:
+        routes = queues.all_routes(session)
+    return sorted(route.queue for route in routes if not routing.unmet(caps, route))
+
+
+def connector_models(service: str) -> list[str] | None:
+    """The models the service's connector reports, if it can tell (ComfyUI can)."""
+    from emp_tasks import connectors
+
+    connector = connectors.get(service)
+    models = getattr(connector, "models", None)
+    if models is None:
+        return None
+    try:
+        return list(models())
+    except Exception:
+        logger.warning(
+            "Connector did not list its models",
+            exc_info=True,
+            extra={"action": "connector_models_failed", "service": service},
+        )
+        return None
+
+
+class Presence:
+    def __init__(self, caps: Capabilities, pool: str, concurrency: int) -> None:
+        settings = get_settings()
+        self.worker_id = settings.worker_id
+        self.machine_id = settings.machine_id
+        self.caps = caps
+        self.pool = pool
+        self.concurrency = concurrency
+        self.lease_timeout_s = float(settings.lease_timeout_s)
+        self.status: WorkerStatus | None = None
+        self.wanted: set[str] = set()
+        self.consumed: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- called from Celery signals and the consumer step ----------------------------------
+
+    def start(self) -> None:
+        self.status = workers.register(
+            self.worker_id,
+            self.machine_id,
+            self.caps,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            pool=self.pool,
+            concurrency=self.concurrency,
+            heartbeat_timeout_s=self.lease_timeout_s,
+        )
+        self._refresh_wanted()
+        logger.info(
+            "Worker registered",
+            extra={
+                "action": "worker_registered",
+                "worker_id": self.worker_id,
+                "status": str(self.status),
+                "queues": len(self.wanted),
+            },
+        )
+        self._thread = threading.Thread(target=self._run, name="emp-presence", daemon=True)
+        self._thread.start()
+        threading.Thread(target=self._listen, name="emp-fleet-nudges", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        try:
+            workers.stop(self.worker_id)
+        except Exception:
+            logger.exception("Worker not marked offline", extra={"action": "worker_stop_failed"})
+
+    def accepting(self) -> bool:
+        """May this worker start a new step now? (Not while draining or removed.)"""
+        return self.status in (WorkerStatus.ONLINE, None)
+
+    def changes(self) -> tuple[set[str], set[str]]:
+        """Queues to start and to stop consuming, to reach the wanted set."""
+        with self._lock:
+            return self.wanted - self.consumed, self.consumed - self.wanted
+
+    def applied(self, consumed: set[str]) -> None:
+        with self._lock:
+            self.consumed = set(consumed)
+
+    def nudge(self) -> None:
+        self._wake.set()
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def _refresh_wanted(self) -> None:
+        wanted = set(wanted_queues(self.caps, self.status))
+        with self._lock:
+            self.wanted = wanted
+
+    def _beat(self) -> None:
+        with self._lock:
+            consumed = sorted(self.consumed)
+        status = workers.heartbeat(self.worker_id, consumed)
+        if status is None:  # the registry lost us (a restored database): register again
+            self.start_again()
+            return
+        if status != self.status:
+            logger.info(
+                "Worker status changed",
+                extra={"action": "worker_status", "worker_id": self.worker_id, "status": status},
+            )
+        self.status = status
+        self._refresh_wanted()
+
+    def start_again(self) -> None:
+        self.status = workers.register(
+            self.worker_id,
+            self.machine_id,
+            self.caps,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            pool=self.pool,
+            concurrency=self.concurrency,
+            heartbeat_timeout_s=self.lease_timeout_s,
+        )
+        self._refresh_wanted()
+
+    def _run(self) -> None:
+        interval = workers.heartbeat_interval(self.lease_timeout_s)
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._beat()
+            except Exception:
+                logger.warning(
+                    "Heartbeat failed", exc_info=True, extra={"action": "worker_heartbeat_failed"}
+                )
+
+    def _listen(self) -> None:
+        """Wake the heartbeat thread when the fleet changes (a new route, a drain)."""
+        while not self._stop.is_set():
+            try:
+                pubsub = redisdb.client().pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(queues.FLEET_CHANNEL)
+                while not self._stop.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self._wake.set()
+            except Exception:
+                logger.warning(
+                    "Fleet channel lost; retrying",
+                    exc_info=True,
+                    extra={"action": "fleet_channel_failed"},
+                )
+                self._stop.wait(1.0)
+
+
+_presence: Presence | None = None
+
+
+def current() -> Presence | None:
+    """This worker process's presence (None outside a worker, e.g. in tests)."""
+    return _presence
+
+
+def install(caps: Capabilities, pool: str, concurrency: int) -> Presence:
+    global _presence
+    _presence = Presence(caps, pool, concurrency)
+    return _presence
+
+
+class QueueSync(bootsteps.StartStopStep):
+    """Consumer step: converge the consumed queues on the presence's wanted set."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._timer = None
+
+    def start(self, consumer: Any) -> None:
+        presence = current()
+        if presence is None:
+            return
+        self._timer = consumer.timer.call_repeatedly(
+            APPLY_INTERVAL_S, self._apply, (consumer, presence), priority=10
+        )
+
+    def stop(self, consumer: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @staticmethod
+    def _apply(consumer: Any, presence: Presence) -> None:
+        if consumer.task_consumer is None:
+            return
+        add, remove = presence.changes()
+        for name in sorted(remove):
+            consumer.cancel_task_queue(name)
+        for name in sorted(add):
+            consumer.add_task_queue(name)
+        if add or remove:
+            active = {queue.name for queue in consumer.task_consumer.queues}
+            presence.applied(active - {own_queue(presence.worker_id)})

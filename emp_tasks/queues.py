@@ -1,0 +1,219 @@
+"""Queues: the recorded routes, their depth and consumers, and steps nobody can serve.
+
+A route is recorded in the `routes` table the first time a step is queued on
+it, in the same transaction; after commit a nudge on the `emp:fleet` channel
+tells workers to look again, so a capable worker starts consuming a new queue
+within a moment. Workers also re-read the table on every heartbeat, so a missed
+nudge delays a new queue by one heartbeat at most.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from emp_tasks import db, redisdb, routing
+from emp_tasks.auth import Principal
+from emp_tasks.capabilities import Capabilities
+from emp_tasks.config import get_settings
+from emp_tasks.models import Route as RouteRow
+from emp_tasks.models import Step, StepStatus, Worker, WorkerStatus
+from emp_tasks.routing import Route
+from emp_tasks.times import iso
+
+FLEET_CHANNEL = "emp:fleet"
+"""Pub/sub nudges to workers: a route was added, or a worker's status changed."""
+
+NEW_ROUTES = "emp_new_routes"
+_known: set[str] = set()
+_known_lock = threading.Lock()
+
+
+def nudge_workers(reason: str) -> None:
+    redisdb.client().publish(FLEET_CHANNEL, reason)
+
+
+def ensure(session: Session, route: Route) -> None:
+    """Record the route if it is new (in the caller's transaction); nudge workers after commit."""
+    with _known_lock:
+        if route.queue in _known:
+            return
+    created = session.scalar(
+        insert(RouteRow)
+        .values(
+            queue=route.queue,
+            service=route.service,
+            customer_id=route.customer_id,
+            requirements=route.requirements,
+        )
+        .on_conflict_do_nothing()
+        .returning(RouteRow.queue)
+    )
+    session.info.setdefault(NEW_ROUTES, set()).add((route.queue, created is not None))
+    db.after_commit(session, "routes_recorded", _after_commit)
+
+
+def _after_commit(session: Session) -> None:
+    recorded = session.info.pop(NEW_ROUTES, set())
+    with _known_lock:
+        _known.update(queue for queue, _ in recorded)
+    if any(created for _, created in recorded):
+        nudge_workers("route")
+
+
+def forget_known() -> None:
+    """Forget which routes this process has seen recorded (tests that reset the database)."""
+    with _known_lock:
+        _known.clear()
+
+
+def all_routes(session: Session) -> list[Route]:
+    rows = session.execute(
+        select(RouteRow.queue, RouteRow.service, RouteRow.customer_id, RouteRow.requirements)
+    )
+    return [Route(row.queue, row.service, row.customer_id, row.requirements) for row in rows]
+
+
+def route_of(step: Step) -> Route:
+    return routing.route_for(step.service, step.requirements, step.customer_id)
+
+
+# --- steps nobody can serve ----------------------------------------------------------------
+
+
+def warnings_for(route: Route, fleet: list[tuple[str, Capabilities]]) -> list[dict[str, Any]]:
+    """Why no worker will take the route's steps, as API warnings; [] when one can.
+
+    `fleet`: (status, capabilities) of each worker that is online or draining.
+    """
+    accepting = [caps for status, caps in fleet if status == WorkerStatus.ONLINE]
+    lacking = [routing.unmet(caps, route) for caps in accepting]
+    if any(not missing for missing in lacking):
+        return []
+    if any(not routing.unmet(caps, route) for status, caps in fleet):
+        return [
+            {
+                "code": "NO_CAPABLE_WORKER",
+                "message": "every worker that can run this step is draining",
+                "unmet": [],
+            }
+        ]
+    if not accepting:
+        return [
+            {
+                "code": "NO_CAPABLE_WORKER",
+                "message": "no worker is online; the step runs when a capable one joins",
+                "unmet": [],
+            }
+        ]
+    shared = [phrase for phrase in lacking[0] if all(phrase in other for other in lacking[1:])]
+    if shared:
+        message = "no online worker has " + "; ".join(shared)
+        unmet = shared
+    else:
+        unmet = sorted({phrase for missing in lacking for phrase in missing})
+        message = "no single online worker meets all of: " + "; ".join(unmet)
+    return [
+        {
+            "code": "NO_CAPABLE_WORKER",
+            "message": message + "; the step runs when a capable worker joins",
+            "unmet": unmet,
+        }
+    ]
+
+
+def step_warnings(step: Step) -> list[dict[str, Any]]:
+    """Warnings for a step that waits for a worker (pending or waiting); [] otherwise."""
+    if step.status not in (StepStatus.PENDING, StepStatus.WAITING):
+        return []
+    from emp_tasks import workers
+
+    return warnings_for(route_of(step), workers.live_capabilities())
+
+
+# --- listing -------------------------------------------------------------------------------
+
+
+def _broker_depths(names: list[str]) -> dict[str, int]:
+    """Messages waiting in each queue's Redis lists (one list per broker priority level)."""
+    if not names:
+        return {}
+    client = redisdb.client(get_settings().broker_url)
+    pipe = client.pipeline(transaction=False)
+    levels = range(routing.BROKER_PRIORITY_LEVELS)
+    for name in names:
+        for level in levels:
+            pipe.llen(f"{name}:{level}" if level else name)
+    lengths = pipe.execute()
+    width = len(levels)
+    return {name: sum(lengths[i * width : (i + 1) * width]) for i, name in enumerate(names)}
+
+
+def list_queues(principal: Principal, include_idle: bool = False) -> list[dict[str, Any]]:
+    """Each route's queue: steps waiting (depth) and running, its consumers, its warnings.
+
+    Idle queues (nothing waiting or running, no consumer) are left out unless asked for.
+    """
+    with db.transaction() as session:
+        routes = all_routes(session)
+        pending = {
+            row.queue: (row.count, row.oldest)
+            for row in session.execute(
+                select(
+                    Step.queue,
+                    func.count().label("count"),
+                    func.min(Step.queued_at).label("oldest"),
+                )
+                .where(Step.status == StepStatus.PENDING)
+                .group_by(Step.queue)
+            )
+        }
+        running = dict(
+            session.execute(
+                select(Step.queue, func.count())
+                .where(Step.status.in_([StepStatus.ASSIGNED, StepStatus.RUNNING]))
+                .group_by(Step.queue)
+            ).all()
+        )
+        live = session.execute(
+            select(Worker.id, Worker.status, Worker.queues, Worker.capabilities).where(
+                Worker.status.in_([WorkerStatus.ONLINE, WorkerStatus.DRAINING])
+            )
+        ).all()
+    fleet = [(w.status, Capabilities.from_dict(w.capabilities)) for w in live]
+    consumers: dict[str, list[str]] = {}
+    for worker in live:
+        for name in worker.queues or []:
+            consumers.setdefault(name, []).append(worker.id)
+    busy = set(pending) | set(running) | set(consumers)
+    shown = [
+        route
+        for route in routes
+        if principal.admin or route.customer_id == principal.customer_id
+        if include_idle or route.queue in busy
+    ]
+    shown.sort(key=lambda r: (-pending.get(r.queue, (0, None))[0], r.service, r.queue))
+    depths = _broker_depths([route.queue for route in shown])
+    result = []
+    for route in shown:
+        waiting, oldest = pending.get(route.queue, (0, None))
+        entry: dict[str, Any] = {
+            "name": route.queue,
+            "service": route.service,
+            "customer_id": route.customer_id,
+            "requirements": route.requirements,
+            "depth": waiting,
+            "broker_depth": depths.get(route.queue, 0),
+            "running": running.get(route.queue, 0),
+            "oldest_pending_at": iso(oldest),
+            "consumers": len(consumers.get(route.queue, [])),
+            "warnings": warnings_for(route, fleet) if waiting else [],
+        }
+        if principal.admin:
+            entry["consumer_ids"] = sorted(consumers.get(route.queue, []))
+        result.append(entry)
+    return result
