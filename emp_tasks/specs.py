@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from emp_tasks.events import EventType
-from emp_tasks.models import StepStatus
+from emp_tasks.models import StepStatus, WorkerStatus
 
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 SERVICE_ALIASES = ("type", "job_type", "service_required")
@@ -114,6 +114,25 @@ class StatsQuery(BaseModel):
 
 
 class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+class WorkerListQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: WorkerStatus | None = None
+    machine_id: str | None = Field(default=None, max_length=200)
+
+
+class QueueListQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    all: bool = Field(default=False, description="Include idle queues (nothing waiting or running)")
+
+
+class DrainRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     reason: str | None = Field(default=None, max_length=1000)

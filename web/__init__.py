@@ -34,9 +34,9 @@ def create_app() -> Flask:
         response.headers[CORRELATION_HEADER] = getattr(g, "correlation_id", "")
         return response
 
-    from web import health, jobs, steps, webhooks, workflows
+    from web import fleet, health, jobs, steps, webhooks, workflows
 
-    for blueprint in (health.bp, steps.bp, jobs.bp, workflows.bp, webhooks.bp):
+    for blueprint in (health.bp, steps.bp, jobs.bp, workflows.bp, webhooks.bp, fleet.bp):
         app.register_blueprint(blueprint)
     errors.register(app)
     return app

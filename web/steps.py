@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
-from emp_tasks import steps
+from emp_tasks import queues, steps
 from emp_tasks.auth import Principal
 from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
 from web.endpoints import endpoint, idempotency_key, ok
@@ -35,7 +35,11 @@ def submit(body: StepCreate, principal: Principal):
 def create_step(principal: Principal, body: StepCreate) -> Response:
     step, created = submit(body, principal)
     return ok(
-        201 if created else 200, step_id=step.id, status=step.status, step=steps.step_object(step)
+        201 if created else 200,
+        step_id=step.id,
+        status=step.status,
+        step=steps.step_object(step),
+        warnings=queues.step_warnings(step),
     )
 
 
@@ -59,7 +63,8 @@ def step_stats(principal: Principal, query: StatsQuery) -> Response:
 
 @endpoint(bp, "/api/steps/<step_id>", aliases=("/step/<step_id>",), tags=TAGS, summary="Get a step")
 def get_step(principal: Principal, step_id: str) -> Response:
-    return ok(step=steps.step_object(steps.get(step_id, principal)))
+    step = steps.get(step_id, principal)
+    return ok(step=steps.step_object(step), warnings=queues.step_warnings(step))
 
 
 @endpoint(bp, "/api/steps/<step_id>/attempts", tags=TAGS, summary="A step's attempts")

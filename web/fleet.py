@@ -1,0 +1,87 @@
+"""Fleet routes: machines, workers, queues, and the operator actions on them.
+
+Machines and workers are operator information: admin keys only. Queues are
+visible to every key, each customer seeing only its own (with consumer counts,
+not worker ids).
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from emp_tasks import queues, workers
+from emp_tasks.auth import Principal
+from emp_tasks.specs import DrainRequest, QueueListQuery, WorkerListQuery
+from web.endpoints import endpoint, ok
+
+bp = Blueprint("fleet", __name__)
+
+TAGS = ("fleet",)
+
+
+@endpoint(bp, "/api/machines", admin=True, tags=TAGS, summary="Machines and their workers")
+def list_machines(principal: Principal) -> Response:
+    return ok(machines=workers.list_machines())
+
+
+@endpoint(bp, "/api/machines/<machine_id>", admin=True, tags=TAGS, summary="A machine")
+def get_machine(principal: Principal, machine_id: str) -> Response:
+    return ok(machine=workers.get_machine(machine_id))
+
+
+@endpoint(
+    bp,
+    "/api/machines/<machine_id>",
+    methods=("DELETE",),
+    admin=True,
+    tags=TAGS,
+    summary="Remove a machine: its workers take nothing more, its running steps are re-queued",
+)
+def delete_machine(principal: Principal, machine_id: str) -> Response:
+    return ok(**workers.remove_machine(machine_id))
+
+
+@endpoint(bp, "/api/workers", query=WorkerListQuery, admin=True, tags=TAGS, summary="Workers")
+def list_workers(principal: Principal, query: WorkerListQuery) -> Response:
+    return ok(workers=workers.list_workers(status=query.status, machine_id=query.machine_id))
+
+
+@endpoint(bp, "/api/workers/<worker_id>", admin=True, tags=TAGS, summary="A worker")
+def get_worker(principal: Principal, worker_id: str) -> Response:
+    return ok(worker=workers.get_worker(worker_id))
+
+
+@endpoint(
+    bp,
+    "/api/workers/<worker_id>/drain",
+    methods=("POST",),
+    body=DrainRequest,
+    admin=True,
+    tags=TAGS,
+    summary="Drain a worker: it finishes its current step and takes no new one",
+)
+def drain_worker(principal: Principal, worker_id: str, body: DrainRequest) -> Response:
+    return ok(worker=workers.drain(worker_id, body.reason))
+
+
+@endpoint(
+    bp,
+    "/api/workers/<worker_id>/resume",
+    methods=("POST",),
+    admin=True,
+    tags=TAGS,
+    summary="Resume a drained worker",
+)
+def resume_worker(principal: Principal, worker_id: str) -> Response:
+    return ok(worker=workers.resume(worker_id))
+
+
+@endpoint(
+    bp,
+    "/api/queues",
+    query=QueueListQuery,
+    tags=TAGS,
+    summary="Queues: steps waiting (depth) and running, consumers, and why none can serve",
+)
+def list_queues(principal: Principal, query: QueueListQuery) -> Response:
+    return ok(queues=queues.list_queues(principal, include_idle=query.all))
