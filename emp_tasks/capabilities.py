@@ -178,7 +178,7 @@ def visible_gpus(env: dict[str, str] | None = None) -> list[Gpu]:
     """GPUs this process may use: all that nvidia-smi (or torch) lists, narrowed to
     CUDA_VISIBLE_DEVICES when it is set."""
     env = dict(os.environ if env is None else env)
-    gpus = _nvidia_smi() or _torch()
+    gpus = _nvidia_smi(env) or _torch()
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is None or not gpus:
         return gpus
@@ -186,12 +186,12 @@ def visible_gpus(env: dict[str, str] | None = None) -> list[Gpu]:
     return [gpu for gpu in gpus if gpu.index in wanted]
 
 
-def _nvidia_smi() -> list[Gpu]:
-    binary = shutil.which("nvidia-smi")
+def _nvidia_smi(env: dict[str, str]) -> list[Gpu]:
+    binary = shutil.which("nvidia-smi", path=env.get("PATH"))
     if binary is None:
         return []
     # nvidia-smi lists physical GPUs whatever CUDA_VISIBLE_DEVICES says; narrowing is ours.
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
     try:
         completed = subprocess.run(
             [binary, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
