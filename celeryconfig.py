@@ -13,10 +13,14 @@ _settings = get_settings()
 
 broker_url = _settings.broker_url
 broker_connection_retry_on_startup = True
+# The Redis transport polls every priority level of every consumed queue in one
+# BRPOP, highest level first across all queues; among queues at the same level,
+# round robin, so customers (one queue per route, see emp_tasks.routing) share a
+# worker fairly at equal priority.
 broker_transport_options = {
     "priority_steps": list(range(BROKER_PRIORITY_LEVELS)),
     "sep": ":",
-    "queue_order_strategy": "priority",
+    "queue_order_strategy": "round_robin",
     "visibility_timeout": 3600,
 }
 

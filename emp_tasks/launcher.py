@@ -7,6 +7,8 @@ consumer thread keeps answering control messages and heartbeats, and
 cancellation reaches the step through the database. The prefork pool is never
 used here. Worker ids are stable (`<base>-gpu<index>`), so a restarted process
 takes over its predecessor's identity and re-queues what that one left running.
+`{gpu}` in EMP_CONNECTORS or EMP_WORKER_CONFIG becomes each process's GPU index,
+for a backend per GPU (`"url": "http://127.0.0.1:818{gpu}"`).
 
 The launcher restarts a worker that exits unexpectedly (with backoff) and, on
 SIGTERM or SIGINT, asks every worker to finish its step and stop.
@@ -65,8 +67,15 @@ def worker_id_for(base: str, gpu: str) -> str:
     return f"{base}-gpu{gpu}"
 
 
-def _child_env(base_env: dict[str, str], gpu: str, worker_id: str) -> dict[str, str]:
+PER_GPU_SETTINGS = ("EMP_CONNECTORS", "EMP_WORKER_CONFIG")
+"""Settings in which `{gpu}` becomes the GPU index: a ComfyUI per GPU on its own port."""
+
+
+def child_env(base_env: dict[str, str], gpu: str, worker_id: str) -> dict[str, str]:
     env = dict(base_env)
+    for name in PER_GPU_SETTINGS:
+        if name in env:
+            env[name] = env[name].replace("{gpu}", gpu)
     env["CUDA_VISIBLE_DEVICES"] = gpu
     env["EMP_WORKER_ID"] = worker_id
     env["EMP_WORKER_CONCURRENCY"] = "1"
@@ -79,12 +88,10 @@ class Launcher:
         base = os.environ.get("EMP_WORKER_ID") or settings.machine_id
         env = dict(os.environ)
         env.setdefault("EMP_MACHINE_ID", settings.machine_id)
-        self.children = [
-            _Child(
-                gpu, worker_id_for(base, gpu), env=_child_env(env, gpu, worker_id_for(base, gpu))
-            )
-            for gpu in gpus
-        ]
+        self.children = []
+        for gpu in gpus:
+            worker_id = worker_id_for(base, gpu)
+            self.children.append(_Child(gpu, worker_id, env=child_env(env, gpu, worker_id)))
         self.extra_args = extra_args or []
         self.stopping = False
 

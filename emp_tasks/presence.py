@@ -74,6 +74,7 @@ class Presence:
         self.concurrency = concurrency
         self.lease_timeout_s = float(settings.lease_timeout_s)
         self.status: WorkerStatus | None = None
+        self.registered = False
         self.wanted: set[str] = set()
         self.consumed: set[str] = set()
         self._lock = threading.Lock()
@@ -84,6 +85,20 @@ class Presence:
     # --- called from Celery signals and the consumer step ----------------------------------
 
     def start(self) -> None:
+        """Register (retried by the heartbeat thread if the database is not there yet)."""
+        try:
+            self._register()
+        except Exception:
+            logger.warning(
+                "Worker not registered yet; retrying",
+                exc_info=True,
+                extra={"action": "worker_register_failed", "worker_id": self.worker_id},
+            )
+        self._thread = threading.Thread(target=self._run, name="emp-presence", daemon=True)
+        self._thread.start()
+        threading.Thread(target=self._listen, name="emp-fleet-nudges", daemon=True).start()
+
+    def _register(self) -> None:
         self.status = workers.register(
             self.worker_id,
             self.machine_id,
@@ -94,6 +109,7 @@ class Presence:
             concurrency=self.concurrency,
             heartbeat_timeout_s=self.lease_timeout_s,
         )
+        self.registered = True
         self._refresh_wanted()
         logger.info(
             "Worker registered",
@@ -104,9 +120,6 @@ class Presence:
                 "queues": len(self.wanted),
             },
         )
-        self._thread = threading.Thread(target=self._run, name="emp-presence", daemon=True)
-        self._thread.start()
-        threading.Thread(target=self._listen, name="emp-fleet-nudges", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -140,11 +153,14 @@ class Presence:
             self.wanted = wanted
 
     def _beat(self) -> None:
+        if not self.registered:
+            self._register()
+            return
         with self._lock:
             consumed = sorted(self.consumed)
         status = workers.heartbeat(self.worker_id, consumed)
         if status is None:  # the registry lost us (a restored database): register again
-            self.start_again()
+            self._register()
             return
         if status != self.status:
             logger.info(
@@ -152,19 +168,6 @@ class Presence:
                 extra={"action": "worker_status", "worker_id": self.worker_id, "status": status},
             )
         self.status = status
-        self._refresh_wanted()
-
-    def start_again(self) -> None:
-        self.status = workers.register(
-            self.worker_id,
-            self.machine_id,
-            self.caps,
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            pool=self.pool,
-            concurrency=self.concurrency,
-            heartbeat_timeout_s=self.lease_timeout_s,
-        )
         self._refresh_wanted()
 
     def _run(self) -> None:

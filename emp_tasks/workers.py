@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from emp_tasks import __version__, db, events, queues
@@ -98,14 +99,15 @@ def register(
     from emp_tasks import steps
 
     with db.transaction() as session:
-        machine = session.get(Machine, machine_id, with_for_update=True)
-        if machine is None:
-            machine = Machine(id=machine_id, hostname=hostname)
-            session.add(machine)
-        machine.hostname = hostname
-        machine.last_seen_at = now()
-        machine.removed_at = None
-        session.flush()
+        # The workers of one machine (one per GPU) register at the same moment: upsert.
+        session.execute(
+            insert(Machine)
+            .values(id=machine_id, hostname=hostname)
+            .on_conflict_do_update(
+                index_elements=[Machine.id],
+                set_={"hostname": hostname, "last_seen_at": func.now(), "removed_at": None},
+            )
+        )
         worker = session.get(Worker, worker_id, with_for_update=True)
         fresh = worker is None
         if worker is None:
@@ -197,6 +199,7 @@ def drain(worker_id: str, reason: str | None = None) -> dict[str, Any]:
         elif worker.status != W.DRAINING:
             raise InvalidState(f"worker {worker_id} is {worker.status}; only online workers drain")
         result = _describe(session, [worker])[0]
+    _forget_live()
     queues.nudge_workers(f"worker:{worker_id}")
     return result
 
@@ -210,6 +213,7 @@ def resume(worker_id: str) -> dict[str, Any]:
         elif worker.status != W.ONLINE:
             raise InvalidState(f"worker {worker_id} is {worker.status}; only a drained one resumes")
         result = _describe(session, [worker])[0]
+    _forget_live()
     queues.nudge_workers(f"worker:{worker_id}")
     return result
 
@@ -240,6 +244,7 @@ def remove_machine(machine_id: str) -> dict[str, Any]:
         for step in _active_steps(session, [worker.id for worker in fleet]):
             steps.requeue(session, step, "MACHINE_REMOVED", f"machine {machine_id} was removed")
             requeued.append(step.id)
+    _forget_live()
     queues.nudge_workers(f"machine:{machine_id}")
     return {"machine_id": machine_id, "requeued_step_ids": requeued}
 
@@ -428,6 +433,13 @@ def live_capabilities() -> list[tuple[str, Capabilities]]:
     with _live_lock:
         _live_cache = (time.monotonic(), fresh)
     return fresh
+
+
+def _forget_live() -> None:
+    """This process changed the fleet: its cached view is stale."""
+    global _live_cache
+    with _live_lock:
+        _live_cache = (0.0, [])
 
 
 def wait_for_workers(count: int = 1, timeout_s: float = 30.0) -> bool:

@@ -15,6 +15,7 @@ import pytest
 
 from emp_tasks.celery_app import app
 from emp_tasks.db import ROOT
+from emp_tasks.launcher import child_env
 from tests.conftest import (
     ARTIFACTS,
     LEASE_S,
@@ -35,7 +36,7 @@ def worker_row(client, worker_id: str) -> dict | None:
 
 
 @pytest.fixture
-def launcher(services, system, tmp_path):
+def gpu_launcher(services, system, tmp_path):
     env = process_env(
         services,
         PATH=fake_nvidia_smi(tmp_path),
@@ -61,7 +62,7 @@ def launcher(services, system, tmp_path):
     log.close()
 
 
-def test_one_pinned_single_step_worker_per_gpu(client, launcher):
+def test_one_pinned_single_step_worker_per_gpu(client, gpu_launcher):
     for gpu in ("0", "1"):
         wait_for(lambda gpu=gpu: worker_status(f"launch-gpu{gpu}") == "online", timeout_s=60)
     gpu0 = worker_row(client, "launch-gpu0")
@@ -105,8 +106,8 @@ def test_one_pinned_single_step_worker_per_gpu(client, launcher):
     )
 
     # SIGTERM stops every worker cleanly.
-    launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(60) == 0
+    gpu_launcher.send_signal(signal.SIGTERM)
+    assert gpu_launcher.wait(60) == 0
     assert worker_status("launch-gpu0") == "offline"
     assert worker_status("launch-gpu1") == "offline"
 
@@ -135,3 +136,14 @@ def test_bad_gpu_list_is_refused(services):
     )
     assert done.returncode == 2
     assert "comma-separated GPU indices" in done.stderr
+
+
+def test_each_gpu_process_gets_its_own_backend_and_identity():
+    env = child_env(
+        {"EMP_CONNECTORS": '{"sdxl": {"kind": "comfyui", "url": "http://127.0.0.1:818{gpu}"}}'},
+        "3",
+        "box-gpu3",
+    )
+    assert json.loads(env["EMP_CONNECTORS"])["sdxl"]["url"] == "http://127.0.0.1:8183"
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert env["EMP_WORKER_ID"] == "box-gpu3" and env["EMP_WORKER_CONCURRENCY"] == "1"
