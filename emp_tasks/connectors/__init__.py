@@ -11,9 +11,15 @@ import threading
 
 from emp_tasks.config import ConnectorConfig, get_settings
 from emp_tasks.connectors.base import Connector
+from emp_tasks.connectors.comfyui import ComfyUIConnector
+from emp_tasks.connectors.http import HttpConnector
 from emp_tasks.connectors.simulation import SimulationConnector
 
-KINDS: dict[str, type] = {"simulation": SimulationConnector}
+KINDS: dict[str, type] = {
+    "simulation": SimulationConnector,
+    "comfyui": ComfyUIConnector,
+    "http": HttpConnector,
+}
 """Connector kinds by name; each is built as `Kind(service, options)`."""
 
 _instances: dict[str, Connector] = {}
