@@ -383,6 +383,9 @@ class Worker(Base):
     capabilities: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
     queues: Mapped[list[Any]] = mapped_column(JSONB, nullable=False, default=list)
     """The queues the worker reported consuming at its last heartbeat."""
+    backends: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    """Each service's backend health as its connector last reported it (e.g. ComfyUI's
+    `/system_stats`)."""
     hostname: Mapped[str | None] = mapped_column(String(255))
     pid: Mapped[int | None] = mapped_column(Integer)
     pool: Mapped[str | None] = mapped_column(String(20))

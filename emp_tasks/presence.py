@@ -26,10 +26,12 @@ from emp_tasks import db, queues, redisdb, routing, workers
 from emp_tasks.capabilities import Capabilities
 from emp_tasks.config import get_settings
 from emp_tasks.models import WorkerStatus
+from emp_tasks.times import iso, now
 
 logger = logging.getLogger(__name__)
 
 APPLY_INTERVAL_S = 0.2
+BACKEND_CHECK_INTERVAL_S = 30.0
 
 
 def own_queue(worker_id: str) -> str:
@@ -43,6 +45,21 @@ def wanted_queues(caps: Capabilities, status: WorkerStatus | None) -> list[str]:
     with db.transaction() as session:
         routes = queues.all_routes(session)
     return sorted(route.queue for route in routes if not routing.unmet(caps, route))
+
+
+def backend_health(services: list[str]) -> dict[str, Any]:
+    """Each service's backend health, for connectors that can tell (ComfyUI can)."""
+    from emp_tasks import connectors
+
+    report: dict[str, Any] = {}
+    for service in services:
+        try:
+            check = getattr(connectors.get(service), "health", None)
+            if check is not None:
+                report[service] = {**check(), "checked_at": iso(now())}
+        except Exception as exc:
+            report[service] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return report
 
 
 def connector_models(service: str) -> list[str] | None:
@@ -75,6 +92,7 @@ class Presence:
         self.lease_timeout_s = float(settings.lease_timeout_s)
         self.status: WorkerStatus | None = None
         self.registered = False
+        self._backends: dict[str, Any] | None = None
         self.wanted: set[str] = set()
         self.consumed: set[str] = set()
         self._lock = threading.Lock()
@@ -97,6 +115,7 @@ class Presence:
         self._thread = threading.Thread(target=self._run, name="emp-presence", daemon=True)
         self._thread.start()
         threading.Thread(target=self._listen, name="emp-fleet-nudges", daemon=True).start()
+        threading.Thread(target=self._check_backends, name="emp-backends", daemon=True).start()
 
     def _register(self) -> None:
         self.status = workers.register(
@@ -158,7 +177,8 @@ class Presence:
             return
         with self._lock:
             consumed = sorted(self.consumed)
-        status = workers.heartbeat(self.worker_id, consumed)
+        backends, self._backends = self._backends, None
+        status = workers.heartbeat(self.worker_id, consumed, backends)
         if status is None:  # the registry lost us (a restored database): register again
             self._register()
             return
@@ -183,6 +203,12 @@ class Presence:
                 logger.warning(
                     "Heartbeat failed", exc_info=True, extra={"action": "worker_heartbeat_failed"}
                 )
+
+    def _check_backends(self) -> None:
+        """Ask each connector how its backend is (slow backends never delay heartbeats)."""
+        while not self._stop.is_set():
+            self._backends = backend_health(self.caps.services)
+            self._stop.wait(BACKEND_CHECK_INTERVAL_S)
 
     def _listen(self) -> None:
         """Wake the heartbeat thread when the fleet changes (a new route, a drain)."""

@@ -127,6 +127,7 @@ def register(
         worker.started_at = worker.last_heartbeat_at = worker.updated_at = now()
         worker.stopped_at = None
         worker.queues = []
+        worker.backends = {}
         session.flush()
         _record(
             session,
@@ -141,7 +142,9 @@ def register(
     return status
 
 
-def heartbeat(worker_id: str, consumed: list[str]) -> WorkerStatus | None:
+def heartbeat(
+    worker_id: str, consumed: list[str], backends: dict[str, Any] | None = None
+) -> WorkerStatus | None:
     """The worker is alive and consumes `consumed`; return its status (None: not registered).
 
     A worker the reconciler marked offline while it was, in fact, alive (a long
@@ -154,6 +157,8 @@ def heartbeat(worker_id: str, consumed: list[str]) -> WorkerStatus | None:
         worker.last_heartbeat_at = now()
         if sorted(worker.queues or []) != sorted(consumed):
             worker.queues = sorted(consumed)
+        if backends is not None:
+            worker.backends = backends
         if worker.status == W.OFFLINE:
             worker.stopped_at = None
             worker.status = W.ONLINE
@@ -319,6 +324,7 @@ def _describe(session: Session, fleet: list[Worker]) -> list[dict[str, Any]]:
             "status_reason": worker.status_reason,
             "capabilities": worker.capabilities,
             "queues": worker.queues,
+            "backends": worker.backends,
             "current_step_id": (current.get(worker.id) or [None])[0],
             "current_step_ids": current.get(worker.id, []),
             "concurrency": worker.concurrency,

@@ -714,3 +714,13 @@ def test_a_comfyui_worker_advertises_the_servers_models_and_gets_steps_needing_t
     missing = client.post("/api/steps", json=body, headers=headers()).get_json()
     assert missing["warnings"][0]["unmet"] == ["models flux1-dev.safetensors"]
     client.post(f"/api/steps/{missing['step_id']}/cancel", json={}, headers=headers())
+
+
+def test_a_comfyui_worker_reports_its_backends_health(client, connector_worker):
+    def backends() -> dict:
+        answer = client.get(f"/api/workers/{E2E_WORKER}", headers=headers("admin")).get_json()
+        return answer["worker"]["backends"]
+
+    report = wait_for(backends)
+    assert report["comfy-e2e"]["ok"] is True and report["comfy-e2e"]["devices"]
+    assert "rest-sync-e2e" in report  # the http connector answers too (no health_url: unchecked)

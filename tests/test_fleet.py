@@ -257,3 +257,19 @@ def test_deleting_a_machine_requeues_its_running_steps(client, start_worker):
     assert gone.status_code == 404 and gone.get_json()["error"]["code"] == "MACHINE_NOT_FOUND"
     client.post(f"/api/steps/{step_id}/cancel", headers=headers())
     assert client.get("/api/machines", headers=headers()).status_code == 403
+
+
+def test_priority_orders_work_across_customers_queues(client, start_worker):
+    """One queue per customer, yet a worker still takes higher priority first from any."""
+    service = "route-priority"
+    start_worker(service, "priority-1")
+    blocker = submit(client, service, {"duration_s": 1.0})["step_id"]
+    wait_for_status(client, blocker, {"running"})
+    low = [submit(client, service, {}, who="alice", priority=10)["step_id"] for _ in range(3)]
+    high = [
+        submit(client, service, {}, who=who, priority=90)["step_id"] for who in ("bob", "alice")
+    ]
+    started = {}
+    for step_id, who in [*((s, "alice") for s in low), (high[0], "bob"), (high[1], "alice")]:
+        started[step_id] = wait_for_status(client, step_id, {"completed"}, who=who)["started_at"]
+    assert max(started[s] for s in high) < min(started[s] for s in low)

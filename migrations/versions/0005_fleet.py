@@ -55,6 +55,7 @@ def upgrade() -> None:
         sa.Column("status_reason", sa.Text(), nullable=True),
         sa.Column("capabilities", postgresql.JSONB(), nullable=False),
         sa.Column("queues", postgresql.JSONB(), nullable=False),
+        sa.Column("backends", postgresql.JSONB(), nullable=False, server_default="{}"),
         sa.Column("hostname", sa.String(length=255), nullable=True),
         sa.Column("pid", sa.Integer(), nullable=True),
         sa.Column("pool", sa.String(length=20), nullable=True),
