@@ -696,16 +696,7 @@ def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> Failur
     _finish_attempt(session, step, outcome, error)
     step.error = error
     if error.get("retryable") and step.attempts <= step.max_retries:
-        delay = retry_delay_s(step.attempts)
-        step.queued_at = _now() + timedelta(seconds=delay)
-        _transition(
-            session,
-            step,
-            S.PENDING,
-            EventType.STEP_RETRYING,
-            {"error": error, "attempt": step.attempts, "retry_at": iso(step.queued_at)},
-            queue=True,
-        )
+        _queue_retry(session, step, error, _now() + timedelta(seconds=retry_delay_s(step.attempts)))
         return FailureOutcome(status=S.PENDING)
     step.completed_at = _now()
     _transition(
@@ -717,6 +708,19 @@ def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> Failur
     )
     _after_finish(session, step)
     return FailureOutcome(status=S.FAILED)
+
+
+def _queue_retry(session: Session, step: Step, error: dict[str, Any], at: datetime) -> None:
+    """Back to pending for another attempt, sent to the broker to run from `at`."""
+    step.queued_at = at
+    _transition(
+        session,
+        step,
+        S.PENDING,
+        EventType.STEP_RETRYING,
+        {"error": error, "attempt": step.attempts, "retry_at": iso(at)},
+        queue=True,
+    )
 
 
 # --- recovery (run by the relay's reconcile loop) ------------------------------------------
@@ -802,15 +806,7 @@ def requeue(session: Session, step: Step, code: str, message: str) -> None:
     error = {"code": code, "message": message, "type": "system", "retryable": True}
     _finish_attempt(session, step, "requeued", error)
     step.max_retries += 1
-    step.queued_at = _now()
-    _transition(
-        session,
-        step,
-        S.PENDING,
-        EventType.STEP_RETRYING,
-        {"error": error, "attempt": step.attempts, "retry_at": iso(step.queued_at)},
-        queue=True,
-    )
+    _queue_retry(session, step, error, _now())
 
 
 def overdue(limit: int = 100) -> list[str]:

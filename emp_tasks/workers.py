@@ -197,26 +197,27 @@ def _locked(session: Session, worker_id: str) -> Worker:
 
 def drain(worker_id: str, reason: str | None = None) -> dict[str, Any]:
     """Stop giving the worker new steps; what it runs now finishes."""
-    with db.transaction() as session:
-        worker = _locked(session, worker_id)
-        if worker.status == W.ONLINE:
-            _set_status(session, worker, W.DRAINING, reason or "drained by an operator")
-        elif worker.status != W.DRAINING:
-            raise InvalidState(f"worker {worker_id} is {worker.status}; only online workers drain")
-        result = _describe(session, [worker])[0]
-    _forget_live()
-    queues.nudge_workers(f"worker:{worker_id}")
-    return result
+    return _operate(worker_id, W.ONLINE, W.DRAINING, reason or "drained by an operator")
 
 
 def resume(worker_id: str) -> dict[str, Any]:
     """Let a drained worker take new steps again."""
+    return _operate(worker_id, W.DRAINING, W.ONLINE, "resumed by an operator")
+
+
+def _operate(
+    worker_id: str, source: WorkerStatus, target: WorkerStatus, reason: str
+) -> dict[str, Any]:
+    """An operator's status change; repeating it is harmless, any other status refuses."""
     with db.transaction() as session:
         worker = _locked(session, worker_id)
-        if worker.status == W.DRAINING:
-            _set_status(session, worker, W.ONLINE, "resumed by an operator")
-        elif worker.status != W.ONLINE:
-            raise InvalidState(f"worker {worker_id} is {worker.status}; only a drained one resumes")
+        if worker.status == source:
+            _set_status(session, worker, target, reason)
+        elif worker.status != target:
+            raise InvalidState(
+                f"worker {worker_id} is {worker.status}; only a worker that is {source.value}"
+                f" can become {target.value}"
+            )
         result = _describe(session, [worker])[0]
     _forget_live()
     queues.nudge_workers(f"worker:{worker_id}")

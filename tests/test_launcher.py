@@ -112,9 +112,16 @@ def test_one_pinned_single_step_worker_per_gpu(client, gpu_launcher):
     assert worker_status("launch-gpu1") == "offline"
 
 
-def test_prefork_is_refused_for_gpu_workers(services):
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--gpus", "0,1", "--pool", "prefork"], "CUDA does not survive fork"),
+        (["--gpus", "0,zero"], "comma-separated GPU indices"),
+    ],
+)
+def test_gpu_worker_refuses_a_bad_command_line(services, arguments, message):
     done = subprocess.run(
-        [sys.executable, "-m", "emp_tasks.cli", "worker", "--gpus", "0,1", "--pool", "prefork"],
+        [sys.executable, "-m", "emp_tasks.cli", "worker", *arguments],
         env=process_env(services),
         cwd=ROOT,
         capture_output=True,
@@ -122,20 +129,7 @@ def test_prefork_is_refused_for_gpu_workers(services):
         timeout=60,
     )
     assert done.returncode == 2
-    assert "CUDA does not survive fork" in done.stderr
-
-
-def test_bad_gpu_list_is_refused(services):
-    done = subprocess.run(
-        [sys.executable, "-m", "emp_tasks.cli", "worker", "--gpus", "0,zero"],
-        env=process_env(services),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2
-    assert "comma-separated GPU indices" in done.stderr
+    assert message in done.stderr
 
 
 def test_each_gpu_process_gets_its_own_backend_and_identity():
