@@ -166,7 +166,8 @@ class Settings:
     machine_id: str = field(default_factory=socket.gethostname)
     worker_concurrency: int = 1
     web_workers: int = 2
-    web_threads: int = 8
+    web_threads: int = 32
+    ws_ping_interval_s: float = 25.0
     log_level: str = "INFO"
 
     @classmethod
@@ -203,7 +204,8 @@ class Settings:
             machine_id=env.get("EMP_MACHINE_ID") or defaults.machine_id,
             worker_concurrency=_int(env, "EMP_WORKER_CONCURRENCY", 1, 1),
             web_workers=_int(env, "EMP_WEB_WORKERS", 2, 1),
-            web_threads=_int(env, "EMP_WEB_THREADS", 8, 1),
+            web_threads=_int(env, "EMP_WEB_THREADS", 32, 1),
+            ws_ping_interval_s=_float(env, "EMP_WS_PING_INTERVAL_S", 25.0),
             log_level=(env.get("EMP_LOG_LEVEL") or "INFO").upper(),
         )
 

@@ -214,7 +214,13 @@ def kill_9(running: RunningSystem) -> None:
 def live_api(services) -> Iterator[str]:
     """The `web` process from the Procfile, on a free port; yields its base URL."""
     port = free_port()
-    env = process_env(services, PORT=str(port), EMP_BIND="127.0.0.1", EMP_WEB_WORKERS="1")
+    env = process_env(
+        services,
+        PORT=str(port),
+        EMP_BIND="127.0.0.1",
+        EMP_WEB_WORKERS="1",
+        EMP_WEB_THREADS="256",  # each WebSocket holds a thread; one test opens 200
+    )
     running = RunningSystem(["web"], env, ARTIFACTS / "web.log")
     base = f"http://127.0.0.1:{port}"
 

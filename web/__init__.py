@@ -34,9 +34,18 @@ def create_app() -> Flask:
         response.headers[CORRELATION_HEADER] = getattr(g, "correlation_id", "")
         return response
 
-    from web import fleet, health, jobs, steps, webhooks, workflows
+    from web import fleet, health, jobs, steps, webhooks, workflows, ws
 
-    for blueprint in (health.bp, steps.bp, jobs.bp, workflows.bp, webhooks.bp, fleet.bp):
+    for blueprint in (
+        health.bp,
+        steps.bp,
+        jobs.bp,
+        workflows.bp,
+        webhooks.bp,
+        fleet.bp,
+        ws.bp,
+    ):
         app.register_blueprint(blueprint)
+    ws.configure(app)
     errors.register(app)
     return app

@@ -1,0 +1,229 @@
+"""Live events for WebSocket clients: one Redis subscription per web process, fanned out.
+
+The hub (one per process) subscribes to the `emp:events` channel once and hands
+each event to every subscriber whose filter takes it. A subscriber sees only
+what its key may see: its customer's events, or everything for an admin key
+(fleet events carry no customer, so only admins see them).
+
+Resume. A subscriber that names a stream id gets every event after it from the
+`emp:events` stream, then the live ones, with no gap and no duplicate: it
+registers with the hub first (live events queue up), reads the stream after the
+id, and then skips queued live events at or before the last one it sent.
+If the hub's own subscription drops, it reads what it missed from the stream
+when it reconnects, so live subscribers see no gap either.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from emp_tasks import redisdb
+from emp_tasks.auth import Principal
+from emp_tasks.events import CHANNEL, STREAM
+
+logger = logging.getLogger(__name__)
+
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+MAX_QUEUED = 10_000
+"""Events a subscriber may have waiting; a client this far behind is disconnected."""
+RESUME_PAGE = 500
+SEEN_IDS = 2_000
+
+
+def stream_key(stream_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = stream_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def valid_stream_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(STREAM_ID.match(value))
+
+
+@dataclass
+class Filter:
+    """What a subscriber asked for (on top of what its key may see)."""
+
+    all: bool = False
+    step_ids: set[str] = field(default_factory=set)
+    workflow_ids: set[str] = field(default_factory=set)
+    machine_ids: set[str] = field(default_factory=set)
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        return (
+            self.all
+            or event.get("step_id") in self.step_ids
+            or event.get("workflow_id") in self.workflow_ids
+            or event.get("machine_id") in self.machine_ids
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "all": self.all,
+            "step_ids": sorted(self.step_ids),
+            "workflow_ids": sorted(self.workflow_ids),
+            "machine_ids": sorted(self.machine_ids),
+        }
+
+
+class Subscriber:
+    """One client's view of the event stream; the hub fills it, the socket drains it."""
+
+    def __init__(self, principal: Principal, wake: Callable[[], None]) -> None:
+        self.principal = principal
+        self.filter = Filter()
+        self._wake = wake
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self.overflowed = False
+        self.last_sent: tuple[int, int] = (0, 0)
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def may_see(self, event: dict[str, Any]) -> bool:
+        if self.principal.admin:
+            return True
+        return event.get("customer_id") == self.principal.customer_id
+
+    def offer(self, event: dict[str, Any]) -> None:
+        """Called by the hub for every live event."""
+        if not self.may_see(event) or not self.filter.wants(event):
+            return
+        with self._lock:
+            if len(self._queue) >= MAX_QUEUED:
+                self.overflowed = True
+            else:
+                self._queue.append(event)
+        self._wake()
+
+    def take(self) -> list[dict[str, Any]]:
+        """Queued events not yet sent, each once, in stream order."""
+        with self._lock:
+            events = list(self._queue)
+            self._queue.clear()
+        return [event for event in events if self._first_time(event)]
+
+    def _first_time(self, event: dict[str, Any]) -> bool:
+        stream_id = event.get("stream_id")
+        if stream_id and stream_key(stream_id) <= self.last_sent:
+            return False
+        if event.get("id") in self._seen:  # the relay published it twice (crash path)
+            return False
+        if stream_id:
+            self.last_sent = stream_key(stream_id)
+        self._seen[event.get("id")] = None
+        if len(self._seen) > SEEN_IDS:
+            self._seen.popitem(last=False)
+        return True
+
+    def history(self, after: str) -> Iterator[dict[str, Any]]:
+        """Events on the stream after `after` that this subscriber wants, oldest first."""
+        client = redisdb.client()
+        start = "(" + after
+        while True:
+            entries = client.xrange(STREAM, min=start, max="+", count=RESUME_PAGE)
+            for stream_id, fields in entries:
+                event = {"stream_id": stream_id, **json.loads(fields["event"])}
+                if self.may_see(event) and self.filter.wants(event) and self._first_time(event):
+                    yield event
+            if len(entries) < RESUME_PAGE:
+                return
+            start = "(" + entries[-1][0]
+
+    def oldest_retained(self) -> str | None:
+        first = redisdb.client().xrange(STREAM, count=1)
+        return first[0][0] if first else None
+
+
+class Hub:
+    """The process's one subscription to `emp:events`, shared by all its sockets."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[Subscriber] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._last: str | None = None
+        self.ready = threading.Event()
+
+    def add(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._subscribers.add(subscriber)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="emp-live-hub", daemon=True)
+                self._thread.start()
+        self.ready.wait(5.0)
+
+    def remove(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._subscribers.discard(subscriber)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._subscribers)
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        stream_id = event.get("stream_id")
+        if stream_id:
+            if self._last and stream_key(stream_id) <= stream_key(self._last):
+                return
+            self._last = stream_id
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            subscriber.offer(event)
+
+    def _catch_up(self) -> None:
+        """After a reconnect: deliver what was published while the subscription was down."""
+        if self._last is None:
+            return
+        client = redisdb.client()
+        start = "(" + self._last
+        while True:
+            entries = client.xrange(STREAM, min=start, max="+", count=RESUME_PAGE)
+            for stream_id, fields in entries:
+                self._deliver({"stream_id": stream_id, **json.loads(fields["event"])})
+            if len(entries) < RESUME_PAGE:
+                return
+            start = "(" + entries[-1][0]
+
+    def _run(self) -> None:
+        while True:
+            try:
+                pubsub = redisdb.client().pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+                self._catch_up()
+                self.ready.set()
+                for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    try:
+                        event = json.loads(message["data"])
+                    except ValueError:
+                        continue
+                    self._deliver(event)
+            except Exception:
+                self.ready.clear()
+                logger.warning(
+                    "Live event subscription lost; reconnecting",
+                    exc_info=True,
+                    extra={"action": "live_hub_reconnect"},
+                )
+                threading.Event().wait(1.0)
+
+
+_hub: Hub | None = None
+_hub_lock = threading.Lock()
+
+
+def hub() -> Hub:
+    global _hub
+    with _hub_lock:
+        if _hub is None:
+            _hub = Hub()
+        return _hub
