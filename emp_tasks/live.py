@@ -199,8 +199,10 @@ class Hub:
                 pubsub.get_message(timeout=1.0)  # the subscribe confirmation
                 self._catch_up()
                 self.ready.set()
-                for message in pubsub.listen():
-                    if message.get("type") != "message":
+                while True:
+                    # Short polls: the client's socket timeout never fires on a quiet channel.
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None or message.get("type") != "message":
                         continue
                     try:
                         event = json.loads(message["data"])
