@@ -35,6 +35,8 @@ class Route:
     admin: bool
     deprecated: bool
     headers: tuple[str, ...] = field(default_factory=tuple)
+    produces: str | None = "application/json"
+    """The success response's media type (None: no body, e.g. a protocol upgrade)."""
 
 
 ROUTES: list[Route] = []
@@ -140,6 +142,7 @@ def endpoint(
     headers: tuple[str, ...] = (),
     not_found_codes: dict[str, str] | None = None,
     aliases: tuple[str, ...] = (),
+    produces: str = "application/json",
 ) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
     """Register `rule` (and any `aliases`, same behaviour) on `blueprint`.
 
@@ -160,6 +163,7 @@ def endpoint(
                 admin=admin,
                 deprecated=deprecated,
                 headers=headers,
+                produces=produces,
             )
             for each in (rule, *aliases)
         )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from emp_tasks import __version__
+
+if TYPE_CHECKING:
+    from web.endpoints import Route
 
 REF = "#/components/schemas/{model}"
 
@@ -79,6 +82,18 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     return parameters
 
 
+def _success(route: Route) -> dict[str, Any]:
+    if route.produces is None:
+        return {"description": "success"}
+    if route.produces != "application/json":
+        return {
+            "description": "success",
+            "content": {route.produces: {"schema": {"type": "string"}}},
+        }
+    schema = {"type": "object", "required": ["success"] if route.authenticated else []}
+    return {"description": "success", "content": {"application/json": {"schema": schema}}}
+
+
 @cache
 def document() -> dict[str, Any]:
     from web.endpoints import ROUTES
@@ -103,19 +118,7 @@ def document() -> dict[str, Any]:
                 "operationId": f"{method.lower()}_{re.sub(r'[^a-zA-Z0-9]+', '_', path).strip('_')}",
                 "tags": list(route.tags),
                 "parameters": parameters,
-                "responses": {
-                    str(route.status): {
-                        "description": "success",
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["success"] if route.authenticated else [],
-                                }
-                            }
-                        },
-                    }
-                },
+                "responses": {str(route.status): _success(route)},
             }
             if route.deprecated:
                 operation["deprecated"] = True

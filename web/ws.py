@@ -45,6 +45,7 @@ ROUTES.append(
         authenticated=True,
         admin=False,
         deprecated=False,
+        produces=None,
     )
 )
 

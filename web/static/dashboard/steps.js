@@ -1,0 +1,418 @@
+/**
+ * Steps: the filtered, paged list (newest first), search by id, and the detail
+ * panel (progress, attempts, events); cancel and retry. Rows change in place
+ * as `step_*` events arrive.
+ */
+
+import { api, explain, query } from "./api.js";
+import { badge, button, el, head, json, setBadge, showMessage } from "./dom.js";
+import { ago, localTime, percent, shortId } from "./format.js";
+import { coalesce } from "./live.js";
+
+const FINISHED = new Set(["completed", "failed", "cancelled", "skipped"]);
+const RETRYABLE = new Set(["failed", "cancelled"]);
+const PAGE_SIZE = 50;
+
+/** The status a step has after each event (`step_submitted` says it in its data). */
+const STATUS_AFTER = {
+  step_queued: "pending",
+  step_assigned: "assigned",
+  step_started: "running",
+  step_progress: "running",
+  step_retrying: "pending",
+  step_completed: "completed",
+  step_failed: "failed",
+  step_cancelled: "cancelled",
+  step_skipped: "skipped",
+};
+
+/** A copy of `step` with what `event` says about it. */
+export function applyStepEvent(step, event) {
+  const data = event.data || {};
+  const next = { ...step, status: data.status || STATUS_AFTER[event.type] || step.status };
+  if (event.type === "step_progress") {
+    next.progress = data.progress ?? next.progress;
+    next.stage = data.stage ?? null;
+    next.message = data.message ?? null;
+  } else if (event.type === "step_completed") {
+    next.progress = 100;
+    next.result = data.result ?? next.result;
+  } else if (event.type === "step_failed" || event.type === "step_retrying") {
+    next.error = data.error ?? next.error;
+  } else if (event.type === "step_assigned") {
+    next.worker_id = data.worker_id ?? event.worker_id ?? next.worker_id;
+    next.machine_id = data.machine_id ?? event.machine_id ?? next.machine_id;
+    next.attempts = data.attempt ?? next.attempts;
+  }
+  next.eventTimestamp = event.timestamp;
+  return next;
+}
+
+/** REST data, unless an event newer than it already moved the step on. */
+function fresher(fetched, known) {
+  if (known && known.eventTimestamp > Date.parse(fetched.updated_at)) {
+    const live = pick(known, ["status", "progress", "stage", "message", "eventTimestamp"]);
+    return { ...fetched, ...live };
+  }
+  return fetched;
+}
+
+function pick(object, names) {
+  return Object.fromEntries(names.map((name) => [name, object[name]]));
+}
+
+export function createSteps({ onShown }) {
+  const rows = document.getElementById("step-rows");
+  const message = document.querySelector("[data-testid=steps-message]");
+  const detail = document.getElementById("step-detail");
+  const statusFilter = document.getElementById("step-status-filter");
+  const serviceFilter = document.getElementById("step-service-filter");
+  const olderButton = document.getElementById("steps-older");
+  const known = new Map();
+  let cursors = [null];
+  let nextCursor = null;
+  let opened = null;
+
+  // --- the list -----------------------------------------------------------------------
+
+  function actionButtons(step) {
+    return [
+      button("Cancel", () => cancel(step.id), { "data-testid": "step-cancel" }),
+      button("Retry", () => retry(step.id), { "data-testid": "step-retry" }),
+    ];
+  }
+
+  function newRow(step) {
+    return el(
+      "tr",
+      { "data-step-id": step.id, "data-testid": "step-row" },
+      el(
+        "td",
+        {},
+        button(shortId(step.id), () => open(step.id), { class: "link id", title: step.id }),
+      ),
+      el("td", { "data-field": "service" }),
+      el("td", {}, badge(step.status, "step-status")),
+      el(
+        "td",
+        { class: "progress-cell" },
+        el("progress", { max: 100, value: 0, "data-testid": "step-progress" }),
+        el("span", { class: "num", "data-testid": "step-progress-text" }),
+      ),
+      el("td", { class: "num", "data-field": "attempts" }),
+      el("td", { class: "id", "data-field": "worker" }),
+      el("td", { "data-field": "created" }),
+      el("td", { class: "row-actions" }, actionButtons(step)),
+    );
+  }
+
+  /** Update a row's cells in place, so elements a user (or a test) holds stay valid. */
+  function fillRow(row, step) {
+    row.querySelector("[data-field=service]").textContent = step.service;
+    setBadge(row.querySelector("[data-testid=step-status]"), step.status);
+    row.querySelector("[data-testid=step-progress]").value = Number(step.progress) || 0;
+    row.querySelector("[data-testid=step-progress-text]").textContent = percent(step.progress);
+    row.querySelector("[data-field=attempts]").textContent =
+      `${step.attempts}/${(step.max_retries ?? 0) + 1}`;
+    const worker = row.querySelector("[data-field=worker]");
+    worker.textContent = step.worker_id || "—";
+    worker.title = step.machine_id || "";
+    const created = row.querySelector("[data-field=created]");
+    created.textContent = ago(step.created_at);
+    created.title = localTime(step.created_at);
+    row.querySelector("[data-testid=step-cancel]").hidden = FINISHED.has(step.status);
+    row.querySelector("[data-testid=step-retry]").hidden =
+      !RETRYABLE.has(step.status) || Boolean(step.workflow_id);
+    row.dataset.status = step.status;
+  }
+
+  function rowFor(stepId) {
+    return rows.querySelector(`tr[data-step-id="${CSS.escape(stepId)}"]`);
+  }
+
+  function renderList(steps) {
+    const existing = new Map();
+    rows.querySelectorAll("tr[data-step-id]").forEach((r) => existing.set(r.dataset.stepId, r));
+    const ordered = steps.map((step) => {
+      const row = existing.get(step.id) || newRow(step);
+      fillRow(row, step);
+      return row;
+    });
+    if (!ordered.length) {
+      ordered.push(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No steps match.")));
+    }
+    rows.replaceChildren(...ordered);
+  }
+
+  async function refresh() {
+    const params = {
+      status: statusFilter.value,
+      service: serviceFilter.value.trim(),
+      limit: PAGE_SIZE,
+      cursor: cursors.at(-1),
+    };
+    try {
+      const data = await api(`/api/steps${query(params)}`);
+      showMessage(message, "");
+      const steps = data.steps.map((s) => fresher(s, known.get(s.id)));
+      known.clear();
+      steps.forEach((s) => known.set(s.id, s));
+      nextCursor = data.next_cursor;
+      olderButton.disabled = !nextCursor;
+      renderList(steps);
+      onShown(steps.map((s) => s.id));
+      if (opened) refreshDetail();
+    } catch (error) {
+      showMessage(message, explain(error));
+    }
+  }
+
+  const refreshSoon = coalesce(refresh, 1000);
+
+  // --- actions --------------------------------------------------------------------------
+
+  async function act(stepId, action, body) {
+    try {
+      const data = await api(`/api/steps/${encodeURIComponent(stepId)}/${action}`, {
+        method: "POST",
+        body,
+      });
+      showMessage(message, "");
+      update(data.step);
+    } catch (error) {
+      showMessage(message, `${action} ${shortId(stepId)}: ${explain(error)}`);
+    }
+  }
+
+  const cancel = (stepId) => act(stepId, "cancel", { reason: "cancelled from the dashboard" });
+  const retry = (stepId) => act(stepId, "retry");
+
+  /** Show a step's new state wherever it is on screen. */
+  function update(step) {
+    if (known.has(step.id)) known.set(step.id, step);
+    const row = rowFor(step.id);
+    if (row) fillRow(row, step);
+    if (opened && opened.step.id === step.id) {
+      opened.step = step;
+      drawDetail();
+    }
+  }
+
+  // --- the detail panel -----------------------------------------------------------------
+
+  async function open(stepId) {
+    try {
+      const [stepData, attempts, events] = await Promise.all([
+        api(`/api/steps/${encodeURIComponent(stepId)}`),
+        api(`/api/steps/${encodeURIComponent(stepId)}/attempts`),
+        api(`/api/steps/${encodeURIComponent(stepId)}/events`),
+      ]);
+      showMessage(message, "");
+      opened = {
+        step: fresher(stepData.step, known.get(stepId)),
+        warnings: stepData.warnings || [],
+        attempts: attempts.attempts,
+        events: events.events,
+      };
+      onShown([stepId]);
+      drawDetail();
+      detail.scrollIntoView({ block: "nearest" });
+    } catch (error) {
+      showMessage(message, `step ${stepId}: ${explain(error)}`);
+    }
+  }
+
+  async function refreshDetail() {
+    if (!opened) return;
+    const stepId = opened.step.id;
+    try {
+      const [stepData, attempts, events] = await Promise.all([
+        api(`/api/steps/${encodeURIComponent(stepId)}`),
+        api(`/api/steps/${encodeURIComponent(stepId)}/attempts`),
+        api(`/api/steps/${encodeURIComponent(stepId)}/events`),
+      ]);
+      if (!opened || opened.step.id !== stepId) return;
+      opened.step = fresher(stepData.step, opened.step);
+      opened.warnings = stepData.warnings || [];
+      opened.attempts = attempts.attempts;
+      opened.events = events.events;
+      drawDetail();
+    } catch {
+      // The list's own refresh reports the API's state.
+    }
+  }
+
+  const refreshDetailSoon = coalesce(refreshDetail, 1000);
+
+  function field(label, value) {
+    return [el("dt", {}, label), el("dd", {}, value ?? "—")];
+  }
+
+  function drawDetail() {
+    const { step, warnings, attempts, events } = opened;
+    const stageText = [step.stage, step.message].filter(Boolean).join(" · ");
+    const unfolded = [...detail.querySelectorAll("details")].map((d) => d.open);
+    const actions = el("div", { class: "actions" });
+    if (!FINISHED.has(step.status)) {
+      actions.append(button("Cancel", () => cancel(step.id), { "data-testid": "detail-cancel" }));
+    }
+    if (RETRYABLE.has(step.status) && !step.workflow_id) {
+      actions.append(button("Retry", () => retry(step.id), { "data-testid": "detail-retry" }));
+    }
+    const parts = [
+      el(
+        "header",
+        {},
+        el("h3", {}, "Step ", el("span", { class: "id", "data-testid": "detail-id" }, step.id)),
+        button("×", close, { class: "close", title: "Close" }),
+      ),
+      el(
+        "p",
+        {},
+        badge(step.status, "detail-status"),
+        " ",
+        el("progress", {
+          max: 100,
+          value: Number(step.progress) || 0,
+          "data-testid": "detail-progress",
+        }),
+        " ",
+        percent(step.progress),
+        el("small", { class: "muted" }, ` ${stageText}`),
+      ),
+      actions,
+      warnings.length
+        ? el("ul", { class: "warnings" }, warnings.map((w) => el("li", {}, w.message)))
+        : null,
+      el(
+        "dl",
+        {},
+        field("service", step.service),
+        field("priority", step.priority),
+        field("queue", step.queue),
+        field("customer", step.customer_id),
+        field("workflow", step.workflow_id ? `${step.workflow_id} (#${step.step_index})` : null),
+        field("worker", step.worker_id ? `${step.worker_id} on ${step.machine_id}` : null),
+        field("attempts", `${step.attempts} of ${(step.max_retries ?? 0) + 1}`),
+        field("created", localTime(step.created_at)),
+        field("started", localTime(step.started_at)),
+        field("completed", localTime(step.completed_at)),
+        field("correlation id", step.correlation_id),
+      ),
+      step.error
+        ? el(
+            "div",
+            { class: "error-box", "data-testid": "detail-error" },
+            `${step.error.code}: ${step.error.message}`,
+          )
+        : null,
+      el("details", {}, el("summary", {}, "Payload"), json(step.payload)),
+      el("details", {}, el("summary", {}, "Result"), json(step.result)),
+      el("h4", {}, "Attempts"),
+      attemptTable(attempts),
+      el("h4", {}, "Events"),
+      eventList(events),
+    ];
+    detail.replaceChildren(...parts.filter(Boolean));
+    detail.querySelectorAll("details").forEach((d, i) => {
+      d.open = Boolean(unfolded[i]);
+    });
+    detail.hidden = false;
+  }
+
+  function attemptTable(attempts) {
+    if (!attempts.length) return el("p", { class: "muted" }, "No attempt yet.");
+    return el(
+      "table",
+      { "data-testid": "detail-attempts" },
+      head("#", "worker", "outcome", "started", "finished", "error"),
+      el(
+        "tbody",
+        {},
+        attempts.map((a) =>
+          el(
+            "tr",
+            { "data-attempt": a.attempt },
+            el("td", { class: "num" }, a.attempt),
+            el("td", { class: "id", title: a.machine_id || "" }, a.worker_id || "—"),
+            el("td", {}, a.outcome ? badge(a.outcome) : "running"),
+            el("td", {}, localTime(a.started_at)),
+            el("td", {}, localTime(a.finished_at)),
+            el("td", {}, a.error ? `${a.error.code}: ${a.error.message}` : "—"),
+          ),
+        ),
+      ),
+    );
+  }
+
+  function eventList(events) {
+    if (!events.length) return el("p", { class: "muted" }, "No events.");
+    return el(
+      "ol",
+      { class: "events", "data-testid": "detail-events" },
+      events.map((e) =>
+        el(
+          "li",
+          { "data-event-id": e.id },
+          el("time", {}, new Date(e.timestamp).toLocaleTimeString()),
+          " ",
+          el("strong", {}, e.type),
+          " ",
+          el("code", {}, JSON.stringify(e.data)),
+        ),
+      ),
+    );
+  }
+
+  function close() {
+    opened = null;
+    detail.hidden = true;
+    detail.replaceChildren();
+  }
+
+  // --- live ---------------------------------------------------------------------------
+
+  function apply(event) {
+    if (!event.type.startsWith("step_") || !event.step_id) return;
+    const inDetail = opened && opened.step.id === event.step_id;
+    const onScreen = known.get(event.step_id) || (inDetail ? opened.step : null);
+    if (onScreen) {
+      update(applyStepEvent(onScreen, event));
+      if (inDetail && !opened.events.some((e) => e.id === event.id)) {
+        opened.events.push(event);
+        drawDetail();
+        if (event.type !== "step_progress") refreshDetailSoon();
+      }
+    } else if (event.type === "step_submitted" && cursors.length === 1) {
+      refreshSoon();
+    }
+  }
+
+  // --- controls -------------------------------------------------------------------------
+
+  document.getElementById("step-filters").addEventListener("submit", (e) => {
+    e.preventDefault();
+    cursors = [null];
+    refresh();
+  });
+  document.getElementById("steps-newest").addEventListener("click", () => {
+    cursors = [null];
+    refresh();
+  });
+  olderButton.addEventListener("click", () => {
+    if (!nextCursor) return;
+    cursors.push(nextCursor);
+    refresh();
+  });
+  const search = document.getElementById("step-search");
+  const go = () => search.value.trim() && open(search.value.trim());
+  document.getElementById("step-search-go").addEventListener("click", go);
+  search.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") {
+      e.preventDefault();
+      go();
+    }
+  });
+
+  return { refresh, apply, open };
+}
