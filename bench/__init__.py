@@ -5,6 +5,7 @@ the order of the run), `ours` (the Procfile system driven over HTTP), `baseline`
 (bare Celery worker subprocesses driven from this process), `bare_celery` (the
 Celery app those workers load), `workflows` (the workflow shapes, as an EMP Tasks
 request body and as a Celery canvas), `webhook_rows` (the webhook latency
-configurations and their local receiver, EMP Tasks only), `stats` (percentiles,
+configurations and their local receiver, EMP Tasks only), `live_rows` (the
+WebSocket event latency configurations and their clients, EMP Tasks only), `stats` (percentiles,
 deadlines, one system's result) and `report` (the printed table).
 """

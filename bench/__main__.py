@@ -5,10 +5,11 @@ Redis index), measure EMP Tasks, then the bare Celery baselines on the same
 Redis, drop the scratch environment, and print the table. The workflow rows
 (bench.workflows.SHAPES, skipped with --no-workflows) run on EMP Tasks' processes
 after its steps, and on the threads-pool bare Celery worker after its tasks. The
-webhook latency rows (bench.webhook_rows, skipped with --no-webhooks) run last, on
+webhook latency rows (bench.webhook_rows, skipped with --no-webhooks) and then the
+WebSocket event latency rows (bench.live_rows, skipped with --no-live) run last, on
 EMP Tasks only: there is no bare Celery equivalent.
 Exits 1 when any system did not complete every step or workflow by its deadline, or
-when fewer webhooks than expected arrived by theirs.
+when fewer webhooks or WebSocket deliveries than expected arrived by theirs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 from urllib.parse import parse_qs, urlsplit
 
-from bench import baseline, ours, report, webhook_rows, workflows
+from bench import baseline, live_rows, ours, report, webhook_rows, workflows
 from bench.stats import Result
 from emp_tasks import redisdb, scratch
 from emp_tasks.db import ROOT
@@ -112,6 +113,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds each webhook row waits for its webhooks after its last submit (60)",
     )
     parser.add_argument(
+        "--no-live",
+        action="store_true",
+        help="skip the WebSocket event latency rows (EMP Tasks only)",
+    )
+    parser.add_argument(
+        "--live-steps",
+        type=_positive,
+        default=20,
+        help="steps of each WebSocket event latency row (20)",
+    )
+    parser.add_argument(
+        "--live-rate",
+        type=_positive_float,
+        default=5.0,
+        help="steps/s submitted in the WebSocket event latency rows (5)",
+    )
+    parser.add_argument(
+        "--live-timeout",
+        type=float,
+        default=30.0,
+        help="seconds each WebSocket row waits for its deliveries after its last submit (30)",
+    )
+    parser.add_argument(
         "--keep-services",
         action="store_true",
         help="leave embedded Redis/PostgreSQL running if this run started them",
@@ -162,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             args.webhook_fanout_rate,
         )
     )
+    live = [] if args.no_live else live_rows.configs(args.live_steps, args.live_rate)
     options = {
         "steps": args.steps,
         "threads": args.threads,
@@ -172,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "workflow_timeout_s": args.workflow_timeout,
         "webhooks": hooks,
         "webhook_timeout_s": args.webhook_timeout,
+        "live": live,
+        "live_timeout_s": args.live_timeout,
     }
     print(f"creating a scratch environment in {DATA_DIR} ...", file=sys.stderr, flush=True)
     run = scratch.create("emp_bench", DATA_DIR, EMBEDDED_REDIS_PORT)
@@ -219,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if inherited:
         print(f"EMP Tasks processes also inherit: {', '.join(inherited)}")
-    print(report.table(mine, baselines, shapes, hooks))
+    print(report.table(mine, baselines, shapes, hooks, live))
     print(
         "Worker concurrency 2 everywhere (EMP Tasks: `emp worker`, threads pool). "
         "Ratio = EMP Tasks / baseline in steps/s: above 1 EMP Tasks is faster, below 1 slower."
@@ -241,8 +268,18 @@ def main(argv: list[str] | None = None) -> int:
             "latency of every (endpoint, step) webhook from the step row's completed_at to "
             "its receipt (matched by data.step_id); the endpoints are deleted afterwards."
         )
+    if live:
+        print(
+            "WebSocket rows (EMP Tasks only, no bare Celery equivalent): per configuration, "
+            "clients connected to /ws with the admin key, each subscribed to all, steps "
+            f"submitted at a steady rate after {ours.LIVE_WARMUP} warm-up steps; latency of "
+            "every (client, event of those steps) from the envelope's timestamp (whole ms, taken "
+            "when the event is recorded in its committing transaction) to the frame's arrival "
+            "on the client's reading thread, all clients in this one process; web processes "
+            f"with EMP_WEB_THREADS={ours.WEB_THREADS} (one thread per socket)."
+        )
     for result in (mine, *baselines):
-        print(report.summary(result, shapes, hooks))
+        print(report.summary(result, shapes, hooks, live))
     return 0 if all(result.ok for result in (mine, *baselines)) else 1
 
 

@@ -8,6 +8,9 @@ on the same processes, each workflow shape is submitted with one
 Last, each webhook configuration (bench.webhook_rows) registers its endpoints
 with `POST /api/webhooks`, submits steps at a steady rate, waits for every
 `step_completed` webhook at a local receiver, and deletes its endpoints again.
+Then each live configuration (bench.live_rows) connects its WebSocket clients,
+submits steps at a steady rate and waits until every client has every event of
+those steps.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from typing import Any
 import requests
 from sqlalchemy import func, select
 
-from bench.stats import BenchError, Deadline, Result, WebhookResult, WorkflowResult
+from bench.live_rows import Audience, LiveRow
+from bench.stats import BenchError, Deadline, LiveResult, Result, WebhookResult, WorkflowResult
 from bench.webhook_rows import Receiver, WebhookRow
 from bench.workflows import Shape
 from emp_tasks import config, db, delivery, events, redisdb, workers
 from emp_tasks.models import (
     TERMINAL_STEP_STATUSES,
+    Event,
     Step,
     StepStatus,
     WebhookDelivery,
@@ -50,6 +55,9 @@ POLL_INTERVAL_S = 0.1
 WEBHOOK_THREADS = 4  # client threads submitting the webhook rows' steps at their steady rate
 WEBHOOK_WARMUP = 3  # steps per webhook configuration before the measured ones
 CATCH_UP_TIMEOUT_S = 60.0  # for the webhooks process to have read the whole event stream
+WEB_THREADS = 256  # each WebSocket holds one web thread: the 200-client row, plus HTTP
+LIVE_WARMUP = 3  # steps per live configuration before the measured ones
+CONNECT_TIMEOUT_S = 60.0  # for a live configuration's clients to connect and subscribe
 SET_BY_BENCH = frozenset(
     {
         "EMP_API_KEYS",
@@ -58,6 +66,7 @@ SET_BY_BENCH = frozenset(
         "EMP_RATE_LIMIT_PER_MINUTE",
         "EMP_WORKER_CONCURRENCY",
         "EMP_WORKER_ID",
+        "EMP_WEB_THREADS",
         "EMP_LOG_LEVEL",
     }
 )
@@ -79,6 +88,7 @@ def process_env(run: Scratch, port: int) -> dict[str, str]:
         "EMP_BIND": "127.0.0.1",
         "EMP_RATE_LIMIT_PER_MINUTE": "0",
         "EMP_WORKER_CONCURRENCY": "2",
+        "EMP_WEB_THREADS": str(WEB_THREADS),
         "EMP_WORKER_ID": f"bench-worker-{os.getpid()}",
         "EMP_LOG_LEVEL": "WARNING",
         "EMP_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on 127.0.0.1
@@ -419,7 +429,7 @@ def _paced_submit(
                 outcomes.append((index, step_id, error))
 
     threads = min(WEBHOOK_THREADS, count)
-    with ThreadPoolExecutor(threads, thread_name_prefix="bench-webhook-submit") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="bench-paced-submit") as pool:
         for future in [pool.submit(client) for _ in range(threads)]:
             future.result()
     outcomes.sort(key=lambda outcome: outcome[0])
@@ -573,13 +583,93 @@ def _measure_webhook_rows(
         result.webhooks[row.key] = outcome
 
 
+# --- live event latency rows ---------------------------------------------------------------
+
+
+def _step_event_ids(ids: list[str]) -> list[str]:
+    """The ids of every event of these steps in the outbox."""
+    with db.transaction() as session:
+        return list(session.scalars(select(Event.id).where(Event.step_id.in_(ids))))
+
+
+def _live_steps(
+    system: _System,
+    clients: _Clients,
+    audience: Audience,
+    count: int,
+    rate: float,
+    deadline: Deadline,
+) -> tuple[list[str], list[str], dict[str, int], list[str]]:
+    """Submit `count` steps at `rate`, wait for them and for every client to have their events.
+
+    Return the step ids, the submit errors, the steps by status and the steps' event ids.
+    """
+    ids, errors = _paced_submit(clients, count, rate, deadline)
+    counts, _ = _wait_terminal(system, ids, deadline) if ids else ({}, 0.0)
+    event_ids = _step_event_ids(ids) if ids else []
+    audience.wait(event_ids, deadline, system.check_alive)
+    return ids, errors, counts, event_ids
+
+
+def _measure_live(system: _System, clients: _Clients, row: LiveRow, timeout_s: float) -> LiveResult:
+    """Connect the row's clients, warm up, submit its steps, wait for every delivery, close."""
+    outcome = row.empty_result()
+    audience = Audience(clients.base_url, API_KEY)
+    try:
+        audience.connect(row.clients, Deadline(CONNECT_TIMEOUT_S))
+        deadline = Deadline(WARMUP_TIMEOUT_S)
+        _, errors, _, event_ids = _live_steps(
+            system, clients, audience, LIVE_WARMUP, row.rate, deadline
+        )
+        received, expected = audience.received(event_ids), len(event_ids) * row.clients
+        if errors or not event_ids or received != expected:
+            why = errors[0] if errors else f"{received} of {expected} events received"
+            raise BenchError(f"live warm-up within {deadline.seconds:g} s: {why}")
+
+        deadline = Deadline(row.steps / row.rate + timeout_s)
+        ids, errors, counts, event_ids = _live_steps(
+            system, clients, audience, row.steps, row.rate, deadline
+        )
+        outcome.submitted = len(ids)
+        outcome.completed = counts.get(StepStatus.COMPLETED, 0)
+        if errors:
+            outcome.errors.append(f"{len(errors)} submits failed, first: {errors[0]}")
+        if outcome.completed != len(ids):
+            outcome.errors.append(f"live rows' steps by status at the deadline: {counts}")
+        audience.fill(event_ids, outcome)
+        if outcome.missing:
+            outcome.errors.append(
+                f"{outcome.missing} of {outcome.expected} deliveries missing "
+                f"after {deadline.seconds:g} s"
+            )
+    except BenchError as exc:
+        outcome.errors.append(str(exc))
+    finally:
+        audience.close()
+    return outcome
+
+
+def _measure_live_rows(
+    system: _System, clients: _Clients, options: dict[str, Any], result: Result
+) -> None:
+    """Each live configuration in turn; skipped when the steps did not all complete."""
+    for row in options.get("live", ()):
+        if result.completed != result.requested:
+            outcome = row.empty_result()
+            outcome.errors.append("not run: the step measurement before it did not complete")
+        else:
+            outcome = _measure_live(system, clients, row, options["live_timeout_s"])
+        result.live[row.key] = outcome
+
+
 def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
     """Start web, worker, webhooks and relay on the scratch run, measure, and stop them.
 
     `options["workflows"]` (shapes, may be empty) are measured after the steps, on the same
     processes, each with `options["workflow_timeout_s"]`; then `options["webhooks"]`
-    (bench.webhook_rows.Config, may be empty), each with `options["webhook_timeout_s"]`
-    after its last scheduled submit.
+    (bench.webhook_rows.WebhookRow, may be empty), each with `options["webhook_timeout_s"]`
+    after its last scheduled submit; then `options["live"]` (bench.live_rows.LiveRow, may be
+    empty), each with `options["live_timeout_s"]` after its last scheduled submit.
     """
     use_scratch(run)
     result = Result(name="EMP Tasks", requested=options["steps"])
@@ -594,6 +684,7 @@ def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
         _measure(system, clients, options, result)
         _measure_workflows(system, clients, options, result)
         _measure_webhook_rows(system, clients, options, result)
+        _measure_live_rows(system, clients, options, result)
     except BenchError as exc:
         result.errors.append(str(exc))
     finally:
@@ -610,4 +701,9 @@ def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
             hook = row.empty_result()
             hook.errors.append("not run: EMP Tasks stopped before it")
             result.webhooks[row.key] = hook
+    for row in options.get("live", ()):
+        if row.key not in result.live:
+            live = row.empty_result()
+            live.errors.append("not run: EMP Tasks stopped before it")
+            result.live[row.key] = live
     return result

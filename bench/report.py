@@ -6,7 +6,8 @@ import math
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from bench.stats import Result, WebhookResult, WorkflowResult, percentile
+from bench.live_rows import LiveRow
+from bench.stats import LiveResult, Result, WebhookResult, WorkflowResult, percentile
 from bench.webhook_rows import WebhookRow
 from bench.workflows import Shape
 
@@ -78,15 +79,26 @@ def _webhook_row(ours: Result, baselines: list[Result], row: WebhookRow) -> list
     return cells
 
 
+def _live_row(ours: Result, baselines: list[Result], row: LiveRow) -> list[str]:
+    """p50 / p99 of one live configuration; EMP Tasks only, so a dash for every baseline."""
+    live = ours.live.get(row.key)
+    cells = [f"{row.label}: recorded to received p50 / p99 (ms)"]
+    cells.append(_latency(live.latencies_ms) if live is not None and live.ok else DASH)
+    for _ in baselines:
+        cells += [DASH, ""]
+    return cells
+
+
 def table(
     ours: Result,
     baselines: list[Result],
     shapes: Sequence[Shape] = (),
     webhooks: Sequence[WebhookRow] = (),
+    live: Sequence[LiveRow] = (),
 ) -> str:
     """A Markdown table: ours, then each baseline with the ratio ours / baseline (in steps/s).
 
-    The steps rows come first, then each workflow shape's rows, then each webhook row.
+    The steps rows come first, then each workflow shape's rows, each webhook row, each live row.
     """
     header = ["measure", ours.name]
     for baseline in baselines:
@@ -105,6 +117,7 @@ def table(
     for shape in shapes:
         rows += _workflow_rows(ours, baselines, shape)
     rows += [_webhook_row(ours, baselines, row) for row in webhooks]
+    rows += [_live_row(ours, baselines, row) for row in live]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -158,12 +171,34 @@ def _webhook_summary(name: str, row: WebhookRow, hook: WebhookResult) -> str:
     return text
 
 
+def _live_summary(name: str, row: LiveRow, live: LiveResult) -> str:
+    """`name, label: R of E deliveries received, M missing (...)`, latencies, first errors."""
+    plural = "" if row.clients == 1 else "s"
+    text = (
+        f"{name}, {row.label}: {live.received} of {live.expected} deliveries received, "
+        f"{live.missing} missing ({live.events} events of {live.submitted} of {row.steps} "
+        f"steps submitted at {row.rate:g}/s, {live.completed} completed, × {row.clients} "
+        f"client{plural}; {live.duplicates} received twice)"
+    )
+    if live.latencies_ms:
+        text += (
+            f"\n  recorded to received p50 / p99 {_latency(live.latencies_ms)} ms "
+            f"(max {_number(max(live.latencies_ms))} ms)"
+        )
+    for error in live.errors[:3]:
+        text += f"\n  error: {error}"
+    return text
+
+
 def summary(
-    result: Result, shapes: Sequence[Shape] = (), webhooks: Sequence[WebhookRow] = ()
+    result: Result,
+    shapes: Sequence[Shape] = (),
+    webhooks: Sequence[WebhookRow] = (),
+    live: Sequence[LiveRow] = (),
 ) -> str:
     """`name: completed C of S submitted (N requested)` plus the first errors, if any.
 
-    Then one line per workflow shape the system ran, and per webhook row it ran.
+    Then one line per workflow shape the system ran, per webhook row and per live row.
     """
     text = (
         f"{result.name}: {result.completed} completed of {result.submitted} submitted "
@@ -181,4 +216,8 @@ def summary(
         hook = result.webhooks.get(row.key)
         if hook is not None:
             text += "\n" + _webhook_summary(result.name, row, hook)
+    for row in live:
+        outcome = result.live.get(row.key)
+        if outcome is not None:
+            text += "\n" + _live_summary(result.name, row, outcome)
     return text

@@ -95,6 +95,41 @@ class WebhookResult:
 
 
 @dataclass
+class LiveResult:
+    """One live event latency configuration of EMP Tasks: the steps' events, delivered over `/ws`.
+
+    `latencies_ms` holds, per (client, event) received, the envelope's `timestamp` (taken when
+    the event is recorded in its committing transaction) to the frame's arrival at the client.
+    """
+
+    key: str  # bench.live_rows.LiveRow.key
+    clients: int
+    steps: int  # requested
+    rate: float  # steps per second submitted
+    submitted: int = 0
+    completed: int = 0  # of the submitted steps, completed by the deadline
+    events: int = 0  # the submitted steps' events in the outbox
+    expected: int = 0  # deliveries: events x clients
+    received: int = 0  # distinct (client, event) deliveries by the deadline
+    duplicates: int = 0  # events a client received again
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def missing(self) -> int:
+        return self.expected - self.received
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.errors
+            and self.submitted == self.steps
+            and self.events > 0
+            and self.received == self.expected
+        )
+
+
+@dataclass
 class Result:
     """What one system did with the N no-op steps (or tasks) it was given, and its workflows."""
 
@@ -110,12 +145,16 @@ class Result:
     errors: list[str] = field(default_factory=list)
     workflows: dict[str, WorkflowResult] = field(default_factory=dict)  # by Shape.key
     webhooks: dict[str, WebhookResult] = field(default_factory=dict)  # by WebhookRow.key
+    live: dict[str, LiveResult] = field(default_factory=dict)  # by LiveRow.key
 
     @property
     def ok(self) -> bool:
         steps_ok = not self.errors and self.completed == self.requested
         workflows_ok = all(workflow.ok for workflow in self.workflows.values())
-        return steps_ok and workflows_ok and all(hook.ok for hook in self.webhooks.values())
+        webhooks_ok = all(hook.ok for hook in self.webhooks.values())
+        return (
+            steps_ok and workflows_ok and webhooks_ok and all(row.ok for row in self.live.values())
+        )
 
     @property
     def throughput(self) -> float | None:
