@@ -168,6 +168,7 @@ class Settings:
     web_workers: int = 2
     web_threads: int = 32
     ws_ping_interval_s: float = 25.0
+    metrics_token: str | None = None
     log_level: str = "INFO"
 
     @classmethod
@@ -206,6 +207,7 @@ class Settings:
             web_workers=_int(env, "EMP_WEB_WORKERS", 2, 1),
             web_threads=_int(env, "EMP_WEB_THREADS", 32, 1),
             ws_ping_interval_s=_float(env, "EMP_WS_PING_INTERVAL_S", 25.0),
+            metrics_token=(env.get("EMP_METRICS_TOKEN") or "").strip() or None,
             log_level=(env.get("EMP_LOG_LEVEL") or "INFO").upper(),
         )
 

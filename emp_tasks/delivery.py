@@ -38,7 +38,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, redisdb, signing, targets, webhooks
+from emp_tasks import db, metrics, redisdb, signing, targets, webhooks
 from emp_tasks.auth import Principal
 from emp_tasks.config import get_settings
 from emp_tasks.errors import InvalidState, NotFound
@@ -500,7 +500,9 @@ class WebhookProcess:
 
     def _deliver(self, item: Claimed) -> None:
         try:
-            status = finish(item, post(item))
+            response = post(item)
+            metrics.webhook_attempted(item.body, response.status_code)
+            status = finish(item, response)
             logger.info(
                 "Webhook attempt",
                 extra={

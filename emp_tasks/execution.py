@@ -13,7 +13,7 @@ import time
 import traceback
 from typing import Any
 
-from emp_tasks import connectors, dispatch, leases, presence, steps
+from emp_tasks import connectors, dispatch, leases, metrics, presence, steps
 from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted, StepRun
 
@@ -81,7 +81,8 @@ def run_step(step_id: str) -> str:
         return "dropped"
     leases.hold(step_id, run.attempt)
     try:
-        return _run_attempt(run)
+        timer = metrics.attempt_started(run)
+        return timer.finished(_run_attempt(run))
     finally:
         leases.release(step_id)
 

@@ -582,6 +582,7 @@ def begin(
             timeout_s=step.timeout_s,
             customer_id=step.customer_id,
             inputs=_dependency_results(session, step),
+            queue_wait_s=(now - step.queued_at).total_seconds() if step.queued_at else None,
         )
 
 

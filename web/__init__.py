@@ -34,7 +34,7 @@ def create_app() -> Flask:
         response.headers[CORRELATION_HEADER] = getattr(g, "correlation_id", "")
         return response
 
-    from web import dashboard, fleet, health, jobs, steps, webhooks, workflows, ws
+    from web import dashboard, fleet, health, jobs, metrics, steps, webhooks, workflows, ws
 
     for blueprint in (
         health.bp,
@@ -44,6 +44,7 @@ def create_app() -> Flask:
         webhooks.bp,
         fleet.bp,
         ws.bp,
+        metrics.bp,
         dashboard.bp,
     ):
         app.register_blueprint(blueprint)

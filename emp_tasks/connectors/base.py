@@ -74,6 +74,8 @@ class StepRun:
     timeout_s: float
     customer_id: str
     inputs: dict[str, Any] = field(default_factory=dict)
+    queue_wait_s: float | None = None
+    """How long the step waited in its queue before this attempt started."""
 
 
 ProgressReporter = Callable[..., None]

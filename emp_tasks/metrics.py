@@ -1,0 +1,458 @@
+"""Prometheus metrics: the system's state now, and how long its work took.
+
+The web runs as several processes that restart, and the work happens elsewhere
+(workers, the `webhooks` process), so no metric lives in one process's memory:
+
+- State gauges (steps by status, queue depths, workers, outbox lag, deliveries)
+  are read from PostgreSQL and Redis with aggregate queries when Prometheus scrapes.
+- Histograms and counters of work done (step duration, queue wait, webhook
+  attempts and latency) are recorded by the process that did the work into Redis
+  hashes, one MULTI/EXEC round trip per observation, so every process adds to the
+  same series and a restart loses nothing. Recording never fails the work it
+  measures: errors are logged and the observation is dropped.
+
+`exposition()` builds a fresh registry for each scrape; the process-wide default
+registry of prometheus_client is not used.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+from redis.client import Pipeline
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from emp_tasks import db, queues, redisdb
+from emp_tasks.auth import Principal
+from emp_tasks.config import get_settings
+from emp_tasks.connectors.base import StepRun
+from emp_tasks.models import (
+    Event,
+    Step,
+    StepStatus,
+    WebhookDelivery,
+    Worker,
+    WorkerStatus,
+    Workflow,
+    WorkflowStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+
+KEY_PREFIX = "emp:metrics:"
+
+
+# --- what is recorded ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A histogram kept in one Redis hash, one field per (label values, bucket)."""
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...]
+    """Upper bounds, ascending, without +Inf (which is the count). Fixed: changing them
+    needs a new metric name, or old and new bounds would mix in one hash."""
+
+    @property
+    def key(self) -> str:
+        return KEY_PREFIX + self.name
+
+
+@dataclass(frozen=True)
+class Counter:
+    """A counter kept in one Redis hash, one field per label values."""
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return KEY_PREFIX + self.name
+
+
+STEP_DURATION = Histogram(
+    "emp_step_duration_seconds",
+    "Time a step attempt ran on its worker, from start to completion or failure",
+    ("service", "outcome"),
+    (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+QUEUE_WAIT = Histogram(
+    "emp_step_queue_wait_seconds",
+    "Time a step attempt waited in its queue, from queued (or retry due) to start",
+    ("service",),
+    (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+WEBHOOK_LATENCY = Histogram(
+    "emp_webhook_delivery_latency_seconds",
+    "Time from an event to its successful webhook delivery, retries included",
+    (),
+    (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400),
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "emp_webhook_delivery_attempts_total",
+    "Webhook HTTP attempts by outcome: success, the status class of a refusal, or error",
+    ("outcome",),
+)
+RECORDED: tuple[Histogram | Counter, ...] = (
+    STEP_DURATION,
+    QUEUE_WAIT,
+    WEBHOOK_LATENCY,
+    WEBHOOK_ATTEMPTS,
+)
+
+# What `execution.run_step` says became of an attempt -> the duration's `outcome` label.
+# Anything else (a result from an attempt no longer current) is "superseded".
+_STEP_OUTCOMES = {
+    StepStatus.COMPLETED.value: "completed",
+    StepStatus.FAILED.value: "failed",
+    StepStatus.PENDING.value: "retrying",
+    "stopped": "stopped",
+}
+
+
+def _series(values: Iterable[str]) -> str:
+    # JSON keeps any label value intact; the part after the last "|" names the sample.
+    return json.dumps(list(values), separators=(",", ":"))
+
+
+def _bound(upper: float) -> str:
+    return floatToGoString(upper)
+
+
+def _observe(pipe: Pipeline, histogram: Histogram, labels: tuple[str, ...], value: float) -> None:
+    value = max(0.0, value)  # clocks of different machines may disagree a little
+    series = _series(labels)
+    for upper in histogram.buckets:
+        if value <= upper:
+            pipe.hincrby(histogram.key, f"{series}|{_bound(upper)}", 1)
+    pipe.hincrby(histogram.key, f"{series}|count", 1)
+    pipe.hincrbyfloat(histogram.key, f"{series}|sum", value)
+
+
+_last_warning = 0.0
+_warning_lock = threading.Lock()
+WARNING_INTERVAL_S = 60.0
+
+
+def _dropped(what: str, exc: Exception) -> None:
+    """Log a lost observation, at most once a minute per process (Redis may be down)."""
+    global _last_warning
+    with _warning_lock:
+        if time.monotonic() - _last_warning < WARNING_INTERVAL_S:
+            return
+        _last_warning = time.monotonic()
+    logger.warning(
+        "Metric not recorded",
+        extra={"action": "metric_dropped", "metric": what, "error": repr(exc)[:300]},
+    )
+
+
+def _record(what: str, write: Callable[[Pipeline], None]) -> None:
+    """Apply `write` to Redis in one MULTI/EXEC round trip; never raises."""
+    try:
+        pipe = redisdb.client().pipeline(transaction=True)
+        write(pipe)
+        pipe.execute()
+    except Exception as exc:
+        _dropped(what, exc)
+
+
+# --- recording: worker ---------------------------------------------------------------------
+
+
+class AttemptTimer:
+    """Times one step attempt on its worker; see `attempt_started`."""
+
+    def __init__(self, run: StepRun) -> None:
+        self.run = run
+        self.started = time.monotonic()
+
+    def finished(self, outcome: str) -> str:
+        """Record the attempt's duration; return `outcome` (what `run_step` reports)."""
+        labels = (self.run.service, _STEP_OUTCOMES.get(outcome, "superseded"))
+        duration = time.monotonic() - self.started
+        _record(STEP_DURATION.name, lambda pipe: _observe(pipe, STEP_DURATION, labels, duration))
+        return outcome
+
+
+def attempt_started(run: StepRun) -> AttemptTimer:
+    """The worker began `run`: record how long the step waited, and start its clock."""
+    if run.queue_wait_s is not None:
+        wait = max(0.0, run.queue_wait_s)
+        _record(QUEUE_WAIT.name, lambda pipe: _observe(pipe, QUEUE_WAIT, (run.service,), wait))
+    return AttemptTimer(run)
+
+
+# --- recording: webhooks -------------------------------------------------------------------
+
+
+def webhook_outcome(status_code: int | None) -> str:
+    """`success` for 2xx, the class (`4xx`, `5xx`, `3xx`) otherwise, `error` with no answer."""
+    if status_code is None:
+        return "error"
+    if 200 <= status_code < 300:
+        return "success"
+    return f"{status_code // 100}xx"
+
+
+def webhook_attempted(body: dict[str, Any], status_code: int | None) -> None:
+    """One HTTP attempt of a delivery ended with `status_code` (None: no answer).
+
+    `body` is what was sent; a success's latency runs from its `timestamp` (the event's).
+    """
+    outcome = webhook_outcome(status_code)
+    latency: float | None = None
+    if outcome == "success":
+        try:
+            sent = datetime.fromisoformat(str(body["timestamp"]))
+            latency = (datetime.now(UTC) - sent).total_seconds()
+        except (KeyError, ValueError):
+            latency = None
+
+    def write(pipe: Pipeline) -> None:
+        pipe.hincrby(WEBHOOK_ATTEMPTS.key, _series((outcome,)), 1)
+        if latency is not None:
+            _observe(pipe, WEBHOOK_LATENCY, (), latency)
+
+    _record(WEBHOOK_ATTEMPTS.name, write)
+
+
+# --- reading what was recorded -------------------------------------------------------------
+
+
+def _histogram_family(histogram: Histogram, fields: dict[str, str]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(
+        histogram.name, histogram.documentation, labels=list(histogram.labels)
+    )
+    samples: dict[str, dict[str, str]] = {}
+    for field, value in fields.items():
+        series, _, part = field.rpartition("|")
+        samples.setdefault(series, {})[part] = value
+    for series, parts in sorted(samples.items()):
+        labels = json.loads(series)
+        if len(labels) != len(histogram.labels) or "count" not in parts:
+            continue
+        count = int(parts["count"])
+        buckets = [(_bound(upper), int(parts.get(_bound(upper), 0))) for upper in histogram.buckets]
+        family.add_metric(labels, [*buckets, ("+Inf", count)], float(parts.get("sum", 0)))
+    return family
+
+
+def _counter_family(counter: Counter, fields: dict[str, str]) -> CounterMetricFamily:
+    family = CounterMetricFamily(counter.name, counter.documentation, labels=list(counter.labels))
+    for series, value in sorted(fields.items()):
+        labels = json.loads(series)
+        if len(labels) == len(counter.labels):
+            family.add_metric(labels, float(value))
+    return family
+
+
+def _recorded() -> Iterator[Metric]:
+    pipe = redisdb.client().pipeline(transaction=True)
+    for metric in RECORDED:
+        pipe.hgetall(metric.key)
+    for metric, fields in zip(RECORDED, pipe.execute(), strict=True):
+        if isinstance(metric, Histogram):
+            yield _histogram_family(metric, fields)
+        else:
+            yield _counter_family(metric, fields)
+
+
+# --- state read at scrape time -------------------------------------------------------------
+
+
+def _with_zeros(known: Iterable[str], counted: Iterable[str]) -> list[str]:
+    """Every known status (so a series reads 0 rather than vanishing), then any other seen."""
+    return list(dict.fromkeys([*(str(status) for status in known), *sorted(counted)]))
+
+
+def _by_status(
+    name: str, documentation: str, known: Iterable[str], counts: dict[str, int]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["status"])
+    for status in _with_zeros(known, counts):
+        family.add_metric([status], counts.get(status, 0))
+    return family
+
+
+def _steps(session: Session) -> Iterator[Metric]:
+    by_service: dict[str, dict[str, int]] = {}
+    for service, status, count in session.execute(
+        select(Step.service, Step.status, func.count()).group_by(Step.service, Step.status)
+    ):
+        by_service.setdefault(service, {})[status] = count
+    family = GaugeMetricFamily(
+        "emp_steps", "Steps in each status, by service", labels=["status", "service"]
+    )
+    for service, counts in sorted(by_service.items()):
+        for status in _with_zeros(StepStatus, counts):
+            family.add_metric([status, service], counts.get(status, 0))
+    yield family
+
+
+def _workflows(session: Session) -> Iterator[Metric]:
+    counts = dict(
+        session.execute(select(Workflow.status, func.count()).group_by(Workflow.status)).all()
+    )
+    yield _by_status("emp_workflows", "Workflows in each status", WorkflowStatus, counts)
+
+
+def _workers(session: Session) -> Iterator[Metric]:
+    counts = dict(
+        session.execute(select(Worker.status, func.count()).group_by(Worker.status)).all()
+    )
+    yield _by_status(
+        "emp_workers", "Workers in each status (online ones take work)", WorkerStatus, counts
+    )
+
+
+def _webhook_deliveries(session: Session) -> Iterator[Metric]:
+    from emp_tasks import delivery
+
+    known = (
+        delivery.PENDING,
+        delivery.DELIVERING,
+        delivery.RETRYING,
+        delivery.SUCCEEDED,
+        delivery.FAILED,
+        delivery.DEAD,
+    )
+    counts = dict(
+        session.execute(
+            select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
+        ).all()
+    )
+    yield _by_status("emp_webhook_deliveries", "Webhook deliveries in each status", known, counts)
+
+
+def _outbox(session: Session) -> Iterator[Metric]:
+    unpublished, lag = session.execute(
+        select(
+            func.count(),
+            func.extract("epoch", func.now() - func.min(Event.created_at)),
+        ).where(Event.published_at.is_(None))
+    ).one()
+    yield GaugeMetricFamily(
+        "emp_events_unpublished", "Committed events not yet published to Redis", value=unpublished
+    )
+    yield GaugeMetricFamily(
+        "emp_event_publish_lag_seconds",
+        "Age of the oldest committed event not yet published to Redis (0: none waiting)",
+        value=max(0.0, float(lag or 0)),
+    )
+
+
+_OPERATOR = Principal(customer_id="", admin=True, key_id="metrics")
+
+
+def _queues() -> Iterator[Metric]:
+    listed = queues.list_queues(_OPERATOR, include_idle=True)
+    labels = ["queue", "service"]
+    families = {
+        "depth": GaugeMetricFamily(
+            "emp_queue_depth", "Pending steps in each queue (PostgreSQL)", labels=labels
+        ),
+        "broker_depth": GaugeMetricFamily(
+            "emp_queue_broker_depth", "Task messages waiting in each queue (Redis)", labels=labels
+        ),
+        "running": GaugeMetricFamily(
+            "emp_queue_running", "Steps of each queue assigned or running", labels=labels
+        ),
+        "consumers": GaugeMetricFamily(
+            "emp_queue_consumers", "Live workers consuming each queue", labels=labels
+        ),
+    }
+    oldest = GaugeMetricFamily(
+        "emp_queue_oldest_pending_seconds",
+        "Age of the oldest pending step in each queue (0: none pending)",
+        labels=labels,
+    )
+    now = datetime.now(UTC)
+    for entry in listed:
+        series = [entry["name"], entry["service"]]
+        for field, family in families.items():
+            family.add_metric(series, entry[field])
+        since = entry["oldest_pending_at"]
+        age = (now - datetime.fromisoformat(since)).total_seconds() if since else 0.0
+        oldest.add_metric(series, max(0.0, age))
+    yield from families.values()
+    yield oldest
+
+
+def _from_database(*readers: Callable[[Session], Iterator[Metric]]) -> Callable[[], list[Metric]]:
+    def read() -> list[Metric]:
+        with db.transaction() as session:
+            return [metric for reader in readers for metric in reader(session)]
+
+    return read
+
+
+SOURCES: dict[str, Callable[[], Iterable[Metric]]] = {
+    "database": _from_database(_steps, _workflows, _workers, _webhook_deliveries, _outbox),
+    "queues": _queues,
+    "recorded": _recorded,
+}
+"""Each scrape reads every source; one that fails is left out and reported as such."""
+
+
+class _Scrape:
+    """A prometheus_client collector that reads every source once per scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        success = GaugeMetricFamily(
+            "emp_metrics_source_up",
+            "1 if this scrape read the source (database, queues, recorded), 0 if it failed",
+            labels=["source"],
+        )
+        for name, read in SOURCES.items():
+            try:
+                metrics = list(read())
+            except Exception:
+                logger.exception(
+                    "Metrics source failed",
+                    extra={"action": "metrics_source_failed", "source": name},
+                )
+                success.add_metric([name], 0)
+                continue
+            success.add_metric([name], 1)
+            yield from metrics
+        yield success
+
+
+def exposition(accept: str | None = None) -> tuple[bytes, str]:
+    """The metrics in the format the scraper's Accept header asks for, and its content type."""
+    registry = CollectorRegistry()
+    registry.register(_Scrape())
+    encode, content_type = choose_encoder(accept or "")
+    return encode(registry), content_type
+
+
+def token_accepted(presented: str | None) -> bool:
+    """Whether a scrape may read the metrics: always, unless EMP_METRICS_TOKEN is set."""
+    expected = get_settings().metrics_token
+    if not expected:
+        return True
+    return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())

@@ -1,0 +1,282 @@
+"""`GET /metrics`: Prometheus text read from PostgreSQL and Redis, shared by every process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+from sqlalchemy import func, select
+
+from emp_tasks import db, metrics, redisdb
+from emp_tasks.models import Step
+from tests import test_webhooks
+from tests.conftest import (
+    ARTIFACTS,
+    RunningSystem,
+    headers,
+    process_env,
+    wait_for,
+    wait_for_status,
+    worker_status,
+)
+from tests.test_steps_api import assert_error
+
+SERVICE = "metrics-sim"
+"""Run only by this module's worker, so its series count exactly this module's steps."""
+UNSERVED = "metrics-nobody"
+"""No worker runs it: its steps stay pending."""
+
+# The webhook tests' receiver and `webhooks` process fixtures, used here too.
+receiver = test_webhooks.receiver
+start_webhooks = test_webhooks.start_webhooks
+
+
+class Scrape:
+    """One `/metrics` answer, parsed with prometheus_client's own parser."""
+
+    def __init__(self, text: str) -> None:
+        self.families = {family.name: family for family in text_string_to_metric_families(text)}
+        self.samples: list[Sample] = [s for f in self.families.values() for s in f.samples]
+
+    def matching(self, name: str, **labels: str) -> list[Sample]:
+        return [
+            s
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the matching samples (0 when there is none)."""
+        return sum(s.value for s in self.matching(name, **labels))
+
+
+def scrape(client, **request_headers: str) -> Scrape:
+    response = client.get("/metrics", headers=request_headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return Scrape(response.get_data(as_text=True))
+
+
+def submit(client, service: str, payload: dict | None = None) -> str:
+    body = {"service": service, "payload": payload or {}, "max_retries": 0}
+    response = client.post("/api/steps", json=body, headers=headers())
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["step_id"]
+
+
+def durations(found: Scrape, outcome: str) -> float:
+    return found.value("emp_step_duration_seconds_count", service=SERVICE, outcome=outcome)
+
+
+@dataclass
+class Ran:
+    before: Scrape
+    after: Scrape
+    step_ids: list[str]
+
+
+@pytest.fixture(scope="module")
+def ran(services, system) -> Iterator[Ran]:
+    """A worker for SERVICE runs one step that completes and one that fails."""
+    from web import create_app
+
+    env = process_env(
+        services,
+        EMP_WORKER_SERVICES=SERVICE,
+        EMP_CONNECTORS=json.dumps({SERVICE: "simulation"}),
+        EMP_WORKER_ID="metrics-worker",
+        EMP_MACHINE_ID="metrics-machine",
+    )
+    worker = RunningSystem(["worker"], env, ARTIFACTS / "worker-metrics.log")
+    try:
+        wait_for(lambda: worker_status("metrics-worker") == "online", timeout_s=60)
+        client = create_app().test_client()
+        before = scrape(client)
+        step_ids = [
+            submit(client, SERVICE, {"duration_s": 0.1}),
+            submit(client, SERVICE, {"fail": "fatal"}),
+        ]
+        for step_id in step_ids:
+            wait_for_status(client, step_id, {"completed", "failed"})
+        # The worker records an attempt's duration after the step's row is committed.
+        after = wait_for(
+            lambda: (
+                (now := scrape(client))
+                and durations(now, "completed") > durations(before, "completed")
+                and durations(now, "failed") > durations(before, "failed")
+                and now
+            )
+        )
+        yield Ran(before, after, step_ids)
+    finally:
+        worker.stop()
+
+
+def test_step_duration_histogram_counts_each_attempt_by_outcome(ran):
+    for outcome in ("completed", "failed"):
+        assert durations(ran.after, outcome) == durations(ran.before, outcome) + 1
+    assert ran.after.value(
+        "emp_step_duration_seconds_sum", service=SERVICE, outcome="completed"
+    ) > ran.before.value("emp_step_duration_seconds_sum", service=SERVICE, outcome="completed")
+
+
+def test_queue_wait_histogram_counts_each_started_attempt(ran):
+    name = "emp_step_queue_wait_seconds_count"
+    assert ran.after.value(name, service=SERVICE) == ran.before.value(name, service=SERVICE) + 2
+
+
+def test_histogram_buckets_are_cumulative_and_inf_is_the_count(ran):
+    for family in ran.after.families.values():
+        if family.type != "histogram":
+            continue
+        series = {
+            tuple(sorted((k, v) for k, v in s.labels.items() if k != "le")) for s in family.samples
+        }
+        for labels in series:
+            matching = [s for s in family.samples if s.labels.items() >= set(labels)]
+            buckets = [s for s in matching if s.name.endswith("_bucket")]
+            counts = [s.value for s in sorted(buckets, key=lambda s: float(s.labels["le"]))]
+            assert counts == sorted(counts), (family.name, labels)
+            assert buckets[-1].labels["le"] == "+Inf"
+            count = [s.value for s in matching if s.name.endswith("_count")]
+            assert count == [counts[-1]], (family.name, labels)
+    assert "emp_step_duration_seconds" in ran.after.families
+
+
+def _counted_steps() -> dict[tuple[str, str], float]:
+    with db.transaction() as session:
+        rows = session.execute(
+            select(Step.status, Step.service, func.count()).group_by(Step.status, Step.service)
+        ).all()
+    return {(status, service): float(count) for status, service, count in rows}
+
+
+def test_steps_gauge_matches_a_direct_count(client, ran):
+    def scraped() -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["status"], s.labels["service"]): s.value
+            for s in scrape(client).matching("emp_steps")
+            if s.value
+        }
+
+    # Other steps may change state between the two reads: compare until one pair agrees.
+    wait_for(lambda: scraped() == _counted_steps())
+    found = scrape(client)
+    assert found.value("emp_steps", service=SERVICE, status="completed") == 1
+    assert found.value("emp_steps", service=SERVICE, status="failed") == 1
+    assert found.value("emp_steps", service=SERVICE, status="running") == 0
+
+
+def test_queue_depth_shows_steps_no_worker_serves(client, system):
+    submit(client, UNSERVED)
+    submit(client, UNSERVED)
+    with db.transaction() as session:
+        pending = session.scalar(
+            select(func.count()).where(Step.service == UNSERVED, Step.status == "pending")
+        )
+    found = wait_for(
+        lambda: (
+            (now := scrape(client))
+            and now.value("emp_queue_broker_depth", service=UNSERVED) >= pending
+            and now
+        )
+    )
+    assert found.value("emp_queue_depth", service=UNSERVED) == pending >= 2
+    assert found.value("emp_queue_consumers", service=UNSERVED) == 0
+    assert found.value("emp_queue_oldest_pending_seconds", service=UNSERVED) >= 0
+    assert found.value("emp_steps", service=UNSERVED, status="pending") == pending
+
+
+def test_workers_online_are_counted(client, system):
+    assert scrape(client).value("emp_workers", status="online") >= 1
+
+
+def test_event_publish_lag_is_a_non_negative_number(client):
+    found = scrape(client)
+    (lag,) = found.matching("emp_event_publish_lag_seconds")
+    assert lag.value >= 0
+    assert found.value("emp_events_unpublished") >= 0
+
+
+def test_every_source_is_read(client):
+    up = {s.labels["source"]: s.value for s in scrape(client).matching("emp_metrics_source_up")}
+    assert up == {"database": 1, "queues": 1, "recorded": 1}
+
+
+def test_webhook_attempts_are_counted_by_outcome(client, system, receiver, start_webhooks):
+    start_webhooks()
+    test_webhooks.register(client, receiver.url, events=["step_completed"])
+    before = scrape(client)
+    receiver.answer(503)
+    step_id = submit(client, "simulation")
+    wait_for_status(client, step_id, {"completed"})
+    wait_for(lambda: len(receiver.received) >= 2)
+
+    def grew(found: Scrape, name: str, **labels: str) -> float:
+        return found.value(name, **labels) - before.value(name, **labels)
+
+    attempts = "emp_webhook_delivery_attempts_total"
+    after = wait_for(
+        lambda: (
+            (now := scrape(client))
+            and grew(now, attempts, outcome="success") >= 1
+            and grew(now, attempts, outcome="5xx") >= 1
+            and now
+        )
+    )
+    assert grew(after, "emp_webhook_delivery_latency_seconds_count") >= 1
+    assert grew(after, "emp_webhook_delivery_latency_seconds_sum") > 0
+    assert after.value("emp_webhook_deliveries", status="succeeded") >= 1
+
+
+def test_metrics_token_is_required_when_set(client, override_settings):
+    override_settings(metrics_token="scrape-secret")
+    assert_error(client.get("/metrics"), 401, "UNAUTHORIZED")
+    assert_error(
+        client.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401, "UNAUTHORIZED"
+    )
+    assert_error(client.get("/metrics", headers=headers("admin")), 401, "UNAUTHORIZED")
+    assert scrape(client, Authorization="Bearer scrape-secret").matching("emp_workers")
+
+
+def test_metrics_are_open_without_a_token(client, override_settings):
+    override_settings(metrics_token=None)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain")
+    assert "# HELP emp_steps " in response.get_data(as_text=True)
+
+
+def test_openmetrics_is_served_to_scrapers_that_ask_for_it(client):
+    response = client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert response.status_code == 200
+    assert response.content_type.startswith("application/openmetrics-text")
+    assert response.get_data(as_text=True).endswith("# EOF\n")
+
+
+def test_recording_without_redis_drops_the_observation_quietly(services, override_settings):
+    from emp_tasks.connectors.base import StepRun
+
+    override_settings(redis_url="redis://127.0.0.1:1/0")
+    try:
+        run = StepRun("s", SERVICE, 1, {}, {}, 1.0, "alice")
+        assert metrics.AttemptTimer(run).finished("completed") == "completed"
+        metrics.webhook_attempted({"timestamp": "2026-01-01T00:00:00Z"}, 200)
+    finally:
+        redisdb._clients.pop("redis://127.0.0.1:1/0", None)
+
+
+def test_scrape_without_redis_still_reports_the_database(services, override_settings):
+    from web import create_app
+
+    override_settings(redis_url="redis://127.0.0.1:1/0", broker_url="redis://127.0.0.1:1/0")
+    try:
+        found = scrape(create_app().test_client())
+        up = {s.labels["source"]: s.value for s in found.matching("emp_metrics_source_up")}
+        assert up == {"database": 1, "queues": 0, "recorded": 0}
+        assert found.matching("emp_workers")
+    finally:
+        redisdb._clients.pop("redis://127.0.0.1:1/0", None)
