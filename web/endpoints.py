@@ -50,7 +50,8 @@ def ok(http_status: int = 200, headers: dict[str, str] | None = None, /, **field
     return response
 
 
-def _presented_key() -> str | None:
+def presented_key() -> str | None:
+    """The API key a request presents: a bearer token, or the X-API-Key header."""
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip() or None
@@ -58,7 +59,7 @@ def _presented_key() -> str | None:
 
 
 def current_principal(admin: bool = False) -> auth.Principal:
-    principal = auth.authenticate(_presented_key())
+    principal = auth.authenticate(presented_key())
     if principal is None:
         raise ApiError(
             401,

@@ -5,17 +5,10 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from emp_tasks import metrics
-from web.endpoints import endpoint
+from web.endpoints import endpoint, presented_key
 from web.errors import ApiError
 
 bp = Blueprint("metrics", __name__)
-
-
-def _bearer() -> str | None:
-    header = request.headers.get("Authorization", "")
-    if not header.lower().startswith("bearer "):
-        return None
-    return header[7:].strip() or None
 
 
 @endpoint(
@@ -27,7 +20,7 @@ def _bearer() -> str | None:
     summary="Prometheus metrics (text format); needs the EMP_METRICS_TOKEN bearer when set",
 )
 def scrape() -> Response:
-    if not metrics.token_accepted(_bearer()):
+    if not metrics.token_accepted(presented_key()):
         raise ApiError(
             401,
             "UNAUTHORIZED",

@@ -25,7 +25,7 @@ from simple_websocket import ConnectionClosed
 
 from emp_tasks import auth, live, queues, steps, workers
 from emp_tasks.config import get_settings
-from web.endpoints import ROUTES, Route
+from web.endpoints import ROUTES, Route, presented_key
 from web.errors import ApiError, error_response
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ MAX_IDS = 1000
 def _authenticate_socket() -> Any:
     if request.path != "/ws":
         return None
-    key = request.args.get("token") or _header_key()
+    key = request.args.get("token") or presented_key()
     principal = auth.authenticate(key)
     if principal is None:
         return error_response(
@@ -75,13 +75,6 @@ def _authenticate_socket() -> Any:
         )
     g.ws_principal = principal
     return None
-
-
-def _header_key() -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip() or None
-    return request.headers.get("X-API-Key") or None
 
 
 def event_message(event: dict[str, Any]) -> str:
