@@ -194,6 +194,7 @@ class Hub:
     def _run(self) -> None:
         while True:
             try:
+                own_db = redisdb.database_index()
                 pubsub = redisdb.client().pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
                 pubsub.get_message(timeout=1.0)  # the subscribe confirmation
@@ -208,6 +209,8 @@ class Hub:
                         event = json.loads(message["data"])
                     except ValueError:
                         continue
+                    if event.pop("db", own_db) != own_db:
+                        continue  # another deployment on the same Redis server
                     self._deliver(event)
             except Exception:
                 self.ready.clear()

@@ -29,3 +29,8 @@ def reset_clients() -> None:
     for each in _clients.values():
         each.close()
     _clients.clear()
+
+
+def database_index(url: str | None = None) -> int:
+    """The database number the process's Redis client uses (pub/sub spans all of them)."""
+    return int(client(url).connection_pool.connection_kwargs.get("db", 0) or 0)

@@ -33,13 +33,16 @@ logger = logging.getLogger(__name__)
 
 
 # XADD each event, then PUBLISH it with its stream id, in one round trip.
-# KEYS: stream, channel. ARGV: maxlen, then (type, envelope JSON) pairs.
+# KEYS: stream, channel. ARGV: maxlen, Redis database index, then (type, envelope JSON)
+# pairs. Pub/sub channels span a server's databases while streams do not, so each
+# published event names its database: a subscriber skips other deployments' events.
 _PUSH_SCRIPT = """
 local ids = {}
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
                         'type', ARGV[i], 'event', ARGV[i + 1])
-  redis.call('PUBLISH', KEYS[2], '{"stream_id":"' .. id .. '",' .. string.sub(ARGV[i + 1], 2))
+  redis.call('PUBLISH', KEYS[2], '{"stream_id":"' .. id .. '","db":' .. ARGV[2] .. ','
+             .. string.sub(ARGV[i + 1], 2))
   ids[#ids + 1] = id
 end
 return ids
@@ -70,7 +73,7 @@ def publish_aggregates(aggregates: Iterable[str]) -> int:
         rows = connection.execute(_SELECT_UNPUBLISHED, {"names": names}).all()
         if not rows:
             return 0
-        arguments: list[str | int] = [get_settings().events_maxlen]
+        arguments: list[str | int] = [get_settings().events_maxlen, redisdb.database_index()]
         for row in rows:
             arguments += [row.type, row.envelope]
         push = redisdb.client().register_script(_PUSH_SCRIPT)

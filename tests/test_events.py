@@ -109,6 +109,7 @@ def test_events_are_also_published_on_the_channel_with_their_stream_id(client):
     pubsub.close()
     assert event["type"] == "step_submitted"
     assert event["stream_id"] == stream_events(step_id)[0]["stream_id"]
+    assert event["db"] == redisdb.database_index()  # channels span databases; streams do not
 
 
 def test_event_committed_but_not_published_is_swept_by_the_relay(client, system, override_settings):

@@ -278,3 +278,28 @@ def test_dead_connections_are_cleaned_up(live_api, system):
     for client in dead:
         client.ws.sock.shutdown(socket.SHUT_RDWR)  # vanish without a closing handshake
     wait_for(lambda: subscribers() <= before, timeout_s=15)
+
+
+def test_another_deployments_events_on_the_shared_channel_are_ignored(live_api, system):
+    """Pub/sub spans a Redis server's databases: a run on another index must not leak in."""
+    client = Client(live_api, "admin")
+    try:
+        step_id = submit_step(live_api, {"duration_s": 0.5})
+        client.send(type="subscribe", step_ids=[step_id])
+        client.reply("subscribed")
+        foreign = {
+            "stream_id": "99999999999999-0",  # far ahead of this stream
+            "db": redisdb.database_index() + 1,
+            "id": "foreign-event",
+            "type": "step_completed",
+            "step_id": step_id,
+            "customer_id": "alice",
+            "data": {},
+        }
+        redisdb.client().publish(CHANNEL, json.dumps(foreign))
+        client.pump(lambda got: TERMINAL & {m["type"] for m in got})
+    finally:
+        client.close()
+    ids = [e["id"] for e in client.events()]
+    assert "foreign-event" not in ids
+    assert ids[-1] == stream_events(step_id)[-1]["id"]  # and this stream's events still came
