@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint browser bench clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,17 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint  ## the whole suite: real PostgreSQL, Redis and Celery workers
+test: lint browser  ## the whole suite: real PostgreSQL, Redis and Celery workers
 	$(PY) -m pytest
+
+# The dashboard's browser test drives Debian's Chromium; install it when it is missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver for the dashboard's browser test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null \
+	  || { $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+	       $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; }
 
 bench: $(INSTALLED)  ## throughput and latency beside a bare Celery baseline
 	$(PY) -m bench

@@ -143,10 +143,14 @@ def test_fleet_lists_the_running_worker(page, system):
     go_live(page)
     row = '[data-worker-id="test-worker-1"]'
     wait(page, lambda d: visible_text(d, row), "test-worker-1 is not listed")
-    assert page.find_element(By.CSS_SELECTOR, f"{row} [data-testid=worker-status]").text in {
-        "online",
-        "draining",
-    }
+    # The fleet table is redrawn as heartbeats arrive: read the status inside a wait,
+    # which retries an element that was replaced between finding and reading it.
+    status = wait(
+        page,
+        lambda d: d.find_element(By.CSS_SELECTOR, f"{row} [data-testid=worker-status]").text,
+        "test-worker-1 has no status",
+    )
+    assert status in {"online", "draining"}
     assert page.find_elements(By.CSS_SELECTOR, '[data-machine-id="test-machine-1"]')
 
 
@@ -238,8 +242,14 @@ def test_step_detail_shows_attempts_and_events(page, live_api, system):
         ),
         "the detail lacks the attempt or the step_completed event",
     )
-    assert page.find_element(By.CSS_SELECTOR, "[data-testid=detail-id]").text == step_id
-    assert "completed" in page.find_element(By.CSS_SELECTOR, "[data-attempt='1']").text
+    wait(
+        page,
+        lambda d: (
+            d.find_element(By.CSS_SELECTOR, "[data-testid=detail-id]").text == step_id
+            and "completed" in d.find_element(By.CSS_SELECTOR, "[data-attempt='1']").text
+        ),
+        "the detail does not show the step's id and its completed attempt",
+    )
 
 
 def test_without_the_socket_the_page_polls(page, live_api, system):
@@ -295,8 +305,13 @@ def test_workflow_dag_has_one_node_per_step(page, live_api, system):
     workflow_id = response.json()["workflow_id"]
     row = f'tr[data-workflow-id="{workflow_id}"]'
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, row), "the workflow's row did not appear")
-    assert name in page.find_element(By.CSS_SELECTOR, row).text
-    page.find_element(By.CSS_SELECTOR, f"{row} button").click()
+    wait(
+        page,
+        lambda d: name in d.find_element(By.CSS_SELECTOR, row).text,
+        "the workflow's name is not shown as text",
+    )
+    opened = "the workflow could not be opened"
+    wait(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button").click() or True, opened)
 
     nodes = "#workflow-dag [data-testid=dag-node]"
 
