@@ -46,6 +46,19 @@ def valid_stream_id(value: Any) -> bool:
     return isinstance(value, str) and bool(STREAM_ID.match(value))
 
 
+def stream_after(after: str) -> Iterator[dict[str, Any]]:
+    """Every event on the `emp:events` stream after the stream id, oldest first, in pages."""
+    client = redisdb.client()
+    start = "(" + after
+    while True:
+        entries = client.xrange(STREAM, min=start, max="+", count=RESUME_PAGE)
+        for stream_id, fields in entries:
+            yield {"stream_id": stream_id, **json.loads(fields["event"])}
+        if len(entries) < RESUME_PAGE:
+            return
+        start = "(" + entries[-1][0]
+
+
 @dataclass
 class Filter:
     """What a subscriber asked for (on top of what its key may see)."""
@@ -123,17 +136,9 @@ class Subscriber:
 
     def history(self, after: str) -> Iterator[dict[str, Any]]:
         """Events on the stream after `after` that this subscriber wants, oldest first."""
-        client = redisdb.client()
-        start = "(" + after
-        while True:
-            entries = client.xrange(STREAM, min=start, max="+", count=RESUME_PAGE)
-            for stream_id, fields in entries:
-                event = {"stream_id": stream_id, **json.loads(fields["event"])}
-                if self.may_see(event) and self.filter.wants(event) and self._first_time(event):
-                    yield event
-            if len(entries) < RESUME_PAGE:
-                return
-            start = "(" + entries[-1][0]
+        for event in stream_after(after):
+            if self.may_see(event) and self.filter.wants(event) and self._first_time(event):
+                yield event
 
     def oldest_retained(self) -> str | None:
         first = redisdb.client().xrange(STREAM, count=1)
@@ -181,15 +186,8 @@ class Hub:
         """After a reconnect: deliver what was published while the subscription was down."""
         if self._last is None:
             return
-        client = redisdb.client()
-        start = "(" + self._last
-        while True:
-            entries = client.xrange(STREAM, min=start, max="+", count=RESUME_PAGE)
-            for stream_id, fields in entries:
-                self._deliver({"stream_id": stream_id, **json.loads(fields["event"])})
-            if len(entries) < RESUME_PAGE:
-                return
-            start = "(" + entries[-1][0]
+        for event in stream_after(self._last):
+            self._deliver(event)
 
     def _run(self) -> None:
         while True:

@@ -121,11 +121,17 @@ def _emit(
 def _queue_spec(session: Session, step: Step) -> dict[str, Any]:
     """Record the step's route (if new) and say how to send its task."""
     queues.ensure(session, queues.route_of(step))
+    return _task_spec(step, step.queued_at)
+
+
+def _task_spec(step: Any, not_before: datetime | None = None) -> dict[str, Any]:
+    """How to send the task of a step (or a row with its columns); the continuation rule
+    (see routing) applies to a workflow step that had dependencies."""
     return dispatch.spec(
         step.id,
         step.queue,
         step.priority,
-        step.queued_at,
+        not_before,
         continuation=bool(step.workflow_id and step.depends_on),
     )
 
@@ -537,15 +543,7 @@ def begin(
         if caps is not None:
             unmet = routing.unmet(caps, queues.route_of(step))
             if unmet:
-                raise NotServable(
-                    unmet,
-                    dispatch.spec(
-                        step.id,
-                        step.queue,
-                        step.priority,
-                        continuation=bool(step.workflow_id and step.depends_on),
-                    ),
-                )
+                raise NotServable(unmet, _task_spec(step))
         step.attempts += 1
         step.worker_id = worker_id
         step.machine_id = machine_id
@@ -872,15 +870,7 @@ def redispatch_pending() -> int:
             .order_by(Step.id)
         ).all()
     for row in rows:
-        dispatch.send(
-            dispatch.spec(
-                row.id,
-                row.queue,
-                row.priority,
-                row.queued_at,
-                continuation=bool(row.workflow_id and row.depends_on),
-            )
-        )
+        dispatch.send(_task_spec(row, row.queued_at))
         sent += 1
     return sent
 
@@ -891,12 +881,7 @@ def send_again(step_id: str) -> bool:
         step = session.get(Step, step_id)
         if step is None or step.status != S.PENDING:
             return False
-        spec = dispatch.spec(
-            step.id,
-            step.queue,
-            step.priority,
-            continuation=bool(step.workflow_id and step.depends_on),
-        )
+        spec = _task_spec(step)
     dispatch.send(spec)
     return True
 
