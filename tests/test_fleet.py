@@ -163,11 +163,16 @@ def test_killing_a_worker_marks_it_offline_and_requeues_its_step(client, start_w
     start_worker(service, "kill-survivor")
     kill_9(doomed)
     wait_for(lambda: worker_status("kill-victim") == "offline", timeout_s=20)
-    offline = [
-        e
-        for e in stream_events()
-        if e["type"] == "worker_offline" and e["worker_id"] == "kill-victim"
-    ]
+
+    def offline_events() -> list[dict]:
+        return [
+            e
+            for e in stream_events()
+            if e["type"] == "worker_offline" and e["worker_id"] == "kill-victim"
+        ]
+
+    # The row changes at commit; the relay publishes the event just after it.
+    offline = wait_for(offline_events, timeout_s=10)
     assert len(offline) == 1 and "no heartbeat" in offline[0]["data"]["reason"]
     step = wait_for_status(client, step_id, {"running", "completed"}, timeout_s=20)
     assert step["worker_id"] == "kill-survivor"
