@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -46,7 +48,59 @@ def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-_cache: dict[str, tuple[float, Principal | None]] = {}
+class LookupCache:
+    """Recent database lookups of keys: at most `max_entries`, each kept for `ttl_s`.
+
+    Bounded because presented keys are chosen by whoever sends a request: a stream of
+    distinct unknown keys must not grow a process's memory. The least recently used
+    entry is dropped first; expired entries are dropped when met.
+    """
+
+    def __init__(self, max_entries: int, ttl_s: float) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: str) -> tuple[bool, Principal | None]:
+        """(True, principal or None) for a recent lookup of `digest`, else (False, None)."""
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return False, None
+            if entry[0] <= time.monotonic():
+                del self._entries[digest]
+                return False, None
+            self._entries.move_to_end(digest)
+            return True, entry[1]
+
+    def put(self, digest: str, principal: Principal | None) -> None:
+        with self._lock:
+            self._entries[digest] = (time.monotonic() + self.ttl_s, principal)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+# Unknown keys have a cache of their own, smaller and shorter-lived, so a flood of
+# guesses cannot push the real keys out (and a key created a moment ago works soon).
+known_keys = LookupCache(max_entries=4096, ttl_s=CACHE_TTL_S)
+unknown_keys = LookupCache(max_entries=1024, ttl_s=5.0)
+
+
+def _lookup(digest: str) -> Principal | None:
+    with db.transaction() as session:
+        row = session.scalar(
+            select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+        )
+    return Principal(customer_id=row.customer_id, admin=row.admin, key_id=row.id) if row else None
 
 
 def authenticate(raw: str | None) -> Principal | None:
@@ -57,17 +111,12 @@ def authenticate(raw: str | None) -> Principal | None:
     for spec in get_settings().api_keys:
         if secrets.compare_digest(hash_key(spec.key), digest):
             return Principal(customer_id=spec.customer_id, admin=spec.admin, key_id=digest[:12])
-    cached = _cache.get(digest)
-    if cached and cached[0] > time.monotonic():
-        return cached[1]
-    with db.transaction() as session:
-        row = session.scalar(
-            select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-        )
-    principal = (
-        Principal(customer_id=row.customer_id, admin=row.admin, key_id=row.id) if row else None
-    )
-    _cache[digest] = (time.monotonic() + CACHE_TTL_S, principal)
+    for cache in (known_keys, unknown_keys):
+        hit, principal = cache.get(digest)
+        if hit:
+            return principal
+    principal = _lookup(digest)
+    (known_keys if principal else unknown_keys).put(digest, principal)
     return principal
 
 

@@ -96,7 +96,7 @@ def api() -> None:
             self.cfg.set("bind", bind)
             self.cfg.set("workers", settings.web_workers)
             self.cfg.set("threads", settings.web_threads)
-            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("worker_class", "web.server.ApiThreadWorker")
             self.cfg.set("timeout", 120)
             self.cfg.set("graceful_timeout", 20)
             self.cfg.set("accesslog", None)

@@ -168,7 +168,13 @@ class Settings:
     web_workers: int = 2
     web_threads: int = 32
     ws_ping_interval_s: float = 25.0
+    ws_max_per_key: int = 16
+    ws_max_per_process: int | None = None  # None: derived from web_threads
     metrics_token: str | None = None
+    metrics_public: bool = False
+    metrics_max_services: int = 50
+    auth_failures_per_minute: int = 20
+    trusted_proxy_hops: int = 0
     log_level: str = "INFO"
 
     @classmethod
@@ -207,9 +213,31 @@ class Settings:
             web_workers=_int(env, "EMP_WEB_WORKERS", 2, 1),
             web_threads=_int(env, "EMP_WEB_THREADS", 32, 1),
             ws_ping_interval_s=_float(env, "EMP_WS_PING_INTERVAL_S", 25.0),
+            ws_max_per_key=_int(env, "EMP_WS_MAX_PER_KEY", 16, 1),
+            ws_max_per_process=(
+                _int(env, "EMP_WS_MAX_PER_PROCESS", 0, 1)
+                if env.get("EMP_WS_MAX_PER_PROCESS", "").strip()
+                else None
+            ),
             metrics_token=(env.get("EMP_METRICS_TOKEN") or "").strip() or None,
+            metrics_public=_bool(env, "EMP_METRICS_PUBLIC", False),
+            metrics_max_services=_int(env, "EMP_METRICS_MAX_SERVICES", 50, 1),
+            auth_failures_per_minute=_int(env, "EMP_AUTH_FAILURES_PER_MINUTE", 20),
+            trusted_proxy_hops=_int(env, "EMP_TRUSTED_PROXY_HOPS", 0),
             log_level=(env.get("EMP_LOG_LEVEL") or "INFO").upper(),
         )
+
+    @property
+    def ws_sockets_per_process(self) -> int:
+        """WebSockets one web process serves at once; the rest of its threads stay for REST.
+
+        Each socket holds a web thread for its whole life, so at least one thread, and by
+        default max(8, web_threads // 8), is never given to a socket.
+        """
+        reserve = max(8, self.web_threads // 8)
+        derived = max(0, self.web_threads - reserve)
+        wanted = derived if self.ws_max_per_process is None else self.ws_max_per_process
+        return max(0, min(wanted, self.web_threads - 1))
 
     @property
     def embedded(self) -> bool:

@@ -9,7 +9,7 @@ from flask import Flask, Response, g, request
 
 from emp_tasks.config import get_settings
 from emp_tasks.ids import new_id
-from web import errors
+from web import errors, inbound
 
 CORRELATION_HEADER = "X-Correlation-ID"
 CORRELATION_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
@@ -21,13 +21,22 @@ def create_app() -> Flask:
     """Application factory: settings come from the environment (see emp_tasks.config)."""
     settings = get_settings()
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # One byte over the limit may be read: a chunked body is cut at MAX_CONTENT_LENGTH
+    # without an error, so the body route needs to see that there was more (413).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     @app.before_request
     def _correlation() -> None:
         incoming = request.headers.get(CORRELATION_HEADER, "")
         g.correlation_id = incoming if CORRELATION_PATTERN.match(incoming) else new_id()
+
+    @app.before_request
+    def _refuse_unstorable_text() -> None:
+        try:
+            inbound.check_url_text(request.path, request.args.to_dict(flat=False))
+        except inbound.InboundRefused as exc:
+            raise errors.invalid(exc.field, exc.message, exc.kind) from exc
 
     @app.after_request
     def _echo_correlation(response: Response) -> Response:

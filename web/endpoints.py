@@ -7,7 +7,6 @@ and validates the request and describes it in `/openapi.json`.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +16,8 @@ from pydantic import BaseModel, ValidationError
 
 from emp_tasks import auth, ratelimit
 from emp_tasks.config import get_settings
-from web.errors import ApiError, validation_details
-
-MAX_IDEMPOTENCY_KEY = 255
+from web import inbound
+from web.errors import ApiError, invalid, validation_details
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,8 @@ class Route:
     headers: tuple[str, ...] = field(default_factory=tuple)
     produces: str | None = "application/json"
     """The success response's media type (None: no body, e.g. a protocol upgrade)."""
+    errors: tuple[int, ...] = ()
+    """Error statuses of a route that checks credentials itself (authenticated=False)."""
 
 
 ROUTES: list[Route] = []
@@ -58,8 +58,50 @@ def presented_key() -> str | None:
     return request.headers.get("X-API-Key") or None
 
 
+def client_address() -> str:
+    """The address failed authentication is counted against.
+
+    The connection's peer; X-Forwarded-For is believed only as far as
+    EMP_TRUSTED_PROXY_HOPS says reverse proxies in front of us append to it.
+    """
+    hops = get_settings().trusted_proxy_hops
+    if hops:
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")
+        chain = [part.strip() for part in forwarded if part.strip()]
+        if len(chain) >= hops:
+            return chain[-hops]
+    return request.remote_addr or "unknown"
+
+
+def throttled_authenticate(
+    raw: str | None, token: Callable[[str], auth.Principal | None] | None = None
+) -> auth.Principal | None:
+    """The principal a presented credential stands for, throttled per client address.
+
+    `token` may accept a credential that is not an API key (the metrics token). An
+    address that failed too often this minute gets 429 whatever it presents; each
+    credential refused counts as a failure (a request presenting none does not).
+    """
+    if not raw:
+        return None
+    limit = get_settings().auth_failures_per_minute
+    address = client_address()
+    wait = ratelimit.seconds_until_auth_allowed(address, limit)
+    if wait:
+        raise ApiError(
+            429,
+            "RATE_LIMITED",
+            f"too many failed authentications; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+    principal = (token(raw) if token else None) or auth.authenticate(raw)
+    if principal is None:
+        ratelimit.authentication_failed(address, limit)
+    return principal
+
+
 def current_principal(admin: bool = False) -> auth.Principal:
-    principal = auth.authenticate(presented_key())
+    principal = throttled_authenticate(presented_key())
     if principal is None:
         raise ApiError(
             401,
@@ -82,17 +124,25 @@ def current_principal(admin: bool = False) -> auth.Principal:
 
 def _json_body() -> dict[str, Any]:
     raw = request.get_data(cache=True)
+    if len(raw) > get_settings().max_body_bytes:
+        raise ApiError(
+            413,
+            "PAYLOAD_TOO_LARGE",
+            f"the request body is larger than {get_settings().max_body_bytes} bytes",
+        )
     if not raw.strip():
         return {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    if not inbound.is_json_media_type(request.mimetype):
         raise ApiError(
-            400,
-            "VALIDATION_FAILED",
-            "request body is not valid JSON",
-            [{"field": "body", "message": str(exc), "type": "json_invalid"}],
-        ) from exc
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send the body as JSON with Content-Type: application/json",
+            [{"field": "Content-Type", "message": "must be application/json", "type": "header"}],
+        )
+    try:
+        data = inbound.decode_json(raw)
+    except inbound.InboundRefused as exc:
+        raise invalid(exc.field, exc.message, exc.kind) from exc
     if not isinstance(data, dict):
         raise ApiError(
             400,
@@ -116,13 +166,11 @@ def idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    key = key.strip()
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
-        raise ApiError(
-            400,
-            "VALIDATION_FAILED",
-            "Idempotency-Key must be 1 to 255 characters",
-            [{"field": "Idempotency-Key", "message": "1 to 255 characters", "type": "header"}],
+    if not inbound.valid_idempotency_key(key):
+        raise invalid(
+            "Idempotency-Key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters (spaces inside only)",
+            "header",
         )
     return key
 
@@ -144,6 +192,7 @@ def endpoint(
     not_found_codes: dict[str, str] | None = None,
     aliases: tuple[str, ...] = (),
     produces: str = "application/json",
+    errors: tuple[int, ...] = (),
 ) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
     """Register `rule` (and any `aliases`, same behaviour) on `blueprint`.
 
@@ -165,6 +214,7 @@ def endpoint(
                 deprecated=deprecated,
                 headers=headers,
                 produces=produces,
+                errors=errors,
             )
             for each in (rule, *aliases)
         )

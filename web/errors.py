@@ -23,6 +23,18 @@ NOT_FOUND_CODES = {
 }
 
 
+HTTP_ERROR_CODES = {
+    400: "VALIDATION_FAILED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    414: "URI_TOO_LONG",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    431: "HEADERS_TOO_LARGE",
+}
+"""Error codes for failures that the HTTP layer (Werkzeug, gunicorn) detects itself."""
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -38,6 +50,13 @@ class ApiError(Exception):
         self.message = message
         self.details = details or []
         self.headers = headers or {}
+
+
+def invalid(field: str, message: str, kind: str) -> ApiError:
+    """A 400 VALIDATION_FAILED naming one bad field."""
+    return ApiError(
+        400, "VALIDATION_FAILED", message, [{"field": field, "message": message, "type": kind}]
+    )
 
 
 def error_response(error: ApiError) -> Response:
@@ -131,14 +150,10 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         status = exc.code or 500
-        code = {
-            404: "NOT_FOUND",
-            405: "METHOD_NOT_ALLOWED",
-            413: "PAYLOAD_TOO_LARGE",
-            415: "VALIDATION_FAILED",
-            400: "VALIDATION_FAILED",
-        }.get(status, "HTTP_ERROR")
-        return error_response(ApiError(status, code, exc.description or exc.name))
+        code = HTTP_ERROR_CODES.get(status, "HTTP_ERROR")
+        # Keep what the exception says the client needs, e.g. `Allow` on a 405.
+        kept = {name: value for name, value in exc.get_headers() if name.lower() == "allow"}
+        return error_response(ApiError(status, code, exc.description or exc.name, headers=kept))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from emp_tasks import __version__
+from web.inbound import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY, MAX_JSON_DEPTH
 
 if TYPE_CHECKING:
     from web.endpoints import Route
@@ -39,9 +40,86 @@ ERROR_STATUSES = {
     404: "Not found (STEP_NOT_FOUND, JOB_NOT_FOUND, NOT_FOUND, ...)",
     409: "INVALID_STATE",
     413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE: send the body with Content-Type: application/json",
     429: "RATE_LIMITED, with Retry-After",
     503: "UNAVAILABLE",
 }
+
+STORABLE_TEXT = "^[^\\x00]*$"
+"""Text PostgreSQL can store: no NUL (web.inbound). Lone UTF-16 surrogates are refused too;
+a regular expression cannot name them (they are not characters), so descriptions say so."""
+
+JSON_VALUE = {
+    "description": (
+        f"Any JSON value nested at most {MAX_JSON_DEPTH} levels deep (counted from the request"
+        " body), with finite numbers and text without NUL characters or lone surrogates"
+    ),
+    "anyOf": [
+        {"type": "string", "pattern": STORABLE_TEXT},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+        {
+            "type": "object",
+            "patternProperties": {STORABLE_TEXT: {"$ref": "#/components/schemas/JsonValue"}},
+            "additionalProperties": False,
+        },
+    ],
+}
+
+HEADER_SCHEMAS = {
+    "Idempotency-Key": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_IDEMPOTENCY_KEY,
+        "pattern": IDEMPOTENCY_KEY_PATTERN,
+        "description": (
+            "The same key from the same customer within 24 h returns the original resource"
+            " (200) instead of creating another: 1 to 255 visible ASCII characters"
+            " (inner spaces allowed)"
+        ),
+    }
+}
+
+CONSTRAINT_NAMES = {
+    "gt": "exclusiveMinimum",
+    "ge": "minimum",
+    "lt": "exclusiveMaximum",
+    "le": "maximum",
+}
+
+
+def _describe_storable(node: Any) -> None:
+    """Say in the schema what web.inbound refuses of any request: text, free-form JSON.
+
+    Every string without a tighter rule gets the storable-text pattern; every object
+    names its keys the same way, and whatever it may hold besides its own fields
+    (free-form `payload` and `metadata`, or ignored extra keys) is a JsonValue.
+    Pydantic's `gt`/`ge`/`lt`/`le` left on a nullable number become JSON Schema's words.
+    """
+    if isinstance(node, list):
+        for item in node:
+            _describe_storable(item)
+        return
+    if not isinstance(node, dict):
+        return
+    for short, long in CONSTRAINT_NAMES.items():
+        if short in node and node.get("type") in ("number", "integer"):
+            node[long] = node.pop(short)
+    if node.get("type") == "string" and not {"pattern", "enum", "const", "format"} & set(node):
+        node["pattern"] = STORABLE_TEXT
+    if node.get("type") == "object" and node.get("additionalProperties", True) is True:
+        # Keys as text we can store, any (storable) value: said as patternProperties,
+        # which schema-driven generators honour where some ignore propertyNames.
+        node["patternProperties"] = {STORABLE_TEXT: {"$ref": REF.format(model="JsonValue")}}
+        node["additionalProperties"] = False
+    for key, value in node.items():
+        if key == "properties":
+            for field in value.values():
+                _describe_storable(field)
+        elif key != "patternProperties":
+            _describe_storable(value)
 
 
 def _path(rule: str) -> str:
@@ -109,7 +187,12 @@ def document() -> dict[str, Any]:
         if route.query is not None:
             parameters += _query_parameters(route.query)
         parameters += [
-            {"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
+            {
+                "name": name,
+                "in": "header",
+                "required": False,
+                "schema": HEADER_SCHEMAS.get(name, {"type": "string"}),
+            }
             for name in route.headers
         ]
         for method in route.methods:
@@ -120,6 +203,11 @@ def document() -> dict[str, Any]:
                 "parameters": parameters,
                 "responses": {str(route.status): _success(route)},
             }
+            if "Idempotency-Key" in route.headers:
+                operation["responses"]["200"] = {
+                    **_success(route),
+                    "description": "created before with this Idempotency-Key: the original",
+                }
             if route.deprecated:
                 operation["deprecated"] = True
             if route.body is not None:
@@ -127,9 +215,13 @@ def document() -> dict[str, Any]:
                     "required": True,
                     "content": {"application/json": {"schema": _schema(route.body, components)}},
                 }
-            if route.authenticated:
+            if route.authenticated or route.errors:
                 operation["security"] = [{"bearer": []}, {"apiKey": []}]
-                for status, description in ERROR_STATUSES.items():
+                if not route.authenticated:
+                    operation["security"].append({})  # the route may be opened by a setting
+                statuses = route.errors or tuple(ERROR_STATUSES)
+                for status in statuses:
+                    description = ERROR_STATUSES[status]
                     operation["responses"][str(status)] = {
                         "description": description,
                         "content": {
@@ -137,6 +229,12 @@ def document() -> dict[str, Any]:
                         },
                     }
             paths.setdefault(path, {})[method.lower()] = operation
+    request_schemas = {name: c for name, c in components.items() if name != "Error"}
+    _describe_storable(request_schemas)
+    for operations in paths.values():
+        for operation in operations.values():
+            _describe_storable(operation["parameters"])
+    components["JsonValue"] = JSON_VALUE
     return {
         "openapi": "3.1.0",
         "info": {"title": "EMP Tasks API", "version": __version__},
