@@ -45,6 +45,9 @@ def engine(url: str | None = None) -> Engine:
             max_overflow=20,
             pool_pre_ping=True,
             pool_recycle=1800,
+            # A failed statement's parameters are customers' payloads and webhook
+            # secrets: keep them out of exception text, and so out of every log.
+            hide_parameters=True,
         )
         _sessionmakers[url] = sessionmaker(_engines[url], expire_on_commit=False)
     return _engines[url]

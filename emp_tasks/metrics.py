@@ -11,6 +11,15 @@ The web runs as several processes that restart, and the work happens elsewhere
   same series and a restart loses nothing. Recording never fails the work it
   measures: errors are logged and the observation is dropped.
 
+Service names are chosen by tenants, so they cannot all become label values: a
+service is named in a label only once it is *admitted*, and at most
+EMP_METRICS_MAX_SERVICES are, first come, kept in the Redis set `emp:metrics:services`.
+Only services that workers serve are admitted (a worker recording its work, or a
+scrape reading the workers' capabilities); every other service is `service="other"`.
+Queue labels (one per route, so also tenant-driven) are capped the same way in
+`emp:metrics:queues`; a queue not admitted is `queue="other"` under its service label.
+Both caps hold where series are recorded in Redis and where they are exposed.
+
 `exposition()` builds a fresh registry for each scrape; the process-wide default
 registry of prometheus_client is not used.
 """
@@ -36,8 +45,10 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.utils import floatToGoString
+from redis import RedisError
 from redis.client import Pipeline
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from emp_tasks import db, queues, redisdb
@@ -59,6 +70,46 @@ logger = logging.getLogger(__name__)
 
 
 KEY_PREFIX = "emp:metrics:"
+OTHER = "other"
+"""The label value of every service (or queue) that is not admitted."""
+SERVICES_KEY = KEY_PREFIX + "services"
+QUEUES_KEY = KEY_PREFIX + "queues"
+
+
+# --- which label values exist --------------------------------------------------------------
+
+# Adds candidates, in order, while the set has room; answers the whole set. One script so
+# that processes admitting at once cannot push the set past its cap.
+_ADMIT = """
+local cap = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  if redis.call('SCARD', KEYS[1]) >= cap then break end
+  redis.call('SADD', KEYS[1], ARGV[i])
+end
+return redis.call('SMEMBERS', KEYS[1])
+"""
+
+
+def admit(key: str, candidates: Iterable[str], cap: int) -> set[str]:
+    """Admit `candidates` into the label set at `key` while it has room; the admitted set.
+
+    A set left larger by a higher cap than today's answers its first `cap` members.
+    """
+    members = redisdb.client().eval(_ADMIT, 1, key, cap, *candidates)
+    return set(sorted(members)[:cap])
+
+
+_recording_services: set[str] = set()
+"""Services this process saw admitted (the set only grows, so they stay admitted)."""
+
+
+def recorded_service(service: str) -> str:
+    """The label a worker records `service`'s work under: itself once admitted, else other."""
+    if service in _recording_services:
+        return service
+    admitted = admit(SERVICES_KEY, [service], get_settings().metrics_max_services)
+    _recording_services.update(admitted)
+    return service if service in admitted else OTHER
 
 
 # --- what is recorded ----------------------------------------------------------------------
@@ -192,9 +243,14 @@ class AttemptTimer:
 
     def finished(self, outcome: str) -> str:
         """Record the attempt's duration; return `outcome` (what `run_step` reports)."""
-        labels = (self.run.service, _STEP_OUTCOMES.get(outcome, "superseded"))
+        service, label = self.run.service, _STEP_OUTCOMES.get(outcome, "superseded")
         duration = time.monotonic() - self.started
-        _record(STEP_DURATION.name, lambda pipe: _observe(pipe, STEP_DURATION, labels, duration))
+        _record(
+            STEP_DURATION.name,
+            lambda pipe: _observe(
+                pipe, STEP_DURATION, (recorded_service(service), label), duration
+            ),
+        )
         return outcome
 
 
@@ -202,7 +258,10 @@ def attempt_started(run: StepRun) -> AttemptTimer:
     """The worker began `run`: record how long the step waited, and start its clock."""
     if run.queue_wait_s is not None:
         wait = max(0.0, run.queue_wait_s)
-        _record(QUEUE_WAIT.name, lambda pipe: _observe(pipe, QUEUE_WAIT, (run.service,), wait))
+        _record(
+            QUEUE_WAIT.name,
+            lambda pipe: _observe(pipe, QUEUE_WAIT, (recorded_service(run.service),), wait),
+        )
     return AttemptTimer(run)
 
 
@@ -243,21 +302,68 @@ def webhook_attempted(body: dict[str, Any], status_code: int | None) -> None:
 # --- reading what was recorded -------------------------------------------------------------
 
 
-def _histogram_family(histogram: Histogram, fields: dict[str, str]) -> HistogramMetricFamily:
+class ScrapeLabels:
+    """The service labels one scrape may name, read once and shared by its sources."""
+
+    def __init__(self) -> None:
+        self._services: set[str] | None = None
+
+    def services(self) -> set[str]:
+        if self._services is None:
+            try:
+                served = _served_services()
+            except SQLAlchemyError:
+                served = []  # the database source reports the failure
+            cap = get_settings().metrics_max_services
+            try:
+                self._services = admit(SERVICES_KEY, served, cap)
+            except RedisError:
+                # Name what the workers serve: bounded by the fleet's configuration.
+                self._services = set(served[:cap])
+        return self._services
+
+    def service(self, name: str) -> str:
+        return name if name in self.services() else OTHER
+
+
+def _served_services() -> list[str]:
+    """Services some registered worker serves: the only candidates for a label."""
+    with db.transaction() as session:
+        served = session.scalars(
+            select(func.jsonb_array_elements_text(Worker.capabilities["services"]))
+            .where(Worker.status != WorkerStatus.REMOVED)
+            .distinct()
+        ).all()
+    return sorted(served)
+
+
+def _histogram_family(
+    histogram: Histogram, fields: dict[str, str], labels: ScrapeLabels
+) -> HistogramMetricFamily:
     family = HistogramMetricFamily(
         histogram.name, histogram.documentation, labels=list(histogram.labels)
     )
-    samples: dict[str, dict[str, str]] = {}
+    position = histogram.labels.index("service") if "service" in histogram.labels else None
+    folded: dict[str, tuple[str, ...] | None] = {}
+    samples: dict[tuple[str, ...], dict[str, float]] = {}
     for field, value in fields.items():
         series, _, part = field.rpartition("|")
-        samples.setdefault(series, {})[part] = value
-    for series, parts in sorted(samples.items()):
-        labels = json.loads(series)
-        if len(labels) != len(histogram.labels) or "count" not in parts:
+        if series not in folded:
+            values = json.loads(series)
+            if position is not None and len(values) == len(histogram.labels):
+                values[position] = labels.service(values[position])
+            folded[series] = tuple(values) if len(values) == len(histogram.labels) else None
+        key = folded[series]
+        if key is not None:
+            # Series recorded before their service fell under the cap add up into "other".
+            parts = samples.setdefault(key, {})
+            parts[part] = parts.get(part, 0.0) + float(value)
+    for values, parts in sorted(samples.items()):
+        if "count" not in parts:
             continue
         count = int(parts["count"])
         buckets = [(_bound(upper), int(parts.get(_bound(upper), 0))) for upper in histogram.buckets]
-        family.add_metric(labels, [*buckets, ("+Inf", count)], float(parts.get("sum", 0)))
+        family.add_metric(list(values), [*buckets, ("+Inf", count)], parts.get("sum", 0.0))
     return family
 
 
@@ -270,13 +376,13 @@ def _counter_family(counter: Counter, fields: dict[str, str]) -> CounterMetricFa
     return family
 
 
-def _recorded() -> Iterator[Metric]:
+def _recorded(labels: ScrapeLabels) -> Iterator[Metric]:
     pipe = redisdb.client().pipeline(transaction=True)
     for metric in RECORDED:
         pipe.hgetall(metric.key)
     for metric, fields in zip(RECORDED, pipe.execute(), strict=True):
         if isinstance(metric, Histogram):
-            yield _histogram_family(metric, fields)
+            yield _histogram_family(metric, fields, labels)
         else:
             yield _counter_family(metric, fields)
 
@@ -298,12 +404,13 @@ def _by_status(
     return family
 
 
-def _steps(session: Session) -> Iterator[Metric]:
+def _steps(session: Session, labels: ScrapeLabels) -> Iterator[Metric]:
     by_service: dict[str, dict[str, int]] = {}
     for service, status, count in session.execute(
         select(Step.service, Step.status, func.count()).group_by(Step.service, Step.status)
     ):
-        by_service.setdefault(service, {})[status] = count
+        counts = by_service.setdefault(labels.service(service), {})
+        counts[status] = counts.get(status, 0) + count
     family = GaugeMetricFamily(
         "emp_steps", "Steps in each status, by service", labels=["status", "service"]
     )
@@ -368,50 +475,66 @@ def _outbox(session: Session) -> Iterator[Metric]:
 _OPERATOR = Principal(customer_id="", admin=True, key_id="metrics")
 
 
-def _queues() -> Iterator[Metric]:
+def _queues(labels: ScrapeLabels) -> Iterator[Metric]:
     listed = queues.list_queues(_OPERATOR, include_idle=True)
-    labels = ["queue", "service"]
+    named = admit(
+        QUEUES_KEY,
+        [entry["name"] for entry in listed if labels.service(entry["service"]) != OTHER],
+        get_settings().metrics_max_services,
+    )
+    names = ["queue", "service"]
     families = {
         "depth": GaugeMetricFamily(
-            "emp_queue_depth", "Pending steps in each queue (PostgreSQL)", labels=labels
+            "emp_queue_depth", "Pending steps in each queue (PostgreSQL)", labels=names
         ),
         "broker_depth": GaugeMetricFamily(
-            "emp_queue_broker_depth", "Task messages waiting in each queue (Redis)", labels=labels
+            "emp_queue_broker_depth", "Task messages waiting in each queue (Redis)", labels=names
         ),
         "running": GaugeMetricFamily(
-            "emp_queue_running", "Steps of each queue assigned or running", labels=labels
+            "emp_queue_running", "Steps of each queue assigned or running", labels=names
         ),
         "consumers": GaugeMetricFamily(
-            "emp_queue_consumers", "Live workers consuming each queue", labels=labels
+            "emp_queue_consumers", "Live workers consuming each queue", labels=names
         ),
     }
     oldest = GaugeMetricFamily(
         "emp_queue_oldest_pending_seconds",
         "Age of the oldest pending step in each queue (0: none pending)",
-        labels=labels,
+        labels=names,
     )
     now = datetime.now(UTC)
+    rows: dict[tuple[str, str], dict[str, float]] = {}
     for entry in listed:
-        series = [entry["name"], entry["service"]]
-        for field, family in families.items():
-            family.add_metric(series, entry[field])
+        service = labels.service(entry["service"])
+        queue = entry["name"] if service != OTHER and entry["name"] in named else OTHER
+        row = rows.setdefault((queue, service), dict.fromkeys([*families, "oldest"], 0.0))
+        for field in families:
+            row[field] += entry[field]
         since = entry["oldest_pending_at"]
         age = (now - datetime.fromisoformat(since)).total_seconds() if since else 0.0
-        oldest.add_metric(series, max(0.0, age))
+        row["oldest"] = max(row["oldest"], age)
+    for series, row in sorted(rows.items()):
+        for field, family in families.items():
+            family.add_metric(list(series), row[field])
+        oldest.add_metric(list(series), row["oldest"])
     yield from families.values()
     yield oldest
 
 
-def _from_database(*readers: Callable[[Session], Iterator[Metric]]) -> Callable[[], list[Metric]]:
-    def read() -> list[Metric]:
-        with db.transaction() as session:
-            return [metric for reader in readers for metric in reader(session)]
+def _database(labels: ScrapeLabels) -> list[Metric]:
+    labels.services()  # before this transaction: it reads in one of its own
+    with db.transaction() as session:
+        return [
+            *_steps(session, labels),
+            *_workflows(session),
+            *_workers(session),
+            *_webhook_deliveries(session),
+            *_outbox(session),
+        ]
 
-    return read
 
-
-SOURCES: dict[str, Callable[[], Iterable[Metric]]] = {
-    "database": _from_database(_steps, _workflows, _workers, _webhook_deliveries, _outbox),
+SOURCES: dict[str, Callable[[ScrapeLabels], Iterable[Metric]]] = {
+    "database": _database,
     "queues": _queues,
     "recorded": _recorded,
 }
@@ -427,9 +550,10 @@ class _Scrape:
             "1 if this scrape read the source (database, queues, recorded), 0 if it failed",
             labels=["source"],
         )
+        labels = ScrapeLabels()
         for name, read in SOURCES.items():
             try:
-                metrics = list(read())
+                metrics = list(read(labels))
             except Exception:
                 logger.exception(
                     "Metrics source failed",
@@ -450,9 +574,9 @@ def exposition(accept: str | None = None) -> tuple[bytes, str]:
     return encode(registry), content_type
 
 
-def token_accepted(presented: str | None) -> bool:
-    """Whether a scrape may read the metrics: always, unless EMP_METRICS_TOKEN is set."""
+def token_principal(presented: str) -> Principal | None:
+    """The operator, when `presented` is the EMP_METRICS_TOKEN (which reads only metrics)."""
     expected = get_settings().metrics_token
-    if not expected:
-        return True
-    return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
+    if expected and hmac.compare_digest(presented.encode(), expected.encode()):
+        return _OPERATOR
+    return None

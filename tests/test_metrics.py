@@ -55,7 +55,8 @@ class Scrape:
 
 
 def scrape(client, **request_headers: str) -> Scrape:
-    response = client.get("/metrics", headers=request_headers)
+    """Scrape as an operator (the admin key) unless other credentials are given."""
+    response = client.get("/metrics", headers=request_headers or headers("admin"))
     assert response.status_code == 200, response.get_data(as_text=True)
     return Scrape(response.get_data(as_text=True))
 
@@ -147,11 +148,17 @@ def test_histogram_buckets_are_cumulative_and_inf_is_the_count(ran):
 
 
 def _counted_steps() -> dict[tuple[str, str], float]:
+    """Steps by (status, service label), services that are not admitted counted as other."""
+    labels = metrics.ScrapeLabels()
     with db.transaction() as session:
         rows = session.execute(
             select(Step.status, Step.service, func.count()).group_by(Step.status, Step.service)
         ).all()
-    return {(status, service): float(count) for status, service, count in rows}
+    counted: dict[tuple[str, str], float] = {}
+    for status, service, count in rows:
+        key = (status, labels.service(service))
+        counted[key] = counted.get(key, 0.0) + count
+    return counted
 
 
 def test_steps_gauge_matches_a_direct_count(client, ran):
@@ -177,17 +184,19 @@ def test_queue_depth_shows_steps_no_worker_serves(client, system):
         pending = session.scalar(
             select(func.count()).where(Step.service == UNSERVED, Step.status == "pending")
         )
+    # A service no worker serves is a tenant's choice of name: it is counted as "other".
     found = wait_for(
         lambda: (
             (now := scrape(client))
-            and now.value("emp_queue_broker_depth", service=UNSERVED) >= pending
+            and now.value("emp_queue_broker_depth", service=metrics.OTHER) >= pending
             and now
         )
     )
-    assert found.value("emp_queue_depth", service=UNSERVED) == pending >= 2
-    assert found.value("emp_queue_consumers", service=UNSERVED) == 0
-    assert found.value("emp_queue_oldest_pending_seconds", service=UNSERVED) >= 0
-    assert found.value("emp_steps", service=UNSERVED, status="pending") == pending
+    assert not found.matching("emp_queue_depth", service=UNSERVED)
+    assert found.value("emp_queue_depth", service=metrics.OTHER) >= pending >= 2
+    assert found.value("emp_queue_consumers", service=metrics.OTHER) == 0
+    assert found.value("emp_queue_oldest_pending_seconds", service=metrics.OTHER) > 0
+    assert found.value("emp_steps", service=metrics.OTHER, status="pending") >= pending
 
 
 def test_workers_online_are_counted(client, system):
@@ -232,26 +241,88 @@ def test_webhook_attempts_are_counted_by_outcome(client, system, receiver, start
     assert after.value("emp_webhook_deliveries", status="succeeded") >= 1
 
 
-def test_metrics_token_is_required_when_set(client, override_settings):
+def test_anonymous_scrape_is_refused_by_default(client, settings):
+    assert not settings.metrics_public
+    response = client.get("/metrics")
+    assert_error(response, 401, "UNAUTHORIZED")
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert_error(
+        client.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401, "UNAUTHORIZED"
+    )
+
+
+def test_admin_key_may_scrape(client):
+    assert scrape(client, **headers("admin")).matching("emp_workers")
+
+
+def test_tenant_key_may_not_scrape(client):
+    assert_error(client.get("/metrics", headers=headers("alice")), 403, "FORBIDDEN")
+
+
+def test_metrics_token_or_admin_key_may_scrape_when_a_token_is_set(client, override_settings):
     override_settings(metrics_token="scrape-secret")
     assert_error(client.get("/metrics"), 401, "UNAUTHORIZED")
     assert_error(
         client.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401, "UNAUTHORIZED"
     )
-    assert_error(client.get("/metrics", headers=headers("admin")), 401, "UNAUTHORIZED")
+    assert_error(client.get("/metrics", headers=headers("bob")), 403, "FORBIDDEN")
     assert scrape(client, Authorization="Bearer scrape-secret").matching("emp_workers")
+    assert scrape(client, **headers("admin")).matching("emp_workers")
 
 
-def test_metrics_are_open_without_a_token(client, override_settings):
-    override_settings(metrics_token=None)
+def test_metrics_public_opens_the_scrape_to_anyone(client, override_settings):
+    override_settings(metrics_public=True, metrics_token="scrape-secret")
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain")
     assert "# HELP emp_steps " in response.get_data(as_text=True)
 
 
+def service_labels(found: Scrape) -> set[str]:
+    return {s.labels["service"] for s in found.samples if "service" in s.labels}
+
+
+def test_tenant_chosen_service_names_do_not_become_series(client, system):
+    cap = metrics.get_settings().metrics_max_services
+    names = [f"tenant-made-{number}" for number in range(200)]
+    for name in names:
+        submit(client, name)
+    found = scrape(client)
+    assert not service_labels(found) & set(names)
+    assert len(service_labels(found)) <= cap + 1
+    assert found.value("emp_steps", service=metrics.OTHER, status="pending") >= len(names)
+    queues = {s.labels["queue"] for s in found.matching("emp_queue_depth")}
+    assert len(queues) <= cap + 1
+    assert found.value("emp_queue_depth", queue=metrics.OTHER) >= len(names)
+
+
+def test_recorded_service_labels_stop_at_the_cap(services, override_settings):
+    from emp_tasks.connectors.base import StepRun
+
+    client = redisdb.client()
+    metrics.ScrapeLabels().services()  # the workers' services are in before the cap is cut
+    admitted_before = client.smembers(metrics.SERVICES_KEY)
+    cap = len(admitted_before) + 5
+    override_settings(metrics_max_services=cap)
+    names = [f"recorded-{number}" for number in range(200)]
+    try:
+        for name in names:
+            metrics.AttemptTimer(StepRun("s", name, 1, {}, {}, 0.5, "alice")).finished("completed")
+        fields = client.hkeys(metrics.STEP_DURATION.key)
+        recorded = {json.loads(field.rpartition("|")[0])[0] for field in fields}
+        assert len(recorded) <= cap + 1
+        assert len(recorded & set(names)) == 5
+        assert metrics.OTHER in recorded
+        assert len(client.smembers(metrics.SERVICES_KEY)) == cap
+    finally:
+        client.srem(metrics.SERVICES_KEY, *names)
+        metrics._recording_services.difference_update(names)
+
+
 def test_openmetrics_is_served_to_scrapers_that_ask_for_it(client):
-    response = client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    response = client.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text", **headers("admin")}
+    )
     assert response.status_code == 200
     assert response.content_type.startswith("application/openmetrics-text")
     assert response.get_data(as_text=True).endswith("# EOF\n")
