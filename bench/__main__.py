@@ -7,7 +7,9 @@ Redis, drop the scratch environment, and print the table. The workflow rows
 after its steps, and on the threads-pool bare Celery worker after its tasks. The
 webhook latency rows (bench.webhook_rows, skipped with --no-webhooks) and then the
 WebSocket event latency rows (bench.live_rows, skipped with --no-live) run last, on
-EMP Tasks only: there is no bare Celery equivalent.
+EMP Tasks only: there is no bare Celery equivalent. Then the idle-socket rows
+(bench.socket_rows, skipped with --no-sockets) time REST beside idle WebSockets on a
+web process of their own.
 Exits 1 when any system did not complete every step or workflow by its deadline, or
 when fewer webhooks or WebSocket deliveries than expected arrived by theirs.
 """
@@ -19,7 +21,7 @@ import os
 import sys
 from urllib.parse import parse_qs, urlsplit
 
-from bench import baseline, live_rows, ours, report, webhook_rows, workflows
+from bench import baseline, live_rows, ours, report, socket_rows, webhook_rows, workflows
 from bench.stats import Result
 from emp_tasks import redisdb, scratch
 from emp_tasks.db import ROOT
@@ -136,6 +138,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds each WebSocket row waits for its deliveries after its last submit (30)",
     )
     parser.add_argument(
+        "--no-sockets",
+        action="store_true",
+        help="skip the REST-beside-idle-WebSockets rows (EMP Tasks only)",
+    )
+    parser.add_argument(
+        "--only-sockets",
+        action="store_true",
+        help="run only the REST-beside-idle-WebSockets rows",
+    )
+    parser.add_argument(
         "--keep-services",
         action="store_true",
         help="leave embedded Redis/PostgreSQL running if this run started them",
@@ -202,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"creating a scratch environment in {DATA_DIR} ...", file=sys.stderr, flush=True)
     run = scratch.create("emp_bench", DATA_DIR, EMBEDDED_REDIS_PORT)
+    sockets: socket_rows.SocketResult | None = None
     try:
+        if args.only_sockets:
+            return _only_sockets(run)
         names = ", ".join(ours.PROCESSES)
         print(f"measuring EMP Tasks ({names}) ...", file=sys.stderr, flush=True)
         mine = ours.run(run, options, DATA_DIR / "ours.log")
@@ -222,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                     workflow_timeout_s=args.workflow_timeout,
                 )
             )
+        if not args.no_sockets:
+            print("measuring REST beside idle WebSockets ...", file=sys.stderr, flush=True)
+            sockets = socket_rows.run(run, DATA_DIR / "sockets.log")
     finally:
         redisdb.reset_clients()
         run.drop()
@@ -246,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if inherited:
         print(f"EMP Tasks processes also inherit: {', '.join(inherited)}")
-    print(report.table(mine, baselines, shapes, hooks, live))
+    print(report.table(mine, baselines, shapes, hooks, live, sockets))
     print(
         "Worker concurrency 2 everywhere (EMP Tasks: `emp worker`, threads pool). "
         "Ratio = EMP Tasks / baseline in steps/s: above 1 EMP Tasks is faster, below 1 slower."
@@ -271,16 +289,42 @@ def main(argv: list[str] | None = None) -> int:
     if live:
         print(
             "WebSocket rows (EMP Tasks only, no bare Celery equivalent): per configuration, "
-            "clients connected to /ws with the admin key, each subscribed to all, steps "
+            "clients connected to /ws with as many admin keys as EMP_WS_MAX_PER_KEY needs, "
+            "each subscribed to all, steps "
             f"submitted at a steady rate after {ours.LIVE_WARMUP} warm-up steps; latency of "
             "every (client, event of those steps) from the envelope's timestamp (whole ms, taken "
             "when the event is recorded in its committing transaction) to the frame's arrival "
             "on the client's reading thread, all clients in this one process; web processes "
             f"with EMP_WEB_THREADS={ours.WEB_THREADS} (one thread per socket)."
         )
+    if sockets is not None:
+        print(SOCKET_ROWS_NOTE)
     for result in (mine, *baselines):
         print(report.summary(result, shapes, hooks, live))
-    return 0 if all(result.ok for result in (mine, *baselines)) else 1
+    if sockets is not None:
+        print(report.socket_summary(sockets))
+    sockets_ok = sockets is None or sockets.ok
+    return 0 if sockets_ok and all(result.ok for result in (mine, *baselines)) else 1
+
+
+SOCKET_ROWS_NOTE = (
+    "Idle-WebSocket rows (EMP Tasks only): a web process of their own (one gunicorn worker, "
+    f"EMP_WEB_THREADS={socket_rows.WEB_THREADS}, default socket caps); "
+    f"{socket_rows.REST_REQUESTS} GET /api/steps by a key holding no socket, from "
+    f"{socket_rows.REST_THREADS} client threads, with no sockets, then with "
+    f"{socket_rows.SOCKETS} idle sockets attempted by one key, then over several keys; "
+    "the sockets over a cap are refused (429 per key, 503 per process)."
+)
+
+
+def _only_sockets(run: scratch.Scratch) -> int:
+    """`--only-sockets`: the idle-socket rows on the scratch run, printed on their own."""
+    print("measuring REST beside idle WebSockets ...", file=sys.stderr, flush=True)
+    sockets = socket_rows.run(run, DATA_DIR / "sockets.log")
+    print(report.socket_table(sockets))
+    print(SOCKET_ROWS_NOTE)
+    print(report.socket_summary(sockets))
+    return 0 if sockets.ok else 1
 
 
 if __name__ == "__main__":

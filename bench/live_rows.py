@@ -1,18 +1,19 @@
 """The live event latency rows (EMP Tasks only): an event's recording to its arrival over `/ws`.
 
-Each configuration connects `clients` WebSocket clients with the admin key, each
-subscribed to `all`, submits `steps` no-op steps at a steady `rate`, and times, for
-every (client, event of those steps), the envelope's `timestamp` (whole ms, taken
-when the event is recorded in its committing transaction) to the moment the frame
-arrived at the client. Every client must receive every event of the steps in the
-outbox. The clients run in this process, each on its socket's own reading thread;
-both times are this host's wall clock.
+Each configuration connects `clients` WebSocket clients with admin keys (as many
+as EMP_WS_MAX_PER_KEY needs), each subscribed to `all`, submits `steps` no-op steps
+at a steady `rate`, and times, for every (client, event of those steps), the
+envelope's `timestamp` (whole ms, taken when the event is recorded in its committing
+transaction) to the moment the frame arrived at the client. Every client must receive
+every event of the steps in the outbox. The clients run in this process, each on its
+socket's own reading thread; both times are this host's wall clock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import simple_websocket
 
 from bench.stats import BenchError, Deadline, LiveResult
+from emp_tasks import auth, config
 
 CLIENT_COUNTS = (1, 200)
 CONNECT_THREADS = 16  # clients connecting at once
@@ -62,7 +64,7 @@ class _ReaderThread(threading.Thread):
         super().__init__(target=target, name="bench-live-client", daemon=True)
 
 
-class _Socket(simple_websocket.Client):
+class Socket(simple_websocket.Client):
     """A client socket that hands each message, with its arrival time, to `on_message`.
 
     simple-websocket (pinned) parses what its reading thread received in
@@ -102,7 +104,7 @@ class Listener:
         self.dropped = 0  # step events beyond MAX_EVENTS
         self.errors: list[str] = []
         self.subscribed = threading.Event()
-        self._socket = _Socket(url, self._record, timeout_s)
+        self._socket = Socket(url, self._record, timeout_s)
 
     def subscribe_all(self) -> None:
         self._socket.send(json.dumps({"type": "subscribe", "all": True}))
@@ -153,20 +155,39 @@ class Listener:
         return [arrived - stamp for stamp, arrived in pairs]
 
 
+def socket_keys(count: int, first: str | None = None, admin: bool = True) -> list[str]:
+    """Keys enough for `count` sockets within EMP_WS_MAX_PER_KEY each: `first`, then new ones.
+
+    The new keys are stored in the database (customer `bench`), like `emp keys create`.
+    """
+    needed = math.ceil(count / config.get_settings().ws_max_per_key)
+    keys = [first] if first else []
+    while len(keys) < needed:
+        keys.append(auth.create_key("bench", admin=admin, name="bench-sockets")[0])
+    return keys
+
+
 class Audience:
-    """`count` listeners on `/ws` with one admin key, connected in parallel, all subscribed."""
+    """`count` listeners on `/ws` with admin keys, connected in parallel, all subscribed.
+
+    The clients are spread over `key` and as many more admin keys as EMP_WS_MAX_PER_KEY
+    needs, so that no key is refused for its socket cap.
+    """
 
     def __init__(self, base_url: str, key: str) -> None:
-        self.url = base_url.replace("http://", "ws://", 1) + f"/ws?token={key}"
+        self.base_url = base_url.replace("http://", "ws://", 1)
+        self.key = key
         self.listeners: list[Listener] = []
         self._lock = threading.Lock()
 
     def connect(self, count: int, deadline: Deadline) -> None:
         """Connect and subscribe `count` clients; BenchError unless all are subscribed in time."""
+        keys = socket_keys(count, self.key)
 
-        def one(_: int) -> str | None:
+        def one(index: int) -> str | None:
+            url = f"{self.base_url}/ws?token={keys[index % len(keys)]}"
             try:
-                listener = Listener(self.url, max(0.1, deadline.remaining()))
+                listener = Listener(url, max(0.1, deadline.remaining()))
             except (simple_websocket.ConnectionError, OSError) as exc:
                 return f"connect: {type(exc).__name__}: {exc}"
             with self._lock:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from bench.live_rows import LiveRow
+from bench.socket_rows import SocketPhase, SocketResult
 from bench.stats import LiveResult, Result, WebhookResult, WorkflowResult, percentile
 from bench.webhook_rows import WebhookRow
 from bench.workflows import Shape
@@ -89,16 +90,34 @@ def _live_row(ours: Result, baselines: list[Result], row: LiveRow) -> list[str]:
     return cells
 
 
+def _phase_label(phase: SocketPhase) -> str:
+    held = f", {phase.accepted} open" if phase.attempted else ""
+    return f"REST p50 / p99 beside idle WebSockets: {phase.label}{held} (ms)"
+
+
+def _socket_rows(sockets: SocketResult | None, baselines: list[Result]) -> list[list[str]]:
+    """REST p50 / p99 per idle-socket phase; EMP Tasks only, so a dash for every baseline."""
+    rows = []
+    for phase in sockets.phases if sockets is not None else ():
+        cells = [_phase_label(phase), _latency(phase.rest_ms) if phase.ok else DASH]
+        for _ in baselines:
+            cells += [DASH, ""]
+        rows.append(cells)
+    return rows
+
+
 def table(
     ours: Result,
     baselines: list[Result],
     shapes: Sequence[Shape] = (),
     webhooks: Sequence[WebhookRow] = (),
     live: Sequence[LiveRow] = (),
+    sockets: SocketResult | None = None,
 ) -> str:
     """A Markdown table: ours, then each baseline with the ratio ours / baseline (in steps/s).
 
-    The steps rows come first, then each workflow shape's rows, each webhook row, each live row.
+    The steps rows come first, then each workflow shape's rows, each webhook row, each live
+    row, and each idle-socket phase.
     """
     header = ["measure", ours.name]
     for baseline in baselines:
@@ -118,7 +137,18 @@ def table(
         rows += _workflow_rows(ours, baselines, shape)
     rows += [_webhook_row(ours, baselines, row) for row in webhooks]
     rows += [_live_row(ours, baselines, row) for row in live]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    rows += _socket_rows(sockets, baselines)
+    return _markdown(rows)
+
+
+def socket_table(sockets: SocketResult) -> str:
+    """The idle-socket rows alone (`python -m bench --only-sockets`)."""
+    return _markdown([["measure", "EMP Tasks"], *_socket_rows(sockets, [])])
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    """The first row as the header, first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
 
     def line(cells: list[str]) -> str:
         padded = [
@@ -128,7 +158,7 @@ def table(
         return "| " + " | ".join(padded) + " |"
 
     separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
-    return "\n".join([line(header), separator, *(line(row) for row in rows[1:])])
+    return "\n".join([line(rows[0]), separator, *(line(row) for row in rows[1:])])
 
 
 def _workflow_summary(name: str, shape: Shape, workflow: WorkflowResult) -> str:
@@ -220,4 +250,25 @@ def summary(
         outcome = result.live.get(row.key)
         if outcome is not None:
             text += "\n" + _live_summary(result.name, row, outcome)
+    return text
+
+
+def socket_summary(sockets: SocketResult) -> str:
+    """The idle-socket rows' caps, and per phase the sockets accepted and refused, and errors."""
+    text = (
+        f"EMP Tasks, WebSocket caps (EMP_WEB_THREADS={sockets.web_threads}, 1 worker): "
+        f"{sockets.per_key} per key, {sockets.per_process} per process"
+    )
+    for error in sockets.errors[:3]:
+        text += f"\n  error: {error}"
+    for phase in sockets.phases:
+        refused = ", ".join(f"{n} with {status}" for status, n in sorted(phase.refused.items()))
+        text += f"\n  {phase.label}: {phase.accepted} of {phase.attempted} sockets open"
+        if phase.attempted:
+            text += f" from {phase.keys} key{'' if phase.keys == 1 else 's'}"
+        if refused:
+            text += f", refused {refused}"
+        text += f"; REST {len(phase.rest_ms)} answered, p50 / p99 {_latency(phase.rest_ms)} ms"
+        for error in phase.errors[:3]:
+            text += f"\n    error: {error}"
     return text

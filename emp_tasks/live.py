@@ -30,7 +30,8 @@ from emp_tasks.events import CHANNEL, STREAM
 
 logger = logging.getLogger(__name__)
 
-STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$", re.ASCII)  # Redis takes ASCII digits only
+MAX_STREAM_PART = 2**64 - 1
 MAX_QUEUED = 10_000
 """Events a subscriber may have waiting; a client this far behind is disconnected."""
 RESUME_PAGE = 500
@@ -43,7 +44,10 @@ def stream_key(stream_id: str) -> tuple[int, int]:
 
 
 def valid_stream_id(value: Any) -> bool:
-    return isinstance(value, str) and bool(STREAM_ID.match(value))
+    """`<ms>-<seq>` with both parts within Redis's unsigned 64-bit range."""
+    if not isinstance(value, str) or not STREAM_ID.match(value):
+        return False
+    return max(stream_key(value)) <= MAX_STREAM_PART
 
 
 def stream_after(after: str) -> Iterator[dict[str, Any]]:
@@ -75,14 +79,6 @@ class Filter:
             or event.get("workflow_id") in self.workflow_ids
             or event.get("machine_id") in self.machine_ids
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "all": self.all,
-            "step_ids": sorted(self.step_ids),
-            "workflow_ids": sorted(self.workflow_ids),
-            "machine_ids": sorted(self.machine_ids),
-        }
 
 
 class Subscriber:

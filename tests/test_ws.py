@@ -1,30 +1,52 @@
 """`GET /ws` over a real gunicorn web process: subscriptions, order, resume without gap
-or duplicate, customer isolation, snapshot, and 200 clients at once."""
+or duplicate, customer isolation, snapshot, 200 clients at once, the socket caps that
+keep REST threads free, and bad client messages that cost an error, not the session."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import math
+import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import requests
 import simple_websocket
 
-from emp_tasks import redisdb
+from emp_tasks import auth, redisdb
+from emp_tasks.config import Settings
 from emp_tasks.events import CHANNEL
-from tests.conftest import KEYS, headers, stream_events, wait_for
+from tests.conftest import (
+    ARTIFACTS,
+    KEYS,
+    RunningSystem,
+    free_port,
+    headers,
+    process_env,
+    stream_events,
+    wait_for,
+)
 
 TERMINAL = {"step_completed", "step_failed", "step_cancelled"}
+PER_KEY = 16  # EMP_WS_MAX_PER_KEY's default
+CAPPED_THREADS = 32  # EMP_WEB_THREADS of the `capped_api` web process
 
 
 class Client:
     """A WebSocket client that collects what the server sends."""
 
-    def __init__(self, base: str, who: str = "alice", query: str = "") -> None:
-        url = base.replace("http://", "ws://") + f"/ws?token={KEYS[who]}{query}"
+    def __init__(
+        self, base: str, who: str = "alice", query: str = "", token: str | None = None
+    ) -> None:
+        url = base.replace("http://", "ws://") + f"/ws?token={token or KEYS[who]}{query}"
         self.ws = simple_websocket.Client.connect(url)
         self.received: list[dict[str, Any]] = []
 
@@ -215,12 +237,17 @@ def test_admin_snapshot_and_fleet_events(live_api, system):
 
 
 def test_two_hundred_clients_all_receive_a_broadcast_event(live_api, system):
+    # Admin keys enough for 200 sockets within EMP_WS_MAX_PER_KEY each.
+    tokens = [
+        auth.create_key("ops", admin=True, name="ws-broadcast")[0]
+        for _ in range(math.ceil(200 / PER_KEY))
+    ]
     clients: list[Client] = []
     failures: list[BaseException] = []
 
-    def connect() -> None:
+    def connect(index: int) -> None:
         try:
-            client = Client(live_api, "admin")
+            client = Client(live_api, token=tokens[index % len(tokens)])
             client.send(type="subscribe", all=True)
             client.reply("subscribed")
             clients.append(client)
@@ -231,7 +258,7 @@ def test_two_hundred_clients_all_receive_a_broadcast_event(live_api, system):
         return dict(redisdb.client().pubsub_numsub(CHANNEL)).get(CHANNEL, 0)
 
     before = channel_subscriptions()
-    threads = [threading.Thread(target=connect) for _ in range(200)]
+    threads = [threading.Thread(target=connect, args=(index,)) for index in range(200)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -303,3 +330,246 @@ def test_another_deployments_events_on_the_shared_channel_are_ignored(live_api, 
     ids = [e["id"] for e in client.events()]
     assert "foreign-event" not in ids
     assert ids[-1] == stream_events(step_id)[-1]["id"]  # and this stream's events still came
+
+
+# --- socket caps: REST keeps its threads ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def capped_api(services) -> Iterator[str]:
+    """A web process with 32 threads and the default socket caps; yields its base URL."""
+    port = free_port()
+    env = process_env(
+        services,
+        PORT=str(port),
+        EMP_BIND="127.0.0.1",
+        EMP_WEB_WORKERS="1",
+        EMP_WEB_THREADS=str(CAPPED_THREADS),
+    )
+    for name in ("EMP_WS_MAX_PER_KEY", "EMP_WS_MAX_PER_PROCESS"):
+        env.pop(name, None)
+    running = RunningSystem(["web"], env, ARTIFACTS / "web-capped.log")
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(base + "/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(up, timeout_s=60, interval_s=0.2)
+        yield base
+    finally:
+        running.stop()
+
+
+def test_the_process_cap_always_leaves_rest_threads(settings):
+    def cap(threads: int, explicit: int | None = None) -> int:
+        changed = replace(settings, web_threads=threads, ws_max_per_process=explicit)
+        return changed.ws_sockets_per_process
+
+    assert (cap(32), cap(256), cap(12), cap(8)) == (24, 224, 4, 0)
+    assert cap(32, explicit=10) == 10
+    assert cap(32, explicit=1000) == 31  # never the last thread
+
+
+def process_cap(settings: Settings) -> int:
+    return replace(settings, web_threads=CAPPED_THREADS).ws_sockets_per_process
+
+
+def open_sockets(base: str, who: str, count: int) -> list[Client]:
+    """`count` sockets for one key, each retried while slots of earlier tests drain."""
+    opened: list[Client] = []
+
+    def one() -> Client | None:
+        try:
+            return Client(base, who)
+        except simple_websocket.ConnectionError as exc:
+            if exc.status_code in (429, 503):
+                return None
+            raise
+
+    try:
+        for _ in range(count):
+            opened.append(wait_for(one, timeout_s=15))
+    except BaseException:
+        close_all(opened)
+        raise
+    return opened
+
+
+def close_all(clients: list[Client]) -> None:
+    for client in clients:
+        with contextlib.suppress(simple_websocket.ConnectionClosed):
+            client.close()
+
+
+def refused_status(base: str, who: str) -> int:
+    with pytest.raises(simple_websocket.ConnectionError) as refused:
+        Client(base, who).close()
+    return refused.value.status_code
+
+
+def upgrade_answer(base: str, who: str) -> requests.Response:
+    """A WebSocket upgrade request sent with plain HTTP, to read a refusal's body."""
+    upgrade = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+    }
+    return requests.get(f"{base}/ws", params={"token": KEYS[who]}, headers=upgrade, timeout=10)
+
+
+def rest_answers(base: str, who: str, count: int) -> list[int]:
+    """Statuses of `count` concurrent REST requests by one key."""
+
+    def one(_: int) -> int:
+        return requests.get(f"{base}/api/steps", headers=headers(who), timeout=30).status_code
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_a_keys_seventeenth_socket_is_refused_while_another_key_connects(capped_api):
+    alice = open_sockets(capped_api, "alice", PER_KEY)
+    try:
+        assert refused_status(capped_api, "alice") == 429
+        answer = upgrade_answer(capped_api, "alice")
+        assert answer.status_code == 429
+        assert answer.headers["Retry-After"]
+        error = answer.json()["error"]
+        assert answer.json()["success"] is False and error["code"] == "RATE_LIMITED"
+        assert error["details"] == [{"limit": "EMP_WS_MAX_PER_KEY", "max": PER_KEY}]
+
+        bob = Client(capped_api, "bob")
+        bob.send(type="ping")
+        assert bob.reply("pong") == {"type": "pong"}
+        bob.close()
+
+        # A closed socket gives its slot back.
+        alice.pop().close()
+        alice.extend(open_sockets(capped_api, "alice", 1))
+    finally:
+        close_all(alice)
+
+
+def test_sockets_over_the_process_cap_are_refused(capped_api, settings):
+    cap = process_cap(settings)
+    assert PER_KEY < cap < CAPPED_THREADS
+    held = open_sockets(capped_api, "alice", PER_KEY)
+    try:
+        held += open_sockets(capped_api, "bob", cap - PER_KEY)
+        assert refused_status(capped_api, "bob") == 503
+        answer = upgrade_answer(capped_api, "admin")
+        assert answer.status_code == 503 and answer.headers["Retry-After"]
+        error = answer.json()["error"]
+        assert error["code"] == "UNAVAILABLE"
+        assert error["details"] == [{"limit": "EMP_WS_MAX_PER_PROCESS", "max": cap}]
+        # Every socket held still works.
+        held[-1].send(type="ping")
+        assert held[-1].reply("pong") == {"type": "pong"}
+    finally:
+        close_all(held)
+
+
+def test_rest_answers_while_a_key_holds_its_max_sockets_idle(capped_api):
+    held = open_sockets(capped_api, "alice", PER_KEY)
+    try:
+        assert rest_answers(capped_api, "bob", 2 * CAPPED_THREADS) == [200] * 2 * CAPPED_THREADS
+    finally:
+        close_all(held)
+
+
+def test_rest_answers_while_the_process_holds_its_max_sockets(capped_api, settings):
+    cap = process_cap(settings)
+    held = open_sockets(capped_api, "alice", PER_KEY)
+    try:
+        held += open_sockets(capped_api, "bob", cap - PER_KEY)
+        assert refused_status(capped_api, "admin") == 503
+        assert rest_answers(capped_api, "admin", 2 * CAPPED_THREADS) == [200] * 2 * CAPPED_THREADS
+    finally:
+        close_all(held)
+
+
+# --- bad client messages cost an error, not the session ------------------------------------
+
+
+def still_answers(client: Client) -> None:
+    client.send(type="ping")
+    assert client.reply("pong") == {"type": "pong"}
+
+
+def test_an_oversized_message_is_an_error_and_the_session_goes_on(live_api):
+    client = Client(live_api)
+    try:
+        for size in (64 * 1024 + 1, 4 * 1024 * 1024):
+            client.ws.send(json.dumps({"type": "ping", "padding": "x" * size}))
+            error = client.reply("error")
+            assert error["code"] == "VALIDATION_FAILED" and "65536 bytes" in error["message"]
+            still_answers(client)
+    finally:
+        client.close()
+
+
+def test_deeply_nested_messages_are_an_error_and_the_session_goes_on(live_api):
+    client = Client(live_api)
+    try:
+        past_the_parser = "[" * 30_000 + "]" * 30_000  # RecursionError in json.loads
+        past_the_limit = {"type": "ping", "nested": json.loads("[" * 70 + "]" * 70)}
+        for raw in (past_the_parser, json.dumps(past_the_limit)):
+            client.ws.send(raw)
+            error = client.reply("error")
+            assert error["code"] == "VALIDATION_FAILED" and "nest" in error["message"]
+            still_answers(client)
+    finally:
+        client.close()
+
+
+def test_subscribing_past_the_sockets_id_limit_is_an_error_and_changes_nothing(live_api):
+    client = Client(live_api)
+    try:
+        client.send(type="subscribe", step_ids=[f"step-{n}" for n in range(600)])
+        assert client.reply("subscribed")["counts"]["step_ids"] == 600
+        client.send(
+            type="subscribe",
+            workflow_ids=[f"workflow-{n}" for n in range(300)],
+            machine_ids=[f"machine-{n}" for n in range(101)],
+        )
+        error = client.reply("error")
+        assert error["code"] == "VALIDATION_FAILED" and "1000" in error["message"]
+        client.send(type="subscribe", workflow_ids=["workflow-x"])
+        subscribed = client.reply("subscribed")
+        assert subscribed["counts"] == {"step_ids": 600, "workflow_ids": 1, "machine_ids": 0}
+        assert subscribed["workflow_ids"] == ["workflow-x"]
+    finally:
+        client.close()
+
+
+def test_subscribed_stays_small_for_thousands_of_ids(live_api):
+    client = Client(live_api)
+    try:
+        for batch in range(5):  # 5,000 ids in all
+            ids = [f"step-{batch}-{n}" for n in range(1000)]
+            client.send(type="subscribe", step_ids=ids)
+            subscribed = client.reply("subscribed")
+            assert len(json.dumps(subscribed)) < 512
+            assert subscribed["counts"]["step_ids"] == 1000 and "step_ids" not in subscribed
+            client.send(type="unsubscribe", step_ids=ids)
+            assert client.reply("subscribed")["step_ids"] == []
+    finally:
+        client.close()
+
+
+def test_a_resume_id_redis_refuses_is_an_error_and_the_session_goes_on(live_api, system):
+    client = Client(live_api)
+    try:
+        for after in ("99999999999999999999-0", "18446744073709551615-18446744073709551615"):
+            client.send(type="resume", after=after)
+            assert client.reply("error")["code"] == "VALIDATION_FAILED"
+            still_answers(client)
+        client.send(type="resume", after="0-0")
+        assert client.reply("resumed") == {"type": "resumed", "after": "0-0"}
+    finally:
+        client.close()
