@@ -17,7 +17,6 @@ endpoint that hangs from using up the threads that healthy endpoints need.
 
 from __future__ import annotations
 
-import http.cookiejar
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import random
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -280,16 +279,26 @@ def _retry_after(value: str | None) -> float | None:
 
 
 _local = threading.local()
+SESSIONS_PER_THREAD = 32
 
 
-def _http() -> requests.Session:
-    """One HTTP session per sender thread: connections to a receiver are reused."""
-    if not hasattr(_local, "session"):
-        session = requests.Session()
-        session.trust_env = False  # no proxy or .netrc from the environment
-        session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-        _local.session = session
-    return _local.session
+def _http(target: targets.Target) -> requests.Session:
+    """A session pinned to `target`'s vetted addresses, kept per sender thread.
+
+    Keyed by the whole Target (addresses included), so a name that now resolves
+    elsewhere gets a new, freshly vetted connection; the least recently used
+    sessions are closed, so a thread never holds more than a few dozen.
+    """
+    sessions: OrderedDict[targets.Target, requests.Session] | None = getattr(
+        _local, "sessions", None
+    )
+    if sessions is None:
+        sessions = _local.sessions = OrderedDict()
+    session = sessions.pop(target, None) or targets.pinned_session(target)
+    sessions[target] = session
+    while len(sessions) > SESSIONS_PER_THREAD:
+        sessions.popitem(last=False)[1].close()
+    return session
 
 
 def post(item: Claimed) -> Response:
@@ -303,7 +312,9 @@ def post(item: Claimed) -> Response:
     if not item.secret:
         return done(None, "no signing secret: set EMP_WEBHOOK_SECRET for per-resource webhooks")
     try:
-        targets.check(item.url, settings.webhook_allow_private)
+        # Vetted again on every attempt, and sent to the addresses vetted now: a name
+        # that resolved to a public address at registration may not have since.
+        target = targets.vet(item.url, settings.webhook_allow_private)
     except targets.TargetRefused as exc:
         return done(None, f"target refused: {exc}")
     body = json.dumps(item.body, separators=(",", ":"), ensure_ascii=False)
@@ -317,14 +328,15 @@ def post(item: Claimed) -> Response:
         "webhook-signature": signing.sign(item.secret, item.event_id, timestamp, body),
     }
     try:
-        response = _http().post(
-            item.url,
+        response = _http(target).post(
+            target.url,
             data=body.encode(),
             headers=headers,
             timeout=(min(5.0, settings.webhook_timeout_s), settings.webhook_timeout_s),
             allow_redirects=False,
         )
-    except requests.RequestException as exc:
+    except (requests.RequestException, ValueError) as exc:
+        # ValueError: a header stored before headers were validated that HTTP cannot carry.
         return done(None, f"{type(exc).__name__}: {exc}"[:500])
     error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
     retry_after = (

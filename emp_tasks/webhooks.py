@@ -51,11 +51,15 @@ def endpoint_object(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> 
 
 
 def check_target(field: str, url: str | None) -> None:
-    """Refuse a URL that webhooks may not reach (400 naming `field`)."""
+    """Refuse a URL that webhooks may not reach (400 naming `field`).
+
+    The message says why but never which address the host resolved to: that
+    would turn the check into a probe of internal DNS.
+    """
     if url is None:
         return
     try:
-        targets.check(url, get_settings().webhook_allow_private)
+        targets.vet(url, get_settings().webhook_allow_private)
     except targets.TargetRefused as exc:
         raise ValidationFailed(field, str(exc)) from exc
 
@@ -116,6 +120,9 @@ def get(endpoint_id: str, principal: Principal) -> WebhookEndpoint:
 
 def update(endpoint_id: str, spec: WebhookUpdate, principal: Principal) -> WebhookEndpoint:
     changes = spec.model_dump(exclude_unset=True)
+    # Ownership first: another customer's id is a 404 before any name is resolved, so
+    # nobody learns about an endpoint, or makes this server resolve, for ids not theirs.
+    get(endpoint_id, principal)
     if "url" in changes:
         check_target("url", changes["url"])
     if changes.get("secret"):
