@@ -34,18 +34,25 @@ def seconds_until_allowed(key_id: str, limit_per_minute: int) -> int:
     if limit_per_minute <= 0:
         return 0
     window = _window()
-    name = f"emp:ratelimit:{key_id}:{window}"
+    count = _count(f"emp:ratelimit:{key_id}:{window}")
+    if count is None:
+        logger.warning("Rate limit not checked: Redis unavailable", extra={"action": "ratelimit"})
+        return 0
+    if count <= limit_per_minute:
+        return 0
+    return _wait(window)
+
+
+def _count(name: str) -> int | None:
+    """Add one to this window's counter; its new value, or None when Redis cannot answer."""
     try:
         pipe = redisdb.client().pipeline(transaction=False)
         pipe.incr(name)
         pipe.expire(name, WINDOW_S + 5)
         count, _ = pipe.execute()
     except redis.RedisError:
-        logger.warning("Rate limit not checked: Redis unavailable", extra={"action": "ratelimit"})
-        return 0
-    if count <= limit_per_minute:
-        return 0
-    return _wait(window)
+        return None
+    return count
 
 
 def _failures_key(address: str, window: int) -> str:
@@ -76,14 +83,7 @@ def authentication_failed(address: str, limit_per_minute: int) -> None:
     """Count one refused credential against `address` in this minute's window."""
     if limit_per_minute <= 0:
         return
-    name = _failures_key(address, _window())
-    try:
-        pipe = redisdb.client().pipeline(transaction=False)
-        pipe.incr(name)
-        pipe.expire(name, WINDOW_S + 5)
-        count, _ = pipe.execute()
-    except redis.RedisError:
-        return
+    count = _count(_failures_key(address, _window()))
     if count == limit_per_minute:
         logger.warning(
             "Authentication throttled for a client address",

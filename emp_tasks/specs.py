@@ -6,6 +6,7 @@ two cannot drift. Services receive validated models, never raw JSON.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -13,7 +14,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    StrictInt,
+    StrictBool,
     field_validator,
     model_validator,
 )
@@ -22,7 +23,16 @@ from emp_tasks.events import EventType
 from emp_tasks.models import StepStatus, WorkerStatus
 
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+MAX_NAME = 200
+MAX_LABELS = 50
+LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+"""A model name, label value or filter entry: short text."""
 SERVICE_ALIASES = ("type", "job_type", "service_required")
+CURSOR: dict[str, Any] = {
+    "description": "The `next_cursor` of the previous page (an id): the page after it",
+    "json_schema_extra": {"format": "uuid"},
+}
 
 
 def _json_number(value: Any) -> Any:
@@ -33,17 +43,88 @@ def _json_number(value: Any) -> Any:
 
 
 Number = Annotated[float, BeforeValidator(_json_number)]
+
+
+def _json_integer(value: Any) -> Any:
+    """Accept JSON integers, written as `3` or `3.0` (JSON Schema's integer); no strings."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_json_integer)]
 STEP_EVENT_NAMES = sorted(e.value for e in EventType if e.value.startswith("step_"))
 
 
 class Requirements(BaseModel):
     """What a worker must offer to run the step; unknown keys are worker labels to match."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "maxProperties": MAX_LABELS,
+            "additionalProperties": False,
+            "patternProperties": {
+                f"^{LABEL_KEY.pattern}$": {
+                    "description": "a worker label to match",
+                    "anyOf": [
+                        {"type": "string", "maxLength": MAX_NAME},
+                        {"type": "number"},
+                        {"type": "boolean"},
+                        {"type": "null"},
+                    ],
+                }
+            },
+        },
+    )
 
     gpu_memory_gb: Number | None = Field(default=None, ge=0, le=4096)
-    models: list[str] | None = Field(default=None, max_length=100)
+    models: list[Name] | None = Field(default=None, max_length=100)
     customer_isolation: Literal["strict", "loose"] | None = None
+
+    @model_validator(mode="after")
+    def _labels_are_short_scalars(self) -> Requirements:
+        labels = self.model_extra or {}
+        if len(labels) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} worker labels")
+        for key, value in labels.items():
+            if not LABEL_KEY.fullmatch(key):
+                raise ValueError(f"label names are 1-100 letters, digits, '_', '.', '-': {key!r}")
+            short_text = isinstance(value, str) and len(value) <= MAX_NAME
+            if not (value is None or short_text or isinstance(value, bool | int | float)):
+                raise ValueError(
+                    f"label {key!r} must be a string of at most {MAX_NAME} characters,"
+                    " a number or a boolean"
+                )
+        return self
+
+
+WEBHOOK_URL_RULES = (
+    "An http:// or https:// URL with no userinfo (user@), backslash, whitespace or control"
+    " character; its host is a DNS name, a dotted-decimal IPv4 address or a bracketed IPv6"
+    " address, not percent-encoded. Every address it resolves to must be public unless the"
+    " server sets EMP_WEBHOOK_ALLOW_PRIVATE=true; link-local and cloud metadata addresses"
+    " are refused always. Checked again before every delivery."
+)
+
+DOCUMENTED_URL = (
+    r"^https?://([a-z0-9]{1,20}(-[a-z0-9]{1,20}){0,2}\.){1,4}[a-z]{2,12}(:[1-9][0-9]{0,3})?"
+    r"(/[A-Za-z0-9._~!$&'()*+,;=:@/-]{0,200})?$"
+)
+"""A form every public webhook URL may take, for schema-driven clients and fuzzers; the
+rules themselves (WEBHOOK_URL_RULES) accept more, e.g. IP literals and any port."""
+
+WebhookUrl = Annotated[
+    str,
+    Field(
+        max_length=2000,
+        pattern=r"^https?://\S+$",
+        description=WEBHOOK_URL_RULES,
+        json_schema_extra={"pattern": DOCUMENTED_URL},
+    ),
+]
 
 
 class StepCreate(BaseModel):
@@ -53,9 +134,9 @@ class StepCreate(BaseModel):
 
     service: str = Field(pattern=SERVICE_PATTERN, description="Service that runs the step")
     payload: dict[str, Any] = Field(default_factory=dict)
-    priority: StrictInt = Field(default=50, ge=0, le=100, description="Higher runs first")
+    priority: Integer = Field(default=50, ge=0, le=100, description="Higher runs first")
     requirements: Requirements = Field(default_factory=Requirements)
-    max_retries: StrictInt = Field(default=3, ge=0, le=10)
+    max_retries: Integer = Field(default=3, ge=0, le=10)
     timeout_s: Number = Field(default=1800, gt=0, le=7 * 24 * 3600)
     expires_in_s: Number | None = Field(
         default=None,
@@ -63,8 +144,10 @@ class StepCreate(BaseModel):
         le=30 * 24 * 3600,
         description="Fail with EXPIRED instead of starting later than this after submission",
     )
-    webhook_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
-    webhook_events: list[Literal[tuple(STEP_EVENT_NAMES)]] | None = None  # type: ignore[valid-type]
+    webhook_url: WebhookUrl | None = None
+    webhook_events: list[Literal[tuple(STEP_EVENT_NAMES)]] | None = Field(  # type: ignore[valid-type]
+        default=None, min_length=1, description="At least one event, or omitted for the default"
+    )
     customer_id: str | None = Field(default=None, min_length=1, max_length=200)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -89,13 +172,6 @@ class StepCreate(BaseModel):
                 data["payload"] = {**payload, **extras}
         return data
 
-    @field_validator("webhook_events")
-    @classmethod
-    def _no_empty_events(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and not value:
-            raise ValueError("must name at least one event, or be omitted")
-        return value
-
 
 class StepListQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -104,7 +180,7 @@ class StepListQuery(BaseModel):
     service: str | None = Field(default=None, max_length=200)
     workflow_id: str | None = Field(default=None, max_length=36)
     limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = Field(default=None, max_length=100)
+    cursor: str | None = Field(default=None, max_length=100, **CURSOR)
 
 
 class StatsQuery(BaseModel):
@@ -141,7 +217,7 @@ class DrainRequest(BaseModel):
 class WorkflowStepSpec(StepCreate):
     """One step of a workflow: a step spec plus the indices of earlier steps it needs."""
 
-    depends_on: list[StrictInt] = Field(default_factory=list, max_length=10_000)
+    depends_on: list[Integer] = Field(default_factory=list, max_length=10_000)
 
     @field_validator("depends_on")
     @classmethod
@@ -162,10 +238,12 @@ class WorkflowCreate(BaseModel):
     name: str = Field(min_length=1, max_length=500)
     description: str | None = Field(default=None, max_length=5000)
     steps: list[WorkflowStepSpec] = Field(min_length=1)
-    priority: StrictInt | None = Field(default=None, ge=0, le=100)
+    priority: Integer | None = Field(default=None, ge=0, le=100)
     failure_policy: Literal["fail_fast", "continue"] = "fail_fast"
-    webhook_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
-    webhook_events: list[Literal[tuple(WORKFLOW_EVENT_NAMES)]] | None = None  # type: ignore[valid-type]
+    webhook_url: WebhookUrl | None = None
+    webhook_events: list[Literal[tuple(WORKFLOW_EVENT_NAMES)]] | None = Field(  # type: ignore[valid-type]
+        default=None, min_length=1, description="At least one event, or omitted for the default"
+    )
     customer_id: str | None = Field(default=None, min_length=1, max_length=200)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -212,7 +290,7 @@ class WorkflowListQuery(BaseModel):
 
     status: Literal["pending", "running", "completed", "failed", "cancelled"] | None = None
     limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = Field(default=None, max_length=100)
+    cursor: str | None = Field(default=None, max_length=100, **CURSOR)
 
 
 WEBHOOK_EVENT_NAMES = sorted(
@@ -221,20 +299,96 @@ WEBHOOK_EVENT_NAMES = sorted(
     | {"*", "webhook_test"}
 )
 RESERVED_HEADERS = {
+    # Ours: the body's type and the Standard Webhooks signature.
     "content-type",
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
+    # HTTP framing and hop-by-hop: a receiver (or a proxy before it) could read the
+    # request differently from how it was sent.
     "host",
     "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
 }
+RESERVED_HEADER_PREFIXES = ("webhook-", "proxy-")
+MAX_HEADER_NAME = 100
+MAX_HEADER_VALUE = 2000
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""RFC 9110 `token`."""
+HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+"""Visible ASCII, space and tab: no CR, LF or other control character."""
+
+
+def _check_header(name: str, value: str) -> None:
+    if not 1 <= len(name) <= MAX_HEADER_NAME or not HEADER_NAME.fullmatch(name):
+        raise ValueError(
+            f"header names are 1-{MAX_HEADER_NAME} token characters (RFC 9110): {name[:100]!r}"
+        )
+    lowered = name.lower()
+    if lowered in RESERVED_HEADERS or lowered.startswith(RESERVED_HEADER_PREFIXES):
+        raise ValueError(
+            f"must not set {name!r}: {', '.join(sorted(RESERVED_HEADERS))},"
+            " webhook-* and proxy-* are set by the server or by HTTP itself"
+        )
+    if len(value) > MAX_HEADER_VALUE or not HEADER_VALUE.fullmatch(value):
+        raise ValueError(
+            f"header {name!r}: values are at most {MAX_HEADER_VALUE} characters of visible"
+            " ASCII, space or tab (no CR, LF or other control character)"
+        )
+
+
+def _any_case(text: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in text)
+
+
+RESERVED_HEADER_PATTERN = (
+    f"^({'|'.join(_any_case(name) for name in sorted(RESERVED_HEADERS))})$"
+    f"|^({'|'.join(_any_case(prefix) for prefix in RESERVED_HEADER_PREFIXES)})"
+)
+
+WebhookHeaders = Annotated[
+    dict[str, str],
+    Field(
+        max_length=20,
+        description="Extra request headers: RFC 9110 token names of at most"
+        f" {MAX_HEADER_NAME} characters, values of at most {MAX_HEADER_VALUE} visible ASCII"
+        " characters; not framing, hop-by-hop, Content-Type, webhook-* or proxy-* headers",
+        json_schema_extra={
+            "propertyNames": {
+                "maxLength": MAX_HEADER_NAME,
+                "not": {"pattern": RESERVED_HEADER_PATTERN},
+            },
+            "patternProperties": {
+                f"^{HEADER_NAME.pattern}$": {
+                    "type": "string",
+                    "maxLength": MAX_HEADER_VALUE,
+                    "pattern": f"^{HEADER_VALUE.pattern}$",
+                }
+            },
+            "additionalProperties": False,
+        },
+    ),
+]
+
+WebhookSecret = Annotated[
+    str,
+    Field(
+        max_length=200,
+        pattern=r"^whsec_([A-Za-z0-9+/]{4}){5,48}([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$",
+        description="`whsec_` and the base64 of a key of at least 16 bytes; generated when absent",
+        json_schema_extra={"writeOnly": True},
+    ),
+]
 
 
 class WebhookFilters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    services: list[str] | None = Field(default=None, max_length=100)
-    workflow_ids: list[str] | None = Field(default=None, max_length=1000)
+    services: list[Name] | None = Field(default=None, max_length=100)
+    workflow_ids: list[Name] | None = Field(default=None, max_length=1000)
 
 
 class _WebhookFields(BaseModel):
@@ -242,41 +396,41 @@ class _WebhookFields(BaseModel):
 
     @field_validator("headers", check_fields=False)
     @classmethod
-    def _own_headers_only(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value and RESERVED_HEADERS & {name.lower() for name in value}:
-            raise ValueError(f"must not set {', '.join(sorted(RESERVED_HEADERS))}")
+    def _valid_headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, item in (value or {}).items():
+            _check_header(name, item)
         return value
 
 
 class WebhookCreate(_WebhookFields):
     """`POST /api/webhooks`: a receiver for this customer's events."""
 
-    url: str = Field(max_length=2000, pattern=r"^https?://\S+$")
+    url: WebhookUrl
     events: list[Literal[tuple(WEBHOOK_EVENT_NAMES)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["*"], min_length=1
     )
-    secret: str | None = Field(default=None, max_length=200)
+    secret: WebhookSecret | None = None
     filters: WebhookFilters = Field(default_factory=WebhookFilters)
-    headers: dict[str, str] = Field(default_factory=dict, max_length=20)
-    active: bool = True
+    headers: WebhookHeaders = Field(default_factory=dict)
+    active: StrictBool = True
     description: str | None = Field(default=None, max_length=1000)
-    legacy_event_names: bool = False
+    legacy_event_names: StrictBool = False
     customer_id: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class WebhookUpdate(_WebhookFields):
     """`PATCH /api/webhooks/{id}`: only the fields sent change."""
 
-    url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
+    url: WebhookUrl | None = None
     events: list[Literal[tuple(WEBHOOK_EVENT_NAMES)]] | None = Field(  # type: ignore[valid-type]
         default=None, min_length=1
     )
-    secret: str | None = Field(default=None, max_length=200)
+    secret: WebhookSecret | None = None
     filters: WebhookFilters | None = None
-    headers: dict[str, str] | None = Field(default=None, max_length=20)
-    active: bool | None = None
+    headers: WebhookHeaders | None = None
+    active: StrictBool | None = None
     description: str | None = Field(default=None, max_length=1000)
-    legacy_event_names: bool | None = None
+    legacy_event_names: StrictBool | None = None
 
 
 class DeliveryListQuery(BaseModel):

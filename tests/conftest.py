@@ -210,18 +210,19 @@ def kill_9(running: RunningSystem) -> None:
     process.wait(10)
 
 
-@pytest.fixture(scope="session")
-def live_api(services) -> Iterator[str]:
-    """The `web` process from the Procfile, on a free port; yields its base URL."""
+@contextlib.contextmanager
+def web_process(services: dict[str, str], log_name: str, threads: int, **env_vars: str):
+    """The `web` process from the Procfile on a free port, one gunicorn worker; its URL."""
     port = free_port()
     env = process_env(
         services,
         PORT=str(port),
         EMP_BIND="127.0.0.1",
         EMP_WEB_WORKERS="1",
-        EMP_WEB_THREADS="256",  # each WebSocket holds a thread; one test opens 200
+        EMP_WEB_THREADS=str(threads),
+        **env_vars,
     )
-    running = RunningSystem(["web"], env, ARTIFACTS / "web.log")
+    running = RunningSystem(["web"], env, ARTIFACTS / log_name)
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -234,6 +235,13 @@ def live_api(services) -> Iterator[str]:
         yield base
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def live_api(services) -> Iterator[str]:
+    """The `web` process with 256 threads (one test holds 200 sockets); its base URL."""
+    with web_process(services, "web.log", 256) as base:
+        yield base
 
 
 @pytest.fixture

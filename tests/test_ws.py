@@ -25,14 +25,11 @@ from emp_tasks import auth, redisdb
 from emp_tasks.config import Settings
 from emp_tasks.events import CHANNEL
 from tests.conftest import (
-    ARTIFACTS,
     KEYS,
-    RunningSystem,
-    free_port,
     headers,
-    process_env,
     stream_events,
     wait_for,
+    web_process,
 )
 
 TERMINAL = {"step_completed", "step_failed", "step_cancelled"}
@@ -338,30 +335,9 @@ def test_another_deployments_events_on_the_shared_channel_are_ignored(live_api, 
 @pytest.fixture(scope="module")
 def capped_api(services) -> Iterator[str]:
     """A web process with 32 threads and the default socket caps; yields its base URL."""
-    port = free_port()
-    env = process_env(
-        services,
-        PORT=str(port),
-        EMP_BIND="127.0.0.1",
-        EMP_WEB_WORKERS="1",
-        EMP_WEB_THREADS=str(CAPPED_THREADS),
-    )
-    for name in ("EMP_WS_MAX_PER_KEY", "EMP_WS_MAX_PER_PROCESS"):
-        env.pop(name, None)
-    running = RunningSystem(["web"], env, ARTIFACTS / "web-capped.log")
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return requests.get(base + "/health", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_for(up, timeout_s=60, interval_s=0.2)
+    defaults = {"EMP_WS_MAX_PER_KEY": "", "EMP_WS_MAX_PER_PROCESS": ""}  # blank: the default
+    with web_process(services, "web-capped.log", CAPPED_THREADS, **defaults) as base:
         yield base
-    finally:
-        running.stop()
 
 
 def test_the_process_cap_always_leaves_rest_threads(settings):

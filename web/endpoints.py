@@ -58,6 +58,12 @@ def presented_key() -> str | None:
     return request.headers.get("X-API-Key") or None
 
 
+def rate_limited(what: str, wait_s: int) -> ApiError:
+    return ApiError(
+        429, "RATE_LIMITED", f"{what}; retry in {wait_s} s", headers={"Retry-After": str(wait_s)}
+    )
+
+
 def client_address() -> str:
     """The address failed authentication is counted against.
 
@@ -88,12 +94,7 @@ def throttled_authenticate(
     address = client_address()
     wait = ratelimit.seconds_until_auth_allowed(address, limit)
     if wait:
-        raise ApiError(
-            429,
-            "RATE_LIMITED",
-            f"too many failed authentications; retry in {wait} s",
-            headers={"Retry-After": str(wait)},
-        )
+        raise rate_limited("too many failed authentications", wait)
     principal = (token(raw) if token else None) or auth.authenticate(raw)
     if principal is None:
         ratelimit.authentication_failed(address, limit)
@@ -113,12 +114,7 @@ def current_principal(admin: bool = False) -> auth.Principal:
         raise ApiError(403, "FORBIDDEN", "an admin key is required")
     wait = ratelimit.seconds_until_allowed(principal.key_id, get_settings().rate_limit_per_minute)
     if wait:
-        raise ApiError(
-            429,
-            "RATE_LIMITED",
-            f"too many requests; retry in {wait} s",
-            headers={"Retry-After": str(wait)},
-        )
+        raise rate_limited("too many requests", wait)
     return principal
 
 
