@@ -21,9 +21,9 @@ import os
 import sys
 from urllib.parse import parse_qs, urlsplit
 
-from bench import baseline, live_rows, ours, report, socket_rows, webhook_rows, workflows
+from bench import baseline, live_rows, ours, report, scratch, socket_rows, webhook_rows, workflows
 from bench.stats import Result
-from emp_tasks import redisdb, scratch
+from emp_tasks import redisdb
 from emp_tasks.db import ROOT
 
 DATA_DIR = ROOT / ".emp" / "bench"

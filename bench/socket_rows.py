@@ -24,8 +24,8 @@ import simple_websocket
 
 from bench import ours
 from bench.live_rows import Socket, socket_keys
+from bench.scratch import Scratch
 from bench.stats import BenchError, Deadline
-from emp_tasks.scratch import Scratch
 from emp_tasks.supervisor import ProcessGroup
 
 SOCKETS = 200  # attempted per loaded phase

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -254,19 +257,34 @@ class Settings:
 
 
 _settings: Settings | None = None
+_scoped: ContextVar[Settings | None] = ContextVar("emp_scoped_settings", default=None)
 
 
 def get_settings() -> Settings:
-    """The process's settings, with embedded service URLs filled in when needed."""
-    global _settings
-    if _settings is None:
-        settings = Settings.from_env()
-        if settings.embedded:
-            from emp_tasks import embedded
+    """The settings in force: those of `scoped()` around this code, else the process's.
 
-            settings = embedded.ensure_services(settings)
-        _settings = settings
+    The process's settings are parsed from the environment once and never start
+    anything: a missing REDIS_URL / DATABASE_URL stays None here. Processes that
+    need the embedded servers call `emp_tasks.embedded.bootstrap()` first.
+    """
+    global _settings
+    scoped_settings = _scoped.get()
+    if scoped_settings is not None:
+        return scoped_settings
+    if _settings is None:
+        _settings = Settings.from_env()
     return _settings
+
+
+@contextmanager
+def scoped(settings: Settings) -> Iterator[Settings]:
+    """`get_settings()` answers `settings` inside this block, in this thread's context only
+    (an app created with its own settings wraps each of its requests in one)."""
+    token = _scoped.set(settings)
+    try:
+        yield settings
+    finally:
+        _scoped.reset(token)
 
 
 def reset_settings() -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from emp_tasks.config import get_settings
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +31,6 @@ def sqlalchemy_url(url: str) -> str:
 
 def _resolve(url: str | None) -> str:
     if url is None:
-        from emp_tasks.config import get_settings
-
         url = get_settings().database_url
     assert url is not None
     return url

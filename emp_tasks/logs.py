@@ -53,7 +53,8 @@ def _configured_secrets() -> list[str]:
         os.environ.get("EMP_METRICS_TOKEN", ""),
         *(item.split(":")[0] for item in os.environ.get("EMP_API_KEYS", "").split(",")),
     ]
-    # Read the settings only if already loaded: loading them may start embedded servers.
+    # Read the settings only if already loaded: parsing them here would raise a malformed
+    # value's ConfigError from inside a log call.
     loaded = config._settings
     if loaded is not None:
         values += [loaded.webhook_secret or "", loaded.metrics_token or ""]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import redis
 
+from emp_tasks.config import get_settings
+
 _clients: dict[str, redis.Redis] = {}
 
 
 def client(url: str | None = None) -> redis.Redis:
     if url is None:
-        from emp_tasks.config import get_settings
-
         url = get_settings().redis_url
     assert url is not None
     if url not in _clients:

@@ -3,17 +3,15 @@
 from alembic import context
 from sqlalchemy import text
 
-from emp_tasks import db
+from emp_tasks import db, embedded
 from emp_tasks.models import Base
 
 MIGRATION_LOCK_ID = 0x454D50  # any constant shared by every migrating process
 
 config = context.config
 url = config.attributes.get("database_url")
-if url is None:
-    from emp_tasks.config import get_settings
-
-    url = get_settings().database_url
+if url is None:  # the `alembic` command line: the servers every `emp` command uses
+    url = embedded.bootstrap().database_url
 
 connectable = config.attributes.get("connection") or db.engine(url)
 

@@ -22,7 +22,8 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from emp_tasks import config, redisdb, scratch, workers
+from bench import scratch
+from emp_tasks import config, redisdb, workers
 from emp_tasks.db import ROOT
 from emp_tasks.events import STREAM
 
@@ -50,6 +51,16 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: 
         time.sleep(interval_s)
         value = predicate()
     return value
+
+
+def wait_for_workers(count: int = 1, timeout_s: float = 30.0) -> bool:
+    """Whether `count` workers are online within `timeout_s` (the fleet registry's view)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if workers.online_count() >= count:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def free_port() -> int:
@@ -154,7 +165,7 @@ def system(services) -> Iterator[RunningSystem]:
     )
     running = RunningSystem(["worker", "relay"], env, ARTIFACTS / "system.log")
     try:
-        assert workers.wait_for_workers(1, timeout_s=60), running.log_path.read_text()[-3000:]
+        assert wait_for_workers(1, timeout_s=60), running.log_path.read_text()[-3000:]
         yield running
     finally:
         running.stop()

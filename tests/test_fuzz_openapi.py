@@ -23,7 +23,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import allow_header_conformance, positive_data_acceptance
 
-from emp_tasks import config, redisdb, scratch, targets
+from bench import scratch
+from emp_tasks import config, redisdb, targets
 from emp_tasks.db import ROOT
 from tests.conftest import ARTIFACTS, KEYS
 from web import (  # noqa: F401 - importing the route modules declares every route
@@ -53,9 +54,8 @@ answers: Counter[str] = Counter()
 @pytest.fixture(scope="module")
 def fuzz_app(services) -> Iterator[object]:
     run = scratch.create("emp_fuzz", ROOT / ".emp" / "test", 0)
-    saved = config.get_settings()
-    config._settings = replace(
-        saved,
+    fuzz_settings = replace(
+        config.get_settings(),
         redis_url=run.redis_url,
         database_url=run.database_url,
         webhook_allow_private=False,
@@ -67,11 +67,10 @@ def fuzz_app(services) -> Iterator[object]:
     try:
         from web import create_app
 
-        fuzzed.app = create_app()
+        fuzzed.app = create_app(fuzz_settings)
         yield fuzzed
     finally:
         targets.resolve = resolve
-        config._settings = saved
         redisdb.reset_clients()
         run.drop()
         summary = f"schema fuzzing: {sum(answers.values())} requests, by status {dict(answers)}"

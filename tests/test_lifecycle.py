@@ -12,7 +12,8 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from emp_tasks import db, dispatch, redisdb, routing, scratch
+from bench import scratch
+from emp_tasks import db, dispatch, redisdb, routing
 from emp_tasks.models import Attempt, Step
 from tests.conftest import (
     headers,

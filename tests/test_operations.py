@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from emp_tasks import redisdb
 from tests.conftest import headers, wait_for
@@ -22,12 +23,12 @@ def test_health_reports_each_dependency(client, system):
     assert client.get("/health/ready").status_code == 200
 
 
-def test_health_is_503_when_redis_is_down(services, override_settings):
+def test_health_is_503_when_redis_is_down(settings):
     from web import create_app
 
-    override_settings(redis_url="redis://127.0.0.1:1/0", broker_url="redis://127.0.0.1:1/0")
+    down = "redis://127.0.0.1:1/0"
     try:
-        app = create_app().test_client()
+        app = create_app(replace(settings, redis_url=down, broker_url=down)).test_client()
         for route in ("/health", "/health/ready"):
             response = app.get(route)
             assert response.status_code == 503
@@ -39,11 +40,11 @@ def test_health_is_503_when_redis_is_down(services, override_settings):
         redisdb._clients.pop("redis://127.0.0.1:1/0", None)
 
 
-def test_health_is_503_when_the_database_is_down(services, override_settings):
+def test_health_is_503_when_the_database_is_down(settings):
     from web import create_app
 
-    override_settings(database_url="postgresql://postgres@127.0.0.1:1/nothing")
-    response = create_app().test_client().get("/health/ready")
+    down = replace(settings, database_url="postgresql://postgres@127.0.0.1:1/nothing")
+    response = create_app(down).test_client().get("/health/ready")
     assert response.status_code == 503
     assert response.get_json()["checks"]["database"]["status"] == "error"
 

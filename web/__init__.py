@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from flask import Flask, Response, g, request
 
-from emp_tasks.config import get_settings
+from emp_tasks.config import Settings, get_settings, scoped
 from emp_tasks.ids import new_id
 from web import errors, inbound
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 CORRELATION_HEADER = "X-Correlation-ID"
 CORRELATION_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
@@ -17,8 +22,26 @@ CORRELATION_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
 logger = logging.getLogger(__name__)
 
 
-def create_app() -> Flask:
-    """Application factory: settings come from the environment (see emp_tasks.config)."""
+def _with_settings(wsgi_app: WSGIApplication, settings: Settings) -> WSGIApplication:
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        with scoped(settings):
+            return wsgi_app(environ, start_response)
+
+    return serve
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Application factory.
+
+    Without `settings`, the app follows the process's settings (emp_tasks.config),
+    read on each use. With them, the app is built from them and every request it
+    serves sees them through `get_settings()`, domain code included.
+    """
+    if settings is not None:
+        with scoped(settings):
+            app = create_app()
+        app.wsgi_app = _with_settings(app.wsgi_app, settings)  # type: ignore[method-assign]
+        return app
     settings = get_settings()
     app = Flask(__name__)
     # One byte over the limit may be read: a chunked body is cut at MAX_CONTENT_LENGTH

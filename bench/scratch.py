@@ -1,4 +1,7 @@
-"""Throwaway environments for test and benchmark runs: a fresh database and Redis index.
+"""Throwaway environments for benchmark and test runs: a fresh database and Redis index.
+
+Harness code, not part of the product: `python -m bench` and the test suite
+(tests/conftest.py) both create their runs here.
 
 Each run creates its own database on the PostgreSQL server and claims a Redis
 database index no other run holds, so concurrent runs on one machine never see
@@ -17,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import redis
 
-from emp_tasks import db
+from emp_tasks import db, embedded
 
 REDIS_LOCK = "emp:scratch-lock"
 LOCK_TTL_S = 6 * 3600
@@ -28,8 +31,6 @@ def server_urls(data_dir: Path, embedded_redis_port: int) -> tuple[str, str]:
     redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
     if redis_url and database_url:
         return redis_url, database_url
-    from emp_tasks import embedded
-
     return (
         redis_url or embedded.start_redis(data_dir, embedded_redis_port),
         database_url or embedded.start_postgres(data_dir),
