@@ -24,6 +24,10 @@ broker_transport_options = {
     "visibility_timeout": 3600,
 }
 
+# The task body and the worker's signal handlers: loaded by every worker (the app
+# itself, emp_tasks.broker, holds no task code so that senders never load it).
+include = ["emp_tasks.worker_tasks"]
+
 task_serializer = "json"
 accept_content = ["json"]
 task_ignore_result = True

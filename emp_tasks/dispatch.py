@@ -5,7 +5,7 @@ exchange. Routing through a named exchange would depend on kombu's binding
 tables in Redis, and a publish to an exchange whose bindings a Redis restart
 erased is silently dropped.
 
-A step is dispatched when the event that queued it is published (see relay):
+A step is dispatched when the event that queued it is published (see outbox):
 the dispatch spec travels in the outbox row, so a process that dies between
 commit and send leaves the task to the relay's sweeper, not to chance.
 """
@@ -21,6 +21,8 @@ from celery import Signature, group
 from kombu import Exchange, Queue
 
 from emp_tasks import redisdb, routing
+from emp_tasks.broker import RUN_STEP, app
+from emp_tasks.config import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +51,11 @@ def spec(
 
 
 def _signature(dispatch: dict[str, Any]) -> Signature:
-    """The step's task, addressed to its queue's list; a future `not_before` is a countdown."""
-    from emp_tasks.celery_app import RUN_STEP, app
+    """The step's task, addressed to its queue's list; a future `not_before` is a countdown.
 
+    The task is named, not imported (the sender does not load the worker's task code),
+    so its `ignore_result` is repeated here to keep the message's header as the task sets it.
+    """
     countdown = None
     if dispatch.get("not_before"):
         delay = (datetime.fromisoformat(dispatch["not_before"]) - datetime.now(UTC)).total_seconds()
@@ -65,6 +69,7 @@ def _signature(dispatch: dict[str, Any]) -> Signature:
         routing_key=name,
         priority=dispatch["priority"],
         countdown=countdown,
+        ignore_result=True,
         immutable=True,
     )
 
@@ -101,6 +106,4 @@ def mark_epoch() -> None:
 
 
 def _broker_url() -> str | None:
-    from emp_tasks.config import get_settings
-
     return get_settings().broker_url

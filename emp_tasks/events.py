@@ -1,8 +1,8 @@
-"""Domain events: names, the envelope, and writing an event into the outbox.
+"""Domain events: their names, the envelope, and where they are published.
 
-An event is recorded in the same transaction as the change it describes
-(`record`); `relay` publishes committed events to the `emp:events` stream and
-channel. Nothing else builds an envelope.
+Pure: no I/O. Recording an event in the outbox and publishing it to the
+`emp:events` stream and channel is `emp_tasks.outbox`. Nothing else builds an
+envelope.
 """
 
 from __future__ import annotations
@@ -11,17 +11,11 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from emp_tasks import db
 from emp_tasks.ids import new_id
-from emp_tasks.models import Event
 
 STREAM = "emp:events"
 CHANNEL = "emp:events"
 ENVELOPE_VERSION = 1
-PENDING_AGGREGATES = "emp_pending_aggregates"
 
 
 class EventType(StrEnum):
@@ -56,11 +50,9 @@ def step_aggregate(step_id: str) -> str:
     return f"step:{step_id}"
 
 
-def record(
-    session: Session,
+def envelope(
     event_type: EventType,
     *,
-    aggregate: str,
     data: dict[str, Any],
     correlation_id: str | None = None,
     step_id: str | None = None,
@@ -68,17 +60,9 @@ def record(
     machine_id: str | None = None,
     worker_id: str | None = None,
     customer_id: str | None = None,
-    dispatch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Add the event to the outbox in the caller's transaction and return its envelope.
-
-    `dispatch` (see emp_tasks.dispatch.spec) makes the relay send the step's task
-    when it publishes this event.
-
-    The aggregate is remembered on the session so that the transaction's
-    after-commit hook can publish it at once (the fast path).
-    """
-    envelope: dict[str, Any] = {
+    """A new event's envelope: a fresh id and the current time in milliseconds."""
+    return {
         "id": new_id(),
         "type": str(event_type),
         "version": ENVELOPE_VERSION,
@@ -91,32 +75,3 @@ def record(
         "customer_id": customer_id,
         "data": data,
     }
-    session.add(
-        Event(
-            id=envelope["id"],
-            type=envelope["type"],
-            aggregate=aggregate,
-            step_id=step_id,
-            workflow_id=workflow_id,
-            customer_id=customer_id,
-            envelope=envelope,
-            dispatch=dispatch,
-        )
-    )
-    session.info.setdefault(PENDING_AGGREGATES, set()).add(aggregate)
-    db.after_commit(session, "publish_events", _publish_after_commit)
-    return envelope
-
-
-def for_step(session: Session, step_id: str) -> list[dict[str, Any]]:
-    """The step's events from the outbox, in commit order, with their stream ids."""
-    rows = session.execute(
-        select(Event.envelope, Event.stream_id).where(Event.step_id == step_id).order_by(Event.seq)
-    )
-    return [{**envelope, "stream_id": stream_id} for envelope, stream_id in rows]
-
-
-def _publish_after_commit(session: Session) -> None:
-    from emp_tasks import relay
-
-    relay.publish_after_commit(session)

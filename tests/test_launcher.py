@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from emp_tasks.celery_app import app
+from emp_tasks.broker import app
 from emp_tasks.db import ROOT
 from emp_tasks.launcher import child_env
 from tests.conftest import (

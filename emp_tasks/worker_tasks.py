@@ -1,16 +1,19 @@
-"""The Celery application and the one task that runs a step."""
+"""The worker side of Celery: the task that runs a step, and the worker's signal handlers.
+
+Importing this module registers `run_step` on the broker's app, connects the
+worker signals (fresh connections after fork, presence start and stop) and adds
+the presence consumer step; every worker loads it (`emp worker`, celeryconfig's
+`include`). Senders only need emp_tasks.broker.
+"""
 
 from __future__ import annotations
 
-from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
-app = Celery("emp_tasks")
-app.config_from_object("celeryconfig")
-
-RUN_STEP = "emp.run_step"
+from emp_tasks import db, execution, presence, redisdb
+from emp_tasks.broker import RUN_STEP, app
 
 
 @app.task(
@@ -25,47 +28,25 @@ RUN_STEP = "emp.run_step"
     max_retries=None,
 )
 def run_step(step_id: str) -> str:
-    from emp_tasks import execution
-
     return execution.run_step(step_id)
-
-
-def send_step(
-    step_id: str, queue: str, broker_priority: int, countdown: float | None = None
-) -> None:
-    app.send_task(
-        RUN_STEP, args=[step_id], queue=queue, priority=broker_priority, countdown=countdown
-    )
 
 
 @worker_process_init.connect
 def _fresh_connections_after_fork(**_: object) -> None:
-    from emp_tasks import db, redisdb
-
     db.dispose_engines()
     redisdb.reset_clients()
 
 
 @worker_ready.connect
 def _announce(**_: object) -> None:
-    from emp_tasks import presence
-
     if presence.current() is not None:
         presence.current().start()
 
 
 @worker_shutdown.connect
 def _retire(**_: object) -> None:
-    from emp_tasks import presence
-
     if presence.current() is not None:
         presence.current().stop()
 
 
-def _add_queue_sync() -> None:
-    from emp_tasks.presence import QueueSync
-
-    app.steps["consumer"].add(QueueSync)
-
-
-_add_queue_sync()
+app.steps["consumer"].add(presence.QueueSync)
