@@ -29,20 +29,13 @@ import requests
 from sqlalchemy import func, select
 
 from bench.live_rows import Audience, LiveRow
+from bench.scratch import Scratch
 from bench.stats import BenchError, Deadline, LiveResult, Result, WebhookResult, WorkflowResult
 from bench.webhook_rows import Receiver, WebhookRow
 from bench.workflows import Shape
 from emp_tasks import config, db, delivery, events, redisdb, workers
-from emp_tasks.models import (
-    TERMINAL_STEP_STATUSES,
-    Event,
-    Step,
-    StepStatus,
-    WebhookDelivery,
-    Workflow,
-    WorkflowStatus,
-)
-from emp_tasks.scratch import Scratch
+from emp_tasks.models import Event, Step, WebhookDelivery, Workflow
+from emp_tasks.status import TERMINAL_STEP_STATUSES, StepStatus, WorkflowStatus
 from emp_tasks.supervisor import ProcessGroup
 
 API_KEY = "bench-key"

@@ -11,7 +11,9 @@ from typing import Any
 
 import click
 
-from emp_tasks.config import Settings, get_settings
+from emp_tasks import embedded
+from emp_tasks.config import Settings
+from emp_tasks.status import TERMINAL_STEP_STATUSES
 
 DEV_KEY = "emp-dev-key"
 DEV_KEYS = f"{DEV_KEY}:local:admin"
@@ -35,12 +37,14 @@ def main() -> None:
 @click.option("--keep-services", is_flag=True, help="Leave embedded Redis/PostgreSQL running.")
 def run(keep_services: bool) -> None:
     """Run everything in the Procfile (API, worker, relay) on embedded defaults."""
-    from emp_tasks import db, embedded
+    from emp_tasks import db
     from emp_tasks.supervisor import ProcessGroup
 
     _setup_logging()
     started_embedded = Settings.from_env().embedded
-    settings = get_settings()  # starts embedded services (and migrates them) when needed
+    # Starts embedded services (and migrates them) when needed, and exports their URLs
+    # so that every child process below finds them instead of starting its own.
+    settings = embedded.bootstrap()
     if not started_embedded:
         db.upgrade(settings.database_url)
     env = dict(os.environ)
@@ -88,7 +92,7 @@ def api() -> None:
     from gunicorn.app.base import BaseApplication
 
     _setup_logging()
-    settings = get_settings()
+    settings = embedded.bootstrap()
     bind = f"{os.environ.get('EMP_BIND', '0.0.0.0')}:{settings.port}"
 
     class _Server(BaseApplication):
@@ -104,7 +108,7 @@ def api() -> None:
         def load(self):
             from web import create_app
 
-            return create_app()
+            return create_app(settings)
 
     _Server().run()
 
@@ -137,7 +141,7 @@ def worker(pool: str, concurrency: int | None, services: str | None, gpus: str |
     if services:
         os.environ["EMP_WORKER_SERVICES"] = services
     _setup_logging()
-    settings = get_settings()
+    settings = embedded.bootstrap()
     if gpus is not None:
         if pool == "prefork":
             raise click.UsageError("--gpus runs the threads pool: CUDA does not survive fork")
@@ -158,9 +162,9 @@ def worker(pool: str, concurrency: int | None, services: str | None, gpus: str |
         )
     workers_at_once = concurrency or settings.worker_concurrency
     presence.install(caps, pool, workers_at_once)
-    from emp_tasks.celery_app import app
+    from emp_tasks import worker_tasks
 
-    app.worker_main(
+    worker_tasks.app.worker_main(
         [
             "worker",
             "--queues",
@@ -185,7 +189,7 @@ def relay() -> None:
     from emp_tasks import relay as outbox_relay
 
     _setup_logging()
-    get_settings()
+    embedded.bootstrap()
     outbox_relay.run_forever()
 
 
@@ -195,7 +199,7 @@ def webhooks() -> None:
     from emp_tasks import delivery
 
     _setup_logging()
-    get_settings()
+    embedded.bootstrap()
     delivery.run_forever()
 
 
@@ -213,7 +217,7 @@ def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
     from emp_tasks import db as database
 
-    database.upgrade(get_settings().database_url, revision)
+    database.upgrade(embedded.bootstrap().database_url, revision)
     click.echo(f"database at {revision}")
 
 
@@ -230,6 +234,7 @@ def keys_create(customer: str, admin: bool, name: str | None) -> None:
     """Create a key; it is printed once and only its hash is stored."""
     from emp_tasks import auth
 
+    embedded.bootstrap()
     raw, row = auth.create_key(customer, admin=admin, name=name)
     click.echo(raw)
     click.echo(f"id={row.id} customer={customer} admin={admin}", err=True)
@@ -281,7 +286,7 @@ def submit(service: str, payload: str, priority: int, wait: bool) -> None:
     except ValueError as exc:
         raise click.BadParameter(f"--payload is not JSON: {exc}") from exc
     step = _call("POST", "/api/steps", body)["step"]
-    while wait and step["status"] not in {"completed", "failed", "cancelled", "skipped"}:
+    while wait and step["status"] not in TERMINAL_STEP_STATUSES:
         time.sleep(0.2)
         step = _call("GET", f"/api/steps/{step['id']}")["step"]
     click.echo(json.dumps(step, indent=2))
@@ -308,7 +313,7 @@ def events_tail(from_start: bool, step_id: str | None, count: int) -> None:
     from emp_tasks import redisdb
     from emp_tasks.events import STREAM
 
-    client = redisdb.client(get_settings().redis_url)
+    client = redisdb.client(embedded.bootstrap().redis_url)
     last = "0-0" if from_start else "$"
     shown = 0
     while True:

@@ -44,6 +44,7 @@ from emp_tasks.errors import InvalidState, NotFound
 from emp_tasks.events import STREAM
 from emp_tasks.ids import new_id
 from emp_tasks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from emp_tasks.status import FINISHED_DELIVERY_STATUSES, SCHEDULED_DELIVERY_STATUSES, DeliveryStatus
 from emp_tasks.times import iso
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,7 @@ CLAIM_IDLE_MS = 60_000
 MAX_RETRY_AFTER_S = 24 * 3600
 USER_AGENT = "EMP-Tasks-Webhooks/1"
 
-PENDING, DELIVERING, RETRYING = "pending", "delivering", "retrying"
-SUCCEEDED, FAILED, DEAD = "succeeded", "failed", "dead"
-FINISHED = (SUCCEEDED, FAILED, DEAD)
+D = DeliveryStatus
 
 
 def _now() -> datetime:
@@ -91,7 +90,7 @@ def _insert(
             event_id=envelope["id"],
             event_type=body["type"],
             body=body,
-            status=PENDING,
+            status=D.PENDING,
             attempts=0,
             next_attempt_at=_now(),
         )
@@ -114,7 +113,7 @@ def delivery_object(delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -
         "status": delivery.status,
         "attempts": delivery.attempts,
         "next_attempt_at": iso(delivery.next_attempt_at)
-        if delivery.status in (PENDING, RETRYING)
+        if delivery.status in SCHEDULED_DELIVERY_STATUSES
         else None,
         "last_status_code": delivery.last_status_code,
         "last_error": delivery.last_error,
@@ -190,9 +189,9 @@ def replay(endpoint_id: str, delivery_id: str, principal: Principal) -> dict[str
         delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
         if delivery is None or delivery.endpoint_id != endpoint_id:
             raise NotFound("delivery", delivery_id)
-        if delivery.status not in FINISHED:
+        if delivery.status not in FINISHED_DELIVERY_STATUSES:
             raise InvalidState(f"delivery {delivery_id} is {delivery.status}; it is not finished")
-        delivery.status = PENDING
+        delivery.status = D.PENDING
         delivery.next_attempt_at = _now()
         delivery.updated_at = _now()
         return delivery_object(delivery, _attempts(session, [delivery.id])[delivery.id])
@@ -213,13 +212,15 @@ class Claimed:
     headers: dict[str, str]
 
 
+# Statuses are spelled into the SQL, not bound, so the planner matches the partial
+# index on unfinished deliveries (ix_webhook_deliveries_due).
 _CLAIM = text(
-    """
+    f"""
     SELECT d.id, d.url, d.event_id, d.body, d.attempts, d.endpoint_id,
            e.secret, e.headers
     FROM webhook_deliveries d LEFT JOIN webhook_endpoints e ON e.id = d.endpoint_id
-    WHERE (d.status IN ('pending', 'retrying') AND d.next_attempt_at <= now())
-       OR (d.status = 'delivering' AND d.claimed_until < now())
+    WHERE (d.status IN ('{D.PENDING}', '{D.RETRYING}') AND d.next_attempt_at <= now())
+       OR (d.status = '{D.DELIVERING}' AND d.claimed_until < now())
     ORDER BY d.next_attempt_at
     LIMIT :limit
     FOR UPDATE OF d SKIP LOCKED
@@ -253,7 +254,7 @@ def claim(limit: int, in_flight: Counter[str], per_target: int) -> list[Claimed]
             connection.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.id.in_([c.id for c in chosen]))
-                .values(status=DELIVERING, claimed_until=_now() + lease, updated_at=_now())
+                .values(status=D.DELIVERING, claimed_until=_now() + lease, updated_at=_now())
             )
     return chosen
 
@@ -358,7 +359,7 @@ def _next_delay(attempt: int, retry_after: float | None) -> float | None:
     return delay
 
 
-def finish(item: Claimed, response: Response) -> str:
+def finish(item: Claimed, response: Response) -> DeliveryStatus:
     """Record the attempt and decide what becomes of the delivery; return its status."""
     now = _now()
     with db.transaction() as session:
@@ -374,7 +375,7 @@ def finish(item: Claimed, response: Response) -> str:
         )
         delivery = session.get(WebhookDelivery, item.id, with_for_update=True)
         if delivery is None:
-            return FAILED
+            return D.FAILED
         delivery.attempts = item.attempt
         delivery.last_status_code = response.status_code
         delivery.last_error = response.error
@@ -382,18 +383,18 @@ def finish(item: Claimed, response: Response) -> str:
         delivery.updated_at = now
         code = response.status_code
         if code is not None and 200 <= code < 300:
-            delivery.status = SUCCEEDED
+            delivery.status = D.SUCCEEDED
             delivery.delivered_at = now
         elif code == 410 or (response.error or "").startswith(("target refused", "no signing")):
-            delivery.status = FAILED
+            delivery.status = D.FAILED
             if code == 410 and item.endpoint_id:
                 _disable(session, item.endpoint_id, f"410 Gone at {iso(now)}")
         else:
             delay = _next_delay(item.attempt, response.retry_after_s)
             if delay is None:
-                delivery.status = DEAD
+                delivery.status = D.DEAD
             else:
-                delivery.status = RETRYING
+                delivery.status = D.RETRYING
                 delivery.next_attempt_at = now + timedelta(seconds=delay)
         return delivery.status
 

@@ -1,10 +1,15 @@
-"""Identifiers: time-ordered UUIDs (version 7 layout) so that ids sort by creation."""
+"""Identifiers: time-ordered UUIDs (version 7 layout) so that ids sort by creation.
+
+A list's page cursor is the last id of the previous page (`decode_cursor`).
+"""
 
 from __future__ import annotations
 
 import os
 import time
 import uuid
+
+from emp_tasks.errors import InvalidCursor
 
 
 def new_id() -> str:
@@ -16,3 +21,11 @@ def new_id() -> str:
     value &= ~(0x3 << 62)
     value |= 0x2 << 62  # RFC 4122 variant
     return str(uuid.UUID(int=value))
+
+
+def decode_cursor(cursor: str) -> str:
+    """The id a page cursor names; InvalidCursor if it is not one the API returned."""
+    try:
+        return str(uuid.UUID(cursor))
+    except ValueError as exc:
+        raise InvalidCursor("cursor is not one this API returned") from exc

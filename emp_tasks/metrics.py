@@ -55,16 +55,8 @@ from emp_tasks import db, queues, redisdb
 from emp_tasks.auth import Principal
 from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import StepRun
-from emp_tasks.models import (
-    Event,
-    Step,
-    StepStatus,
-    WebhookDelivery,
-    Worker,
-    WorkerStatus,
-    Workflow,
-    WorkflowStatus,
-)
+from emp_tasks.models import Event, Step, WebhookDelivery, Worker, Workflow
+from emp_tasks.status import DeliveryStatus, StepStatus, WorkerStatus, WorkflowStatus
 
 logger = logging.getLogger(__name__)
 
@@ -437,22 +429,14 @@ def _workers(session: Session) -> Iterator[Metric]:
 
 
 def _webhook_deliveries(session: Session) -> Iterator[Metric]:
-    from emp_tasks import delivery
-
-    known = (
-        delivery.PENDING,
-        delivery.DELIVERING,
-        delivery.RETRYING,
-        delivery.SUCCEEDED,
-        delivery.FAILED,
-        delivery.DEAD,
-    )
     counts = dict(
         session.execute(
             select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
         ).all()
     )
-    yield _by_status("emp_webhook_deliveries", "Webhook deliveries in each status", known, counts)
+    yield _by_status(
+        "emp_webhook_deliveries", "Webhook deliveries in each status", DeliveryStatus, counts
+    )
 
 
 def _outbox(session: Session) -> Iterator[Metric]:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -24,33 +25,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-class StepStatus(StrEnum):
-    WAITING = "waiting"
-    PENDING = "pending"
-    ASSIGNED = "assigned"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_STEP_STATUSES
-
-
-TERMINAL_STEP_STATUSES = frozenset(
-    {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.SKIPPED}
+from emp_tasks.status import (
+    ACTIVE_STEP_STATUSES,
+    UNFINISHED_DELIVERY_STATUSES,
+    DeliveryStatus,
+    StepStatus,
+    WorkerStatus,
+    WorkflowStatus,
 )
-
-
-class WorkflowStatus(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 class Base(DeclarativeBase):
@@ -61,6 +43,33 @@ def _now_column() -> Mapped[datetime]:
     return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
 
 
+def _status_column(statuses: type[StrEnum]) -> Mapped[Any]:
+    """A status column: VARCHAR(20) in the schema (as the migrations made it), the enum in
+    Python. The allowed values are each table's CHECK constraint, written out below."""
+    return mapped_column(
+        Enum(
+            statuses,
+            native_enum=False,
+            create_constraint=False,
+            length=20,
+            values_callable=lambda members: [member.value for member in members],
+        ),
+        nullable=False,
+    )
+
+
+def _status_check(statuses: type[StrEnum], name: str) -> CheckConstraint:
+    return CheckConstraint(
+        "status IN (" + ", ".join(f"'{s.value}'" for s in statuses) + ")", name=name
+    )
+
+
+def _status_in(statuses: frozenset[StrEnum]) -> str:
+    """SQL for a partial index's predicate, the statuses in their enum's order."""
+    ordered = [s for s in type(next(iter(statuses))) if s in statuses]
+    return "status IN (" + ", ".join(f"'{s.value}'" for s in ordered) + ")"
+
+
 class Workflow(Base):
     __tablename__ = "workflows"
 
@@ -68,7 +77,7 @@ class Workflow(Base):
     customer_id: Mapped[str] = mapped_column(String(200), nullable=False)
     name: Mapped[str] = mapped_column(String(500), nullable=False)
     description: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    status: Mapped[WorkflowStatus] = _status_column(WorkflowStatus)
     failure_policy: Mapped[str] = mapped_column(String(20), nullable=False, default="fail_fast")
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=50)
     total_steps: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
@@ -89,10 +98,7 @@ class Workflow(Base):
     __table_args__ = (
         Index("ix_workflows_customer_id_id", "customer_id", "id"),
         Index("ix_workflows_created_at", "created_at"),
-        CheckConstraint(
-            "status IN (" + ", ".join(f"'{s.value}'" for s in WorkflowStatus) + ")",
-            name="ck_workflows_status",
-        ),
+        _status_check(WorkflowStatus, "ck_workflows_status"),
     )
 
 
@@ -104,7 +110,7 @@ class Step(Base):
     service: Mapped[str] = mapped_column(String(200), nullable=False)
     queue: Mapped[str] = mapped_column(String(250), nullable=False)
     """The Celery queue of the step's route (service, requirements, customer): see routing."""
-    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    status: Mapped[StepStatus] = _status_column(StepStatus)
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=50)
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
     requirements: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
@@ -142,12 +148,12 @@ class Step(Base):
         Index(
             "ix_steps_active_lease",
             "lease_expires_at",
-            postgresql_where=text("status IN ('assigned', 'running')"),
+            postgresql_where=text(_status_in(ACTIVE_STEP_STATUSES)),
         ),
         Index(
             "ix_steps_pending_expiry",
             "expires_at",
-            postgresql_where=text("status = 'pending' AND expires_at IS NOT NULL"),
+            postgresql_where=text(f"status = '{StepStatus.PENDING}' AND expires_at IS NOT NULL"),
         ),
         Index("ix_steps_customer_id_id", "customer_id", "id"),
         Index("ix_steps_customer_id_status_id", "customer_id", "status", "id"),
@@ -155,11 +161,15 @@ class Step(Base):
         Index("ix_steps_created_at", "created_at"),
         Index("ix_steps_customer_id_created_at", "customer_id", "created_at"),
         Index("ix_steps_workflow_id_step_index", "workflow_id", "step_index"),
-        Index("ix_steps_queue_pending", "queue", postgresql_where=text("status = 'pending'")),
+        Index(
+            "ix_steps_queue_pending",
+            "queue",
+            postgresql_where=text(f"status = '{StepStatus.PENDING}'"),
+        ),
         Index(
             "ix_steps_worker_id_active",
             "worker_id",
-            postgresql_where=text("status IN ('assigned', 'running')"),
+            postgresql_where=text(_status_in(ACTIVE_STEP_STATUSES)),
         ),
         Index(
             "ix_steps_depends_on",
@@ -167,10 +177,7 @@ class Step(Base):
             postgresql_using="gin",
             postgresql_ops={"depends_on": "jsonb_path_ops"},
         ),
-        CheckConstraint(
-            "status IN (" + ", ".join(f"'{s.value}'" for s in StepStatus) + ")",
-            name="ck_steps_status",
-        ),
+        _status_check(StepStatus, "ck_steps_status"),
         CheckConstraint("priority BETWEEN 0 AND 100", name="ck_steps_priority"),
     )
 
@@ -296,7 +303,7 @@ class WebhookDelivery(Base):
     event_id: Mapped[str] = mapped_column(String(36), nullable=False)
     event_type: Mapped[str] = mapped_column(String(100), nullable=False)
     body: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
-    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    status: Mapped[DeliveryStatus] = _status_column(DeliveryStatus)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -311,7 +318,7 @@ class WebhookDelivery(Base):
         Index(
             "ix_webhook_deliveries_due",
             "next_attempt_at",
-            postgresql_where=text("status IN ('pending', 'retrying', 'delivering')"),
+            postgresql_where=text(_status_in(UNFINISHED_DELIVERY_STATUSES)),
         ),
         Index("ix_webhook_deliveries_endpoint_id", "endpoint_id", "created_at"),
     )
@@ -350,13 +357,6 @@ class Route(Base):
     created_at: Mapped[datetime] = _now_column()
 
 
-class WorkerStatus(StrEnum):
-    ONLINE = "online"
-    DRAINING = "draining"
-    OFFLINE = "offline"
-    REMOVED = "removed"
-
-
 class Machine(Base):
     """A host of one or more workers (one per GPU)."""
 
@@ -378,7 +378,7 @@ class Worker(Base):
     machine_id: Mapped[str] = mapped_column(
         String(200), ForeignKey("machines.id", ondelete="CASCADE"), nullable=False
     )
-    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    status: Mapped[WorkerStatus] = _status_column(WorkerStatus)
     status_reason: Mapped[str | None] = mapped_column(Text)
     capabilities: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
     queues: Mapped[list[Any]] = mapped_column(JSONB, nullable=False, default=list)
@@ -401,8 +401,5 @@ class Worker(Base):
     __table_args__ = (
         Index("ix_workers_machine_id", "machine_id"),
         Index("ix_workers_status_heartbeat", "status", "last_heartbeat_at"),
-        CheckConstraint(
-            "status IN (" + ", ".join(f"'{s.value}'" for s in WorkerStatus) + ")",
-            name="ck_workers_status",
-        ),
+        _status_check(WorkerStatus, "ck_workers_status"),
     )

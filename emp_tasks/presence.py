@@ -22,10 +22,10 @@ from typing import Any
 
 from celery import bootsteps
 
-from emp_tasks import db, queues, redisdb, routing, workers
+from emp_tasks import connectors, db, queues, redisdb, routing, workers
 from emp_tasks.capabilities import Capabilities
 from emp_tasks.config import get_settings
-from emp_tasks.models import WorkerStatus
+from emp_tasks.status import WorkerStatus
 from emp_tasks.times import iso, now
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ def wanted_queues(caps: Capabilities, status: WorkerStatus | None) -> list[str]:
 
 def backend_health(services: list[str]) -> dict[str, Any]:
     """Each service's backend health, for connectors that can tell (ComfyUI can)."""
-    from emp_tasks import connectors
-
     report: dict[str, Any] = {}
     for service in services:
         try:
@@ -64,8 +62,6 @@ def backend_health(services: list[str]) -> dict[str, Any]:
 
 def connector_models(service: str) -> list[str] | None:
     """The models the service's connector reports, if it can tell (ComfyUI can)."""
-    from emp_tasks import connectors
-
     connector = connectors.get(service)
     models = getattr(connector, "models", None)
     if models is None:

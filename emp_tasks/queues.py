@@ -5,11 +5,16 @@ it, in the same transaction; after commit a nudge on the `emp:fleet` channel
 tells workers to look again, so a capable worker starts consuming a new queue
 within a moment. Workers also re-read the table on every heartbeat, so a missed
 nudge delays a new queue by one heartbeat at most.
+
+A step's warnings read the fleet's capabilities (`live_capabilities`, cached for
+a second); the fleet registry (emp_tasks.workers) forgets the cache when it
+changes a worker.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from sqlalchemy import func, select
@@ -21,8 +26,15 @@ from emp_tasks.auth import Principal
 from emp_tasks.capabilities import Capabilities
 from emp_tasks.config import get_settings
 from emp_tasks.models import Route as RouteRow
-from emp_tasks.models import Step, StepStatus, Worker, WorkerStatus
+from emp_tasks.models import Step, Worker
 from emp_tasks.routing import Route
+from emp_tasks.status import (
+    ACTIVE_STEP_STATUSES,
+    LIVE_WORKER_STATUSES,
+    NOT_STARTED_STEP_STATUSES,
+    StepStatus,
+    WorkerStatus,
+)
 from emp_tasks.times import iso
 
 FLEET_CHANNEL = "emp:fleet"
@@ -128,11 +140,40 @@ def warnings_for(route: Route, fleet: list[tuple[str, Capabilities]]) -> list[di
 
 def step_warnings(step: Step) -> list[dict[str, Any]]:
     """Warnings for a step that waits for a worker (pending or waiting); [] otherwise."""
-    if step.status not in (StepStatus.PENDING, StepStatus.WAITING):
+    if step.status not in NOT_STARTED_STEP_STATUSES:
         return []
-    from emp_tasks import workers
+    return warnings_for(route_of(step), live_capabilities())
 
-    return warnings_for(route_of(step), workers.live_capabilities())
+
+_LIVE_CACHE_S = 1.0
+_live_cache: tuple[float, list[tuple[str, Capabilities]]] = (0.0, [])
+_live_lock = threading.Lock()
+
+
+def live_capabilities() -> list[tuple[str, Capabilities]]:
+    """(status, capabilities) of online and draining workers, cached for a second."""
+    global _live_cache
+    with _live_lock:
+        stamp, cached = _live_cache
+        if time.monotonic() - stamp < _LIVE_CACHE_S:
+            return cached
+    with db.transaction() as session:
+        rows = session.execute(
+            select(Worker.status, Worker.capabilities).where(
+                Worker.status.in_(LIVE_WORKER_STATUSES)
+            )
+        ).all()
+    fresh = [(row.status, Capabilities.from_dict(row.capabilities)) for row in rows]
+    with _live_lock:
+        _live_cache = (time.monotonic(), fresh)
+    return fresh
+
+
+def forget_live() -> None:
+    """This process changed the fleet: its cached view is stale."""
+    global _live_cache
+    with _live_lock:
+        _live_cache = (0.0, [])
 
 
 # --- listing -------------------------------------------------------------------------------
@@ -175,13 +216,13 @@ def list_queues(principal: Principal, include_idle: bool = False) -> list[dict[s
         running = dict(
             session.execute(
                 select(Step.queue, func.count())
-                .where(Step.status.in_([StepStatus.ASSIGNED, StepStatus.RUNNING]))
+                .where(Step.status.in_(ACTIVE_STEP_STATUSES))
                 .group_by(Step.queue)
             ).all()
         )
         live = session.execute(
             select(Worker.id, Worker.status, Worker.queues, Worker.capabilities).where(
-                Worker.status.in_([WorkerStatus.ONLINE, WorkerStatus.DRAINING])
+                Worker.status.in_(LIVE_WORKER_STATUSES)
             )
         ).all()
     fleet = [(w.status, Capabilities.from_dict(w.capabilities)) for w in live]

@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from emp_tasks.events import EventType
-from emp_tasks.models import StepStatus, WorkerStatus
+from emp_tasks.status import DeliveryStatus, StepStatus, WorkerStatus, WorkflowStatus
 
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 MAX_NAME = 200
@@ -28,6 +28,10 @@ MAX_LABELS = 50
 LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 """A model name, label value or filter entry: short text."""
+WorkflowStatusName = Literal[tuple(status.value for status in WorkflowStatus)]
+"""A workflow status filter, as plain strings (the schema lists them inline)."""
+DeliveryStatusName = Literal[tuple(status.value for status in DeliveryStatus)]
+"""A delivery status filter, as plain strings (the schema lists them inline)."""
 SERVICE_ALIASES = ("type", "job_type", "service_required")
 CURSOR: dict[str, Any] = {
     "description": "The `next_cursor` of the previous page (an id): the page after it",
@@ -288,7 +292,7 @@ class WorkflowCreate(BaseModel):
 class WorkflowListQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    status: Literal["pending", "running", "completed", "failed", "cancelled"] | None = None
+    status: WorkflowStatusName | None = None
     limit: int = Field(default=50, ge=1, le=200)
     cursor: str | None = Field(default=None, max_length=100, **CURSOR)
 
@@ -436,7 +440,5 @@ class WebhookUpdate(_WebhookFields):
 class DeliveryListQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    status: Literal["pending", "delivering", "retrying", "succeeded", "failed", "dead"] | None = (
-        None
-    )
+    status: DeliveryStatusName | None = None
     limit: int = Field(default=50, ge=1, le=200)

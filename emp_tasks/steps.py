@@ -1,10 +1,10 @@
-"""The step lifecycle: the only code that changes a step's state.
+"""The step lifecycle's commands: what clients, workers and the recovery loop ask of a step.
 
-Every change goes through `_transition` (or `_emit` for progress, which keeps
-the status): it checks the transition table, updates the row and records the
-event in the same transaction. Worker-side changes are fenced by the attempt
-number: a call for an attempt that is no longer the step's current one changes
-nothing, so a superseded worker's late result or progress is ignored.
+Each command changes the step through emp_tasks.transitions (the transition
+table is emp_tasks.status), and a command that finishes a workflow's step then
+advances its workflow (emp_tasks.workflows). Worker-side changes are fenced by
+the attempt number: a call for an attempt that is no longer the step's current
+one changes nothing, so a superseded worker's late result or progress is ignored.
 """
 
 from __future__ import annotations
@@ -18,38 +18,37 @@ from typing import Any
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, dispatch, events, idempotency, queues, routing, webhooks
+from emp_tasks import (
+    db,
+    dispatch,
+    idempotency,
+    outbox,
+    queues,
+    routing,
+    transitions,
+    webhooks,
+    workflows,
+)
 from emp_tasks.auth import Principal
 from emp_tasks.capabilities import Capabilities
 from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import StepRun
-from emp_tasks.errors import InvalidCursor, InvalidState, NotFound
+from emp_tasks.errors import InvalidState, NotFound
 from emp_tasks.events import EventType
-from emp_tasks.ids import new_id
-from emp_tasks.models import Attempt, Step, StepStatus, Workflow
-from emp_tasks.specs import StepCreate, WorkflowCreate
-from emp_tasks.times import iso
+from emp_tasks.ids import decode_cursor
+from emp_tasks.models import Attempt, Step
+from emp_tasks.specs import StepCreate
+from emp_tasks.status import (
+    ACTIVE_STEP_STATUSES,
+    CLIENT_RETRYABLE_STEP_STATUSES,
+    UNFINISHED_STEP_STATUSES,
+    StepStatus,
+)
+from emp_tasks.times import TIMEFRAMES, iso
 
 logger = logging.getLogger(__name__)
 
 S = StepStatus
-
-TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
-    S.WAITING: frozenset({S.PENDING, S.CANCELLED, S.SKIPPED}),
-    S.PENDING: frozenset({S.ASSIGNED, S.CANCELLED, S.FAILED, S.SKIPPED}),
-    S.ASSIGNED: frozenset({S.RUNNING, S.PENDING, S.COMPLETED, S.FAILED, S.CANCELLED}),
-    S.RUNNING: frozenset({S.COMPLETED, S.PENDING, S.FAILED, S.CANCELLED}),
-    S.FAILED: frozenset({S.PENDING}),
-    S.CANCELLED: frozenset({S.PENDING}),
-    S.COMPLETED: frozenset(),
-    S.SKIPPED: frozenset(),
-}
-"""Allowed status changes. PENDING again from ASSIGNED/RUNNING is a retry; from
-FAILED/CANCELLED it is a manual retry."""
-
-CANCELLABLE = frozenset({S.WAITING, S.PENDING, S.ASSIGNED, S.RUNNING})
-RETRYABLE_BY_CLIENT = frozenset({S.FAILED, S.CANCELLED})
-ACTIVE = frozenset({S.ASSIGNED, S.RUNNING})
 
 
 def _now() -> datetime:
@@ -91,91 +90,15 @@ def step_object(step: Step) -> dict[str, Any]:
     }
 
 
-# --- transitions ---------------------------------------------------------------------------
-
-
-def _emit(
-    session: Session,
-    step: Step,
-    event_type: EventType,
-    data: dict[str, Any],
-    *,
-    queue: bool = False,
-) -> None:
-    """Record the step's event; `queue=True` also sends its task when the event is published."""
-    events.record(
-        session,
-        event_type,
-        aggregate=events.step_aggregate(step.id),
-        data=data,
-        correlation_id=step.correlation_id,
-        step_id=step.id,
-        workflow_id=step.workflow_id,
-        machine_id=step.machine_id,
-        worker_id=step.worker_id,
-        customer_id=step.customer_id,
-        dispatch=_queue_spec(session, step) if queue else None,
-    )
-
-
-def _queue_spec(session: Session, step: Step) -> dict[str, Any]:
-    """Record the step's route (if new) and say how to send its task."""
-    queues.ensure(session, queues.route_of(step))
-    return _task_spec(step, step.queued_at)
-
-
-def _task_spec(step: Any, not_before: datetime | None = None) -> dict[str, Any]:
-    """How to send the task of a step (or a row with its columns); the continuation rule
-    (see routing) applies to a workflow step that had dependencies."""
-    return dispatch.spec(
-        step.id,
-        step.queue,
-        step.priority,
-        not_before,
-        continuation=bool(step.workflow_id and step.depends_on),
-    )
-
-
-def _transition(
-    session: Session,
-    step: Step,
-    to: StepStatus,
-    event_type: EventType,
-    data: dict[str, Any],
-    *,
-    queue: bool = False,
-) -> None:
-    current = StepStatus(step.status)
-    if to not in TRANSITIONS[current]:
-        raise InvalidState(f"step {step.id} is {current}; it cannot become {to}")
-    step.status = to
-    step.updated_at = _now()
-    if to != S.ASSIGNED and to != S.RUNNING:
-        step.lease_expires_at = None
-    _emit(session, step, event_type, data, queue=queue)
-
-
-def lock(session: Session, step_id: str, *, workflow: bool = True) -> Step | None:
-    """The step, row-locked. A workflow's step locks its workflow first: every path
-    that changes a workflow and its steps takes the locks in that order."""
-    if workflow:
-        workflow_id = session.scalar(select(Step.workflow_id).where(Step.id == step_id))
-        if workflow_id is not None:
-            session.execute(select(Workflow.id).where(Workflow.id == workflow_id).with_for_update())
-    return session.get(Step, step_id, with_for_update=True, populate_existing=True)
-
-
 def _after_finish(session: Session, step: Step) -> None:
     if step.workflow_id is not None:
-        from emp_tasks import workflows
-
         workflows.on_step_finished(session, step)
 
 
 def _visible(
     session: Session, step_id: str, principal: Principal, *, for_update: bool = False
 ) -> Step:
-    step = lock(session, step_id) if for_update else session.get(Step, step_id)
+    step = transitions.lock(session, step_id) if for_update else session.get(Step, step_id)
     if step is None or not principal.may_see(step.customer_id):
         raise NotFound("step", step_id)
     return step
@@ -196,103 +119,15 @@ def submit(
     webhooks.check_target("webhook_url", spec.webhook_url)
 
     def create(session: Session) -> tuple[Step, str]:
-        step = _new_step(spec, customer_id, correlation_id)
+        step = transitions.new_step(spec, customer_id, correlation_id)
         session.add(step)
         session.flush()
-        _emit(
-            session,
-            step,
-            EventType.STEP_SUBMITTED,
-            {"service": step.service, "priority": step.priority, "status": step.status},
-            queue=True,
-        )
+        transitions.submitted(session, step)
         return step, step.id
 
     return idempotency.create_once(
         customer_id, idempotency_key, "step", lambda session, i: session.get(Step, i), create
     )
-
-
-def _new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) -> Step:
-    now = _now()
-    requirements = spec.requirements.model_dump(exclude_none=True)
-    return Step(
-        id=new_id(),
-        customer_id=customer_id,
-        service=spec.service,
-        queue=routing.route_for(spec.service, requirements, customer_id).queue,
-        status=S.PENDING,
-        priority=spec.priority,
-        payload=spec.payload,
-        requirements=requirements,
-        max_retries=spec.max_retries,
-        timeout_s=float(spec.timeout_s),
-        depends_on=[],
-        webhook_url=spec.webhook_url,
-        webhook_events=spec.webhook_events,
-        correlation_id=correlation_id,
-        meta=spec.metadata,
-        attempts=0,
-        progress=0.0,
-        created_at=now,
-        updated_at=now,
-        queued_at=now,
-        expires_at=now + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None,
-    )
-
-
-def create_for_workflow(session: Session, workflow: Workflow, spec: WorkflowCreate) -> list[Step]:
-    """Add a workflow's steps: those without dependencies pending (queued), others waiting."""
-    ids = [new_id() for _ in spec.steps]
-    created = []
-    for index, step_spec in enumerate(spec.steps):
-        step = _new_step(step_spec, workflow.customer_id, workflow.correlation_id)
-        step.id = ids[index]
-        step.workflow_id = workflow.id
-        step.step_index = index
-        step.priority = spec.step_priority(index)
-        step.depends_on = [ids[dependency] for dependency in step_spec.depends_on]
-        step.remaining_deps = len(step.depends_on)
-        if step.depends_on:
-            step.status = S.WAITING
-            step.queued_at = None
-        created.append(step)
-    session.add_all(created)
-    session.flush()
-    for step in created:
-        _emit(
-            session,
-            step,
-            EventType.STEP_SUBMITTED,
-            {
-                "service": step.service,
-                "priority": step.priority,
-                "status": step.status,
-                "step_index": step.step_index,
-            },
-            queue=step.status == S.PENDING,
-        )
-    return created
-
-
-def release(session: Session, step: Step) -> None:
-    """A waiting step's dependencies are all done: queue it (caller holds the locks)."""
-    step.queued_at = _now()
-    _transition(
-        session,
-        step,
-        S.PENDING,
-        EventType.STEP_QUEUED,
-        {"status": S.PENDING.value, "reason": "dependencies completed"},
-        queue=True,
-    )
-
-
-def skip(session: Session, step: Step, reason: str) -> None:
-    """A waiting step will never run: a step it depends on did not complete."""
-    step.completed_at = _now()
-    step.cancel_reason = reason
-    _transition(session, step, S.SKIPPED, EventType.STEP_SKIPPED, {"reason": reason})
 
 
 def get(step_id: str, principal: Principal) -> Step:
@@ -304,7 +139,7 @@ def history(step_id: str, principal: Principal) -> list[dict[str, Any]]:
     """The step's events, oldest first (the audit trail of its transitions)."""
     with db.transaction() as session:
         _visible(session, step_id, principal)
-        return events.for_step(session, step_id)
+        return outbox.for_step(session, step_id)
 
 
 def attempts(step_id: str, principal: Principal) -> list[dict[str, Any]]:
@@ -380,16 +215,6 @@ def count_steps(
         return int(session.scalar(query) or 0)
 
 
-def decode_cursor(cursor: str) -> str:
-    import uuid
-
-    try:
-        return str(uuid.UUID(cursor))
-    except ValueError as exc:
-        raise InvalidCursor("cursor is not one this API returned") from exc
-
-
-TIMEFRAMES = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(weeks=1)}
 STAT_BUCKETS = {
     S.WAITING: "pending",
     S.PENDING: "pending",
@@ -441,26 +266,18 @@ def cancel(step_id: str, principal: Principal, reason: str | None = None) -> Ste
     reason = reason or "cancelled by client"
     with db.transaction() as session:
         step = _visible(session, step_id, principal, for_update=True)
-        if StepStatus(step.status) not in CANCELLABLE:
+        if StepStatus(step.status) not in UNFINISHED_STEP_STATUSES:
             raise InvalidState(f"step {step_id} is {step.status}; only unfinished steps cancel")
-        cancel_in_workflow(session, step, reason)
+        transitions.cancel(session, step, reason)
         _after_finish(session, step)
         return step
-
-
-def cancel_in_workflow(session: Session, step: Step, reason: str) -> None:
-    """Cancel an unfinished step (locked by the caller) without advancing its workflow."""
-    _finish_attempt(session, step, "cancelled", None)
-    step.cancel_reason = reason
-    step.completed_at = _now()
-    _transition(session, step, S.CANCELLED, EventType.STEP_CANCELLED, {"reason": reason})
 
 
 def retry(step_id: str, principal: Principal) -> Step:
     """Queue a failed or cancelled step again as a new attempt."""
     with db.transaction() as session:
         step = _visible(session, step_id, principal, for_update=True)
-        if StepStatus(step.status) not in RETRYABLE_BY_CLIENT:
+        if StepStatus(step.status) not in CLIENT_RETRYABLE_STEP_STATUSES:
             raise InvalidState(f"step {step_id} is {step.status}; only failed or cancelled retry")
         if step.workflow_id is not None:
             raise InvalidState(f"step {step_id} belongs to a workflow; submit the workflow again")
@@ -475,7 +292,7 @@ def retry(step_id: str, principal: Principal) -> Step:
         step.queued_at = _now()
         # One more attempt on request; automatic retries stay spent.
         step.max_retries = max(step.max_retries, step.attempts)
-        _transition(
+        transitions.apply(
             session,
             step,
             S.PENDING,
@@ -525,7 +342,7 @@ def begin(
     with db.transaction() as session:
         # No workflow lock: starting a step changes no workflow counter, and parallel
         # steps of one workflow must not queue behind each other here.
-        step = lock(session, step_id, workflow=False)
+        step = transitions.lock(session, step_id, workflow=False)
         if step is None or step.status != S.PENDING:
             logger.info(
                 "Step not pending; task dropped",
@@ -543,7 +360,7 @@ def begin(
         if caps is not None:
             unmet = routing.unmet(caps, queues.route_of(step))
             if unmet:
-                raise NotServable(unmet, _task_spec(step))
+                raise NotServable(unmet, transitions.task_spec(step))
         step.attempts += 1
         step.worker_id = worker_id
         step.machine_id = machine_id
@@ -558,7 +375,7 @@ def begin(
                 started_at=now,
             )
         )
-        _transition(
+        transitions.apply(
             session,
             step,
             S.ASSIGNED,
@@ -566,10 +383,10 @@ def begin(
             {"worker_id": worker_id, "machine_id": machine_id, "attempt": step.attempts},
         )
         step.started_at = now
-        _transition(session, step, S.RUNNING, EventType.STEP_STARTED, {"attempt": step.attempts})
+        transitions.apply(
+            session, step, S.RUNNING, EventType.STEP_STARTED, {"attempt": step.attempts}
+        )
         if step.workflow_id is not None:
-            from emp_tasks import workflows
-
             workflows.on_step_started(session, step)
         return StepRun(
             step_id=step.id,
@@ -600,7 +417,7 @@ def _current(
     workflow: bool = True,
 ) -> Step | None:
     """The step, locked, if `attempt` is still its current attempt in an allowed status."""
-    step = lock(session, step_id, workflow=workflow)
+    step = transitions.lock(session, step_id, workflow=workflow)
     if step is None or step.attempts != attempt or StepStatus(step.status) not in allowed:
         logger.info(
             "Superseded attempt ignored",
@@ -613,20 +430,6 @@ def _current(
         )
         return None
     return step
-
-
-def _finish_attempt(
-    session: Session, step: Step, outcome: str, error: dict[str, Any] | None
-) -> None:
-    session.execute(
-        update(Attempt)
-        .where(
-            Attempt.step_id == step.id,
-            Attempt.attempt == step.attempts,
-            Attempt.finished_at.is_(None),
-        )
-        .values(outcome=outcome, error=error, finished_at=_now())
-    )
 
 
 def report_progress(
@@ -644,7 +447,7 @@ def report_progress(
         step.stage = stage
         step.message = message
         step.updated_at = _now()
-        _emit(
+        transitions.emit(
             session,
             step,
             EventType.STEP_PROGRESS,
@@ -655,15 +458,15 @@ def report_progress(
 
 def complete(step_id: str, attempt: int, result: Any, duration_ms: int) -> bool:
     with db.transaction() as session:
-        step = _current(session, step_id, attempt, ACTIVE)
+        step = _current(session, step_id, attempt, ACTIVE_STEP_STATUSES)
         if step is None:
             return False
-        _finish_attempt(session, step, "completed", None)
+        transitions.finish_attempt(session, step, "completed", None)
         step.result = result
         step.error = None
         step.progress = 100.0
         step.completed_at = _now()
-        _transition(
+        transitions.apply(
             session,
             step,
             S.COMPLETED,
@@ -684,7 +487,7 @@ def retry_delay_s(attempt: int) -> float:
 def fail(step_id: str, attempt: int, error: dict[str, Any]) -> FailureOutcome:
     """Record a failed attempt: back to pending for a retry, or failed for good."""
     with db.transaction() as session:
-        step = _current(session, step_id, attempt, ACTIVE)
+        step = _current(session, step_id, attempt, ACTIVE_STEP_STATUSES)
         if step is None:
             return FailureOutcome(status=None)
         return _fail_attempt(session, step, error)
@@ -692,13 +495,15 @@ def fail(step_id: str, attempt: int, error: dict[str, Any]) -> FailureOutcome:
 
 def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> FailureOutcome:
     outcome = "lost" if error.get("code") == WORKER_LOST else "failed"
-    _finish_attempt(session, step, outcome, error)
+    transitions.finish_attempt(session, step, outcome, error)
     step.error = error
     if error.get("retryable") and step.attempts <= step.max_retries:
-        _queue_retry(session, step, error, _now() + timedelta(seconds=retry_delay_s(step.attempts)))
+        transitions.queue_retry(
+            session, step, error, _now() + timedelta(seconds=retry_delay_s(step.attempts))
+        )
         return FailureOutcome(status=S.PENDING)
     step.completed_at = _now()
-    _transition(
+    transitions.apply(
         session,
         step,
         S.FAILED,
@@ -707,19 +512,6 @@ def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> Failur
     )
     _after_finish(session, step)
     return FailureOutcome(status=S.FAILED)
-
-
-def _queue_retry(session: Session, step: Step, error: dict[str, Any], at: datetime) -> None:
-    """Back to pending for another attempt, sent to the broker to run from `at`."""
-    step.queued_at = at
-    _transition(
-        session,
-        step,
-        S.PENDING,
-        EventType.STEP_RETRYING,
-        {"error": error, "attempt": step.attempts, "retry_at": iso(at)},
-        queue=True,
-    )
 
 
 # --- recovery (run by the relay's reconcile loop) ------------------------------------------
@@ -743,7 +535,7 @@ def renew_leases(attempts: dict[str, int]) -> int:
                 select(Step.id)
                 .where(
                     tuple_(Step.id, Step.attempts).in_(list(attempts.items())),
-                    Step.status.in_([S.ASSIGNED, S.RUNNING]),
+                    Step.status.in_(ACTIVE_STEP_STATUSES),
                 )
                 .order_by(Step.id)
                 .with_for_update()
@@ -761,7 +553,7 @@ def expired_leases(limit: int = 100) -> list[tuple[str, int]]:
     with db.transaction() as session:
         rows = session.execute(
             select(Step.id, Step.attempts)
-            .where(Step.status.in_([S.ASSIGNED, S.RUNNING]), Step.lease_expires_at < func.now())
+            .where(Step.status.in_(ACTIVE_STEP_STATUSES), Step.lease_expires_at < func.now())
             .limit(limit)
         ).all()
     return [(row.id, row.attempts) for row in rows]
@@ -770,7 +562,7 @@ def expired_leases(limit: int = 100) -> list[tuple[str, int]]:
 def lose(step_id: str, attempt: int) -> FailureOutcome:
     """The attempt's lease ran out: fail the attempt as lost, and retry the step."""
     with db.transaction() as session:
-        step = _current(session, step_id, attempt, ACTIVE)
+        step = _current(session, step_id, attempt, ACTIVE_STEP_STATUSES)
         if step is None or (step.lease_expires_at and step.lease_expires_at > _now()):
             return FailureOutcome(status=None)
         return lose_with_worker(session, step, "stopped renewing its lease")
@@ -803,9 +595,9 @@ def requeue(session: Session, step: Step, code: str, message: str) -> None:
     recorded as `requeued` and does not spend one of the step's retries.
     """
     error = {"code": code, "message": message, "type": "system", "retryable": True}
-    _finish_attempt(session, step, "requeued", error)
+    transitions.finish_attempt(session, step, "requeued", error)
     step.max_retries += 1
-    _queue_retry(session, step, error, _now())
+    transitions.queue_retry(session, step, error, _now())
 
 
 def overdue(limit: int = 100) -> list[str]:
@@ -823,7 +615,7 @@ def overdue(limit: int = 100) -> list[str]:
 def expire(step_id: str) -> bool:
     """Fail a pending step whose queue deadline passed; it never starts."""
     with db.transaction() as session:
-        step = lock(session, step_id)
+        step = transitions.lock(session, step_id)
         if step is None or step.status != S.PENDING or step.expires_at is None:
             return False
         if step.expires_at > _now():
@@ -840,7 +632,7 @@ def _expire(session: Session, step: Step) -> None:
         "retryable": False,
     }
     step.completed_at = _now()
-    _transition(
+    transitions.apply(
         session,
         step,
         S.FAILED,
@@ -870,7 +662,7 @@ def redispatch_pending() -> int:
             .order_by(Step.id)
         ).all()
     for row in rows:
-        dispatch.send(_task_spec(row, row.queued_at))
+        dispatch.send(transitions.task_spec(row, row.queued_at))
         sent += 1
     return sent
 
@@ -881,7 +673,7 @@ def send_again(step_id: str) -> bool:
         step = session.get(Step, step_id)
         if step is None or step.status != S.PENDING:
             return False
-        spec = _task_spec(step)
+        spec = transitions.task_spec(step)
     dispatch.send(spec)
     return True
 
@@ -892,4 +684,6 @@ def should_stop(step_id: str, attempt: int) -> bool:
         row = session.execute(
             select(Step.status, Step.attempts).where(Step.id == step_id)
         ).one_or_none()
-    return row is None or row.attempts != attempt or StepStatus(row.status) not in ACTIVE
+    return (
+        row is None or row.attempts != attempt or StepStatus(row.status) not in ACTIVE_STEP_STATUSES
+    )

@@ -15,26 +15,23 @@ nothing new) -> `online` again on resume; `offline` (stopped or silent);
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from emp_tasks import __version__, db, events, queues
+from emp_tasks import __version__, db, outbox, queues, steps, transitions
 from emp_tasks.capabilities import Capabilities
 from emp_tasks.errors import InvalidState, NotFound
 from emp_tasks.events import EventType
-from emp_tasks.models import Machine, Step, StepStatus, Worker, WorkerStatus
+from emp_tasks.models import Machine, Step, Worker
+from emp_tasks.status import ACTIVE_STEP_STATUSES, LIVE_WORKER_STATUSES, WorkerStatus
 from emp_tasks.times import iso, now
 
 logger = logging.getLogger(__name__)
 
 W = WorkerStatus
-LIVE = (W.ONLINE, W.DRAINING)
-ACTIVE_STEP = (StepStatus.ASSIGNED, StepStatus.RUNNING)
 
 
 def aggregate(worker_id: str) -> str:
@@ -42,7 +39,7 @@ def aggregate(worker_id: str) -> str:
 
 
 def _record(session: Session, worker: Worker, event_type: EventType, data: dict[str, Any]) -> None:
-    events.record(
+    outbox.record(
         session,
         event_type,
         aggregate=aggregate(worker.id),
@@ -96,8 +93,6 @@ def register(
     Steps still assigned to an earlier process with the same worker id are not
     running any more; they are re-queued at once instead of waiting for their lease.
     """
-    from emp_tasks import steps
-
     with db.transaction() as session:
         # The workers of one machine (one per GPU) register at the same moment: upsert.
         session.execute(
@@ -179,7 +174,7 @@ def stop(worker_id: str, reason: str = "stopped") -> None:
     """The worker process is shutting down cleanly."""
     with db.transaction() as session:
         worker = session.get(Worker, worker_id, with_for_update=True)
-        if worker is None or worker.status in (W.OFFLINE, W.REMOVED):
+        if worker is None or worker.status not in LIVE_WORKER_STATUSES:
             return
         worker.queues = []
         _set_status(session, worker, W.OFFLINE, reason)
@@ -219,7 +214,7 @@ def _operate(
                 f" can become {target.value}"
             )
         result = _describe(session, [worker])[0]
-    _forget_live()
+    queues.forget_live()
     queues.nudge_workers(f"worker:{worker_id}")
     return result
 
@@ -227,8 +222,6 @@ def _operate(
 def remove_machine(machine_id: str) -> dict[str, Any]:
     """Take a machine out of the fleet: its workers take nothing more and the steps they
     run are re-queued for other workers (without spending the steps' retries)."""
-    from emp_tasks import steps
-
     with db.transaction() as session:
         machine = session.get(Machine, machine_id, with_for_update=True)
         if machine is None or machine.removed_at is not None:
@@ -250,7 +243,7 @@ def remove_machine(machine_id: str) -> dict[str, Any]:
         for step in _active_steps(session, [worker.id for worker in fleet]):
             steps.requeue(session, step, "MACHINE_REMOVED", f"machine {machine_id} was removed")
             requeued.append(step.id)
-    _forget_live()
+    queues.forget_live()
     queues.nudge_workers(f"machine:{machine_id}")
     return {"machine_id": machine_id, "requeued_step_ids": requeued}
 
@@ -258,16 +251,14 @@ def remove_machine(machine_id: str) -> dict[str, Any]:
 def _active_steps(session: Session, worker_ids: list[str]) -> list[Step]:
     if not worker_ids:
         return []
-    from emp_tasks import steps
-
     ids = list(
         session.scalars(
             select(Step.id)
-            .where(Step.worker_id.in_(worker_ids), Step.status.in_(ACTIVE_STEP))
+            .where(Step.worker_id.in_(worker_ids), Step.status.in_(ACTIVE_STEP_STATUSES))
             .order_by(Step.id)
         )
     )
-    return [step for step in (steps.lock(session, i) for i in ids) if step is not None]
+    return [step for step in (transitions.lock(session, i) for i in ids) if step is not None]
 
 
 # --- the reconciler ------------------------------------------------------------------------
@@ -275,14 +266,12 @@ def _active_steps(session: Session, worker_ids: list[str]) -> list[Step]:
 
 def mark_silent_offline(limit: int = 100) -> list[str]:
     """Workers silent for longer than their lease timeout: offline, their steps re-queued."""
-    from emp_tasks import steps
-
     with db.transaction() as session:
         silent = list(
             session.scalars(
                 select(Worker)
                 .where(
-                    Worker.status.in_(LIVE),
+                    Worker.status.in_(LIVE_WORKER_STATUSES),
                     Worker.last_heartbeat_at
                     < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, Worker.heartbeat_timeout_s),
                 )
@@ -312,7 +301,7 @@ def _describe(session: Session, fleet: list[Worker]) -> list[dict[str, Any]]:
     if fleet:
         rows = session.execute(
             select(Step.worker_id, Step.id)
-            .where(Step.worker_id.in_([w.id for w in fleet]), Step.status.in_(ACTIVE_STEP))
+            .where(Step.worker_id.in_([w.id for w in fleet]), Step.status.in_(ACTIVE_STEP_STATUSES))
             .order_by(Step.id)
         )
         for worker_id, step_id in rows:
@@ -360,7 +349,7 @@ def get_worker(worker_id: str) -> dict[str, Any]:
 
 
 def _machine_object(machine: Machine, fleet: list[dict[str, Any]]) -> dict[str, Any]:
-    live = [w for w in fleet if w["status"] in LIVE]
+    live = [w for w in fleet if w["status"] in LIVE_WORKER_STATUSES]
     gpus = [w["capabilities"].get("gpu_model") for w in fleet]
     return {
         "id": machine.id,
@@ -418,44 +407,6 @@ def online_count() -> int:
         return session.scalar(
             select(func.count()).select_from(Worker).where(Worker.status == W.ONLINE)
         )
-
-
-_LIVE_CACHE_S = 1.0
-_live_cache: tuple[float, list[tuple[str, Capabilities]]] = (0.0, [])
-_live_lock = threading.Lock()
-
-
-def live_capabilities() -> list[tuple[str, Capabilities]]:
-    """(status, capabilities) of online and draining workers, cached for a second."""
-    global _live_cache
-    with _live_lock:
-        stamp, cached = _live_cache
-        if time.monotonic() - stamp < _LIVE_CACHE_S:
-            return cached
-    with db.transaction() as session:
-        rows = session.execute(
-            select(Worker.status, Worker.capabilities).where(Worker.status.in_(LIVE))
-        ).all()
-    fresh = [(row.status, Capabilities.from_dict(row.capabilities)) for row in rows]
-    with _live_lock:
-        _live_cache = (time.monotonic(), fresh)
-    return fresh
-
-
-def _forget_live() -> None:
-    """This process changed the fleet: its cached view is stale."""
-    global _live_cache
-    with _live_lock:
-        _live_cache = (0.0, [])
-
-
-def wait_for_workers(count: int = 1, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if online_count() >= count:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 HEARTBEAT_MAX_INTERVAL_S = 5.0

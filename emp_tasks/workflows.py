@@ -1,7 +1,7 @@
 """Workflows: the DAG of steps, its progress, its failure policies, and `step_details`.
 
 PostgreSQL decides progress. Every transition of a workflow's step locks the
-workflow row first (see steps.lock), so the completions of a fan-in's
+workflow row first (see transitions.lock), so the completions of a fan-in's
 dependencies are applied one after another: each decrements its dependents'
 `remaining_deps`, and the one that brings a dependent to zero queues it. A step
 therefore starts as soon as its own dependencies are done, never waits on one it
@@ -25,21 +25,26 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, events, idempotency, steps, webhooks
+from emp_tasks import db, idempotency, outbox, transitions, webhooks
 from emp_tasks.auth import Principal
 from emp_tasks.config import get_settings
 from emp_tasks.errors import InvalidState, NotFound, ValidationFailed
 from emp_tasks.events import EventType
-from emp_tasks.ids import new_id
-from emp_tasks.models import TERMINAL_STEP_STATUSES, Step, StepStatus, Workflow, WorkflowStatus
+from emp_tasks.ids import decode_cursor, new_id
+from emp_tasks.models import Step, Workflow
 from emp_tasks.specs import WorkflowCreate
-from emp_tasks.times import iso
+from emp_tasks.status import (
+    NOT_STARTED_STEP_STATUSES,
+    TERMINAL_WORKFLOW_STATUSES,
+    UNFINISHED_STEP_STATUSES,
+    StepStatus,
+    WorkflowStatus,
+)
+from emp_tasks.times import TIMEFRAMES, iso
 
 logger = logging.getLogger(__name__)
 
 W = WorkflowStatus
-TERMINAL_WORKFLOW_STATUSES = frozenset({W.COMPLETED, W.FAILED, W.CANCELLED})
-UNFINISHED_STEP_STATUSES = [s.value for s in StepStatus if s not in TERMINAL_STEP_STATUSES]
 
 
 def _now() -> datetime:
@@ -53,7 +58,7 @@ def aggregate(workflow_id: str) -> str:
 def _emit(
     session: Session, workflow: Workflow, event_type: EventType, data: dict[str, Any]
 ) -> None:
-    events.record(
+    outbox.record(
         session,
         event_type,
         aggregate=aggregate(workflow.id),
@@ -179,13 +184,36 @@ def submit(
             EventType.WORKFLOW_SUBMITTED,
             {"name": workflow.name, "total_steps": workflow.total_steps},
         )
-        created = steps.create_for_workflow(session, workflow, spec)
+        created = _create_steps(session, workflow, spec)
         return (workflow, [step.id for step in created]), workflow.id
 
     (workflow, step_ids), was_created = idempotency.create_once(
         customer_id, idempotency_key, "workflow", load, create
     )
     return workflow, step_ids, was_created
+
+
+def _create_steps(session: Session, workflow: Workflow, spec: WorkflowCreate) -> list[Step]:
+    """Add a workflow's steps: those without dependencies pending (queued), others waiting."""
+    ids = [new_id() for _ in spec.steps]
+    created = []
+    for index, step_spec in enumerate(spec.steps):
+        step = transitions.new_step(step_spec, workflow.customer_id, workflow.correlation_id)
+        step.id = ids[index]
+        step.workflow_id = workflow.id
+        step.step_index = index
+        step.priority = spec.step_priority(index)
+        step.depends_on = [ids[dependency] for dependency in step_spec.depends_on]
+        step.remaining_deps = len(step.depends_on)
+        if step.depends_on:
+            step.status = StepStatus.WAITING
+            step.queued_at = None
+        created.append(step)
+    session.add_all(created)
+    session.flush()
+    for step in created:
+        transitions.submitted(session, step)
+    return created
 
 
 def _step_ids(session: Session, workflow_id: str) -> list[str]:
@@ -212,7 +240,7 @@ def list_workflows(
     if status is not None:
         query = query.where(Workflow.status == status)
     if cursor is not None:
-        query = query.where(Workflow.id < steps.decode_cursor(cursor))
+        query = query.where(Workflow.id < decode_cursor(cursor))
     with db.transaction() as session:
         rows = list(session.scalars(query))
     page = rows[:limit]
@@ -220,7 +248,7 @@ def list_workflows(
 
 
 def stats(principal: Principal, timeframe: str) -> dict[str, Any]:
-    since = _now() - steps.TIMEFRAMES[timeframe]
+    since = _now() - TIMEFRAMES[timeframe]
     query = (
         select(Workflow.status, func.count())
         .where(Workflow.created_at >= since)
@@ -244,7 +272,7 @@ def cancel(workflow_id: str, principal: Principal, reason: str | None = None) ->
         if WorkflowStatus(workflow.status) in TERMINAL_WORKFLOW_STATUSES:
             raise InvalidState(f"workflow {workflow_id} is {workflow.status}; it cannot cancel")
         for step in _unfinished(session, workflow.id):
-            steps.cancel_in_workflow(session, step, reason)
+            transitions.cancel(session, step, reason)
         workflow.status = W.CANCELLED
         workflow.cancel_reason = reason
         workflow.completed_at = workflow.updated_at = _now()
@@ -268,7 +296,7 @@ def _unfinished(session: Session, workflow_id: str) -> list[Step]:
     )
 
 
-# --- progress (called by steps, in the step's transaction, workflow row locked) -------------
+# --- progress (step commands call these in the step's transaction, workflow row locked) ----
 
 
 def on_step_started(session: Session, step: Step) -> None:
@@ -323,8 +351,8 @@ def on_step_finished(session: Session, step: Step) -> None:
         ):
             reason = f"workflow failed fast: step {step.step_index} {step.status}"
             for other in _unfinished(session, workflow.id):
-                if other.status in (StepStatus.WAITING, StepStatus.PENDING):
-                    steps.cancel_in_workflow(session, other, reason)
+                if other.status in NOT_STARTED_STEP_STATUSES:
+                    transitions.cancel(session, other, reason)
             _finish(session, workflow, W.FAILED)
             return
     _finish_if_done(session, workflow)
@@ -344,7 +372,7 @@ def _release_dependents(session: Session, step: Step) -> None:
     for dependent in dependents:
         dependent.remaining_deps -= 1
         if dependent.remaining_deps <= 0:
-            steps.release(session, dependent)
+            transitions.release(session, dependent)
 
 
 def _skip_dependents(session: Session, step: Step) -> None:
@@ -364,7 +392,7 @@ def _skip_dependents(session: Session, step: Step) -> None:
             )
         )
         for dependent in dependents:
-            steps.skip(session, dependent, f"step {step.step_index} {step.status}")
+            transitions.skip(session, dependent, f"step {step.step_index} {step.status}")
             frontier.append(dependent)
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import delete, select, text
 
 from emp_tasks import db, delivery, targets
 from emp_tasks.models import WebhookEndpoint
+from emp_tasks.status import DeliveryStatus
 from tests.conftest import WEBHOOK_SECRET, free_port, headers
 from tests.receiver import Receiver
 from tests.test_steps_api import assert_error
@@ -301,7 +302,7 @@ def test_name_rebound_to_loopback_after_registration_is_refused_and_never_connec
     assert response.status_code is None and response.error.startswith("target refused")
     assert "127.0.0.1" not in response.error
     assert_nothing_connected(listener)
-    assert delivery.finish(item, response) == delivery.FAILED
+    assert delivery.finish(item, response) == DeliveryStatus.FAILED
     assert strict.calls[-1] == "rebind.example.test"
 
 

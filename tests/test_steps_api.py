@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tests.conftest import headers, wait_for_status
@@ -192,11 +194,10 @@ def test_retry_of_a_step_that_has_not_failed_is_409(client):
     )
 
 
-def test_oversized_body_is_413(client, override_settings):
+def test_oversized_body_is_413(settings):
     from web import create_app
 
-    override_settings(max_body_bytes=2048)
-    small_app = create_app().test_client()
+    small_app = create_app(replace(settings, max_body_bytes=2048)).test_client()
     response = small_app.post(
         "/api/steps",
         json={"service": "simulation", "payload": {"blob": "x" * 4096}},
@@ -215,11 +216,11 @@ def test_rate_limited_key_gets_429_with_retry_after(client, override_settings):
     assert int(limited.headers["Retry-After"]) >= 1
 
 
-def test_database_outage_is_503_unavailable(services, override_settings):
+def test_database_outage_is_503_unavailable(settings):
     from web import create_app
 
-    override_settings(database_url="postgresql://postgres@127.0.0.1:1/nothing")
-    response = create_app().test_client().get("/api/steps", headers=headers())
+    down = replace(settings, database_url="postgresql://postgres@127.0.0.1:1/nothing")
+    response = create_app(down).test_client().get("/api/steps", headers=headers())
     assert_error(response, 503, "UNAVAILABLE")
 
 

@@ -11,6 +11,7 @@ from emp_tasks import steps
 from emp_tasks.auth import Principal
 from emp_tasks.models import Step
 from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
+from emp_tasks.status import StepStatus
 from web.endpoints import endpoint, ok
 from web.steps import submit
 
@@ -27,7 +28,7 @@ def job_object(step: Step) -> dict[str, Any]:
 
 def _submitted(body: StepCreate, principal: Principal) -> Response:
     step, _ = submit(body, principal)
-    status = "waiting" if step.status == "waiting" else "submitted"
+    status = "waiting" if step.status == StepStatus.WAITING else "submitted"
     return ok(job_id=step.id, status=status)
 
 
