@@ -15,9 +15,10 @@ $(INSTALLED): requirements.txt pyproject.toml
 run: $(INSTALLED)  ## API + worker + relay on embedded Redis/PostgreSQL (or REDIS_URL/DATABASE_URL)
 	$(VENV)/bin/emp run
 
-lint: $(INSTALLED)
+lint: $(INSTALLED)  ## style, and imports that point down the layers (.importlinter)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test: lint browser  ## the whole suite: real PostgreSQL, Redis and Celery workers
 	$(PY) -m pytest

@@ -1,13 +1,13 @@
-"""Celery settings, read from the environment (through emp_tasks.config).
+"""Celery settings, read from the environment (through emp_tasks.core.config).
 
 GPU work is long and must not be lost: acknowledge late, give a task back when
 its worker dies, and let each worker process hold one task at a time. A task
 that Redis redelivers is harmless because the worker re-checks the step in
-PostgreSQL before running it (see emp_tasks.steps.begin).
+PostgreSQL before running it (see emp_tasks.steps.commands.begin).
 """
 
-from emp_tasks.config import get_settings
-from emp_tasks.routing import BROKER_PRIORITY_LEVELS
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.priority import BROKER_PRIORITY_LEVELS
 
 _settings = get_settings()
 
@@ -15,7 +15,7 @@ broker_url = _settings.broker_url
 broker_connection_retry_on_startup = True
 # The Redis transport polls every priority level of every consumed queue in one
 # BRPOP, highest level first across all queues; among queues at the same level,
-# round robin, so customers (one queue per route, see emp_tasks.routing) share a
+# round robin, so customers (one queue per route, see emp_tasks.routes.routing) share a
 # worker fairly at equal priority.
 broker_transport_options = {
     "priority_steps": list(range(BROKER_PRIORITY_LEVELS)),
@@ -25,8 +25,8 @@ broker_transport_options = {
 }
 
 # The task body and the worker's signal handlers: loaded by every worker (the app
-# itself, emp_tasks.broker, holds no task code so that senders never load it).
-include = ["emp_tasks.worker_tasks"]
+# itself, emp_tasks.store.broker, holds no task code so that senders never load it).
+include = ["emp_tasks.worker.tasks"]
 
 task_serializer = "json"
 accept_content = ["json"]

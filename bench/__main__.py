@@ -23,8 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from bench import baseline, live_rows, ours, report, scratch, socket_rows, webhook_rows, workflows
 from bench.stats import Result
-from emp_tasks import redisdb
-from emp_tasks.db import ROOT
+from emp_tasks.store import redisdb
+from emp_tasks.store.db import ROOT
 
 DATA_DIR = ROOT / ".emp" / "bench"
 EMBEDDED_REDIS_PORT = 6392

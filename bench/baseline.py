@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.stats import BenchError, Deadline, Result, WorkflowResult
 from bench.workflows import Shape
-from emp_tasks.db import ROOT
+from emp_tasks.store.db import ROOT
 
 CONCURRENCY = 2
 READY_TIMEOUT_S = 60.0

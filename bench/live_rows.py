@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import simple_websocket
 
 from bench.stats import BenchError, Deadline, LiveResult
-from emp_tasks import auth, config
+from emp_tasks import auth
+from emp_tasks.core import config
 
 CLIENT_COUNTS = (1, 200)
 CONNECT_THREADS = 16  # clients connecting at once

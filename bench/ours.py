@@ -33,10 +33,13 @@ from bench.scratch import Scratch
 from bench.stats import BenchError, Deadline, LiveResult, Result, WebhookResult, WorkflowResult
 from bench.webhook_rows import Receiver, WebhookRow
 from bench.workflows import Shape
-from emp_tasks import config, db, delivery, events, redisdb, workers
-from emp_tasks.models import Event, Step, WebhookDelivery, Workflow
-from emp_tasks.status import TERMINAL_STEP_STATUSES, StepStatus, WorkflowStatus
+from emp_tasks import workers
+from emp_tasks.core import config, events
+from emp_tasks.core.status import TERMINAL_STEP_STATUSES, StepStatus, WorkflowStatus
+from emp_tasks.store import db, redisdb
+from emp_tasks.store.models import Event, Step, WebhookDelivery, Workflow
 from emp_tasks.supervisor import ProcessGroup
+from emp_tasks.webhooks import delivery
 
 API_KEY = "bench-key"
 PROCESSES = ["web", "worker", "webhooks", "relay"]

@@ -20,7 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import redis
 
-from emp_tasks import db, embedded
+from emp_tasks import embedded
+from emp_tasks.store import db
 
 REDIS_LOCK = "emp:scratch-lock"
 LOCK_TTL_S = 6 * 3600

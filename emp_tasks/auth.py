@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from emp_tasks import db
-from emp_tasks.config import get_settings
-from emp_tasks.errors import Forbidden
-from emp_tasks.ids import new_id
-from emp_tasks.models import ApiKey
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.errors import Forbidden
+from emp_tasks.core.ids import new_id
+from emp_tasks.store import db
+from emp_tasks.store.models import ApiKey
 
 KEY_PREFIX = "emp_"
 CACHE_TTL_S = 30.0

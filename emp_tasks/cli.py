@@ -11,16 +11,25 @@ from typing import Any
 
 import click
 
-from emp_tasks import embedded
-from emp_tasks.config import Settings
-from emp_tasks.status import TERMINAL_STEP_STATUSES
+from emp_tasks import auth, embedded
+from emp_tasks import relay as outbox_relay
+from emp_tasks.core import signing
+from emp_tasks.core.config import ConfigError, Settings
+from emp_tasks.core.events import STREAM
+from emp_tasks.core.status import TERMINAL_STEP_STATUSES
+from emp_tasks.routes import capabilities
+from emp_tasks.store import db as database
+from emp_tasks.store import logs, redisdb
+from emp_tasks.supervisor import ProcessGroup
+from emp_tasks.webhooks import delivery
+from emp_tasks.worker import launcher, presence
+from emp_tasks.worker import tasks as worker_tasks
 
 DEV_KEY = "emp-dev-key"
 DEV_KEYS = f"{DEV_KEY}:local:admin"
 
 
 def _setup_logging() -> None:
-    from emp_tasks import logs
 
     logs.configure(os.environ.get("EMP_LOG_LEVEL", "INFO").upper())
 
@@ -37,8 +46,6 @@ def main() -> None:
 @click.option("--keep-services", is_flag=True, help="Leave embedded Redis/PostgreSQL running.")
 def run(keep_services: bool) -> None:
     """Run everything in the Procfile (API, worker, relay) on embedded defaults."""
-    from emp_tasks import db
-    from emp_tasks.supervisor import ProcessGroup
 
     _setup_logging()
     started_embedded = Settings.from_env().embedded
@@ -46,11 +53,9 @@ def run(keep_services: bool) -> None:
     # so that every child process below finds them instead of starting its own.
     settings = embedded.bootstrap()
     if not started_embedded:
-        db.upgrade(settings.database_url)
+        database.upgrade(settings.database_url)
     env = dict(os.environ)
     if not env.get("EMP_WEBHOOK_SECRET"):
-        from emp_tasks import signing
-
         env["EMP_WEBHOOK_SECRET"] = signing.new_secret()
         click.echo("No EMP_WEBHOOK_SECRET set: per-resource webhooks are signed with")
         click.echo(f"  {env['EMP_WEBHOOK_SECRET']}")
@@ -106,6 +111,7 @@ def api() -> None:
             self.cfg.set("accesslog", None)
 
         def load(self):
+            # The web layer (Flask and every route) is loaded only by the process serving it.
             from web import create_app
 
             return create_app(settings)
@@ -135,8 +141,6 @@ def api() -> None:
 )
 def worker(pool: str, concurrency: int | None, services: str | None, gpus: str | None) -> None:
     """Run a Celery worker that executes steps through connectors."""
-    from emp_tasks import capabilities, launcher, presence
-    from emp_tasks.config import ConfigError
 
     if services:
         os.environ["EMP_WORKER_SERVICES"] = services
@@ -162,7 +166,6 @@ def worker(pool: str, concurrency: int | None, services: str | None, gpus: str |
         )
     workers_at_once = concurrency or settings.worker_concurrency
     presence.install(caps, pool, workers_at_once)
-    from emp_tasks import worker_tasks
 
     worker_tasks.app.worker_main(
         [
@@ -186,7 +189,6 @@ def worker(pool: str, concurrency: int | None, services: str | None, gpus: str |
 @main.command()
 def relay() -> None:
     """Publish outbox events the fast path missed (the crash path), forever."""
-    from emp_tasks import relay as outbox_relay
 
     _setup_logging()
     embedded.bootstrap()
@@ -196,7 +198,6 @@ def relay() -> None:
 @main.command()
 def webhooks() -> None:
     """Deliver webhooks: consume the event stream, send, retry (run one or more)."""
-    from emp_tasks import delivery
 
     _setup_logging()
     embedded.bootstrap()
@@ -215,7 +216,6 @@ def db() -> None:
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
-    from emp_tasks import db as database
 
     database.upgrade(embedded.bootstrap().database_url, revision)
     click.echo(f"database at {revision}")
@@ -232,7 +232,6 @@ def keys() -> None:
 @click.option("--name", default=None, help="A label for the key.")
 def keys_create(customer: str, admin: bool, name: str | None) -> None:
     """Create a key; it is printed once and only its hash is stored."""
-    from emp_tasks import auth
 
     embedded.bootstrap()
     raw, row = auth.create_key(customer, admin=admin, name=name)
@@ -310,8 +309,6 @@ def events() -> None:
 @click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
 def events_tail(from_start: bool, step_id: str | None, count: int) -> None:
     """Print events as they are published, one JSON envelope a line."""
-    from emp_tasks import redisdb
-    from emp_tasks.events import STREAM
 
     client = redisdb.client(embedded.bootstrap().redis_url)
     last = "0-0" if from_start else "$"

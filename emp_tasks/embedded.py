@@ -25,8 +25,8 @@ from pathlib import Path
 
 import redis
 
-from emp_tasks import db
-from emp_tasks.config import Settings, get_settings, reset_settings
+from emp_tasks.core.config import Settings, get_settings, reset_settings
+from emp_tasks.store import db
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from emp_tasks import redisdb
 from emp_tasks.auth import Principal
-from emp_tasks.events import CHANNEL, STREAM
+from emp_tasks.core.events import CHANNEL, STREAM
+from emp_tasks.store import redisdb
 
 logger = logging.getLogger(__name__)
 

@@ -51,12 +51,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, queues, redisdb
 from emp_tasks.auth import Principal
-from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import StepRun
-from emp_tasks.models import Event, Step, WebhookDelivery, Worker, Workflow
-from emp_tasks.status import DeliveryStatus, StepStatus, WorkerStatus, WorkflowStatus
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.status import DeliveryStatus, StepStatus, WorkerStatus, WorkflowStatus
+from emp_tasks.routes import queues
+from emp_tasks.store import db, redisdb
+from emp_tasks.store.models import Event, Step, WebhookDelivery, Worker, Workflow
 
 logger = logging.getLogger(__name__)
 

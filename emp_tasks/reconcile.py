@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from emp_tasks import dispatch, steps, workers
+from emp_tasks import workers
+from emp_tasks.steps import commands as steps
+from emp_tasks.store import dispatch
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The relay process: the outbox's crash path, and periodic recovery.
 
 The fast path publishes a transaction's events right after it commits
-(emp_tasks.outbox). The sweeper here (`sweep`, run by the `relay` process)
+(emp_tasks.store.outbox). The sweeper here (`sweep`, run by the `relay` process)
 publishes whatever a dead or failed fast path left behind, through the same
 `outbox.publish_aggregates`, so events keep their commit order whichever path
 publishes them. The relay also records the broker epoch at start and runs
@@ -15,9 +15,10 @@ import time
 
 from sqlalchemy import func, select
 
-from emp_tasks import db, dispatch, outbox, reconcile
-from emp_tasks.config import get_settings
-from emp_tasks.models import Event
+from emp_tasks import reconcile
+from emp_tasks.core.config import get_settings
+from emp_tasks.store import db, dispatch, outbox
+from emp_tasks.store.models import Event
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pydantic import (
     model_validator,
 )
 
-from emp_tasks.events import EventType
-from emp_tasks.status import DeliveryStatus, StepStatus, WorkerStatus, WorkflowStatus
+from emp_tasks.core.events import EventType
+from emp_tasks.core.status import DeliveryStatus, StepStatus, WorkerStatus, WorkflowStatus
 
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 MAX_NAME = 200

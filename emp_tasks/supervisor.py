@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from emp_tasks.db import ROOT
+from emp_tasks.store.db import ROOT
 
 PROCFILE = ROOT / "Procfile"
 

@@ -21,13 +21,17 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from emp_tasks import __version__, db, outbox, queues, steps, transitions
-from emp_tasks.capabilities import Capabilities
-from emp_tasks.errors import InvalidState, NotFound
-from emp_tasks.events import EventType
-from emp_tasks.models import Machine, Step, Worker
-from emp_tasks.status import ACTIVE_STEP_STATUSES, LIVE_WORKER_STATUSES, WorkerStatus
-from emp_tasks.times import iso, now
+from emp_tasks import __version__
+from emp_tasks.core.errors import InvalidState, NotFound
+from emp_tasks.core.events import EventType
+from emp_tasks.core.status import ACTIVE_STEP_STATUSES, LIVE_WORKER_STATUSES, WorkerStatus
+from emp_tasks.core.times import iso, now
+from emp_tasks.routes import queues
+from emp_tasks.routes.capabilities import Capabilities
+from emp_tasks.steps import commands as steps
+from emp_tasks.steps import transitions
+from emp_tasks.store import db, outbox
+from emp_tasks.store.models import Machine, Step, Worker
 
 logger = logging.getLogger(__name__)
 

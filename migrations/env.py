@@ -3,8 +3,9 @@
 from alembic import context
 from sqlalchemy import text
 
-from emp_tasks import db, embedded
-from emp_tasks.models import Base
+from emp_tasks import embedded
+from emp_tasks.store import db
+from emp_tasks.store.models import Base
 
 MIGRATION_LOCK_ID = 0x454D50  # any constant shared by every migrating process
 

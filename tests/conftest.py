@@ -23,9 +23,11 @@ import requests
 from sqlalchemy import select
 
 from bench import scratch
-from emp_tasks import config, redisdb, workers
-from emp_tasks.db import ROOT
-from emp_tasks.events import STREAM
+from emp_tasks import workers
+from emp_tasks.core import config
+from emp_tasks.core.events import STREAM
+from emp_tasks.store import redisdb
+from emp_tasks.store.db import ROOT
 
 ARTIFACTS = ROOT / "test-artifacts"
 KEYS = {
@@ -208,8 +210,8 @@ def start_worker(services, system) -> Iterator[Callable[..., RunningSystem]]:
 
 
 def worker_status(worker_id: str) -> str | None:
-    from emp_tasks import db
-    from emp_tasks.models import Worker
+    from emp_tasks.store import db
+    from emp_tasks.store.models import Worker
 
     with db.transaction() as session:
         return session.scalar(select(Worker.status).where(Worker.id == worker_id))

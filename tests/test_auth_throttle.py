@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from emp_tasks import auth, ratelimit
+from emp_tasks import auth
+from emp_tasks.store import ratelimit
 from tests.conftest import KEYS, headers, wait_for
 from tests.test_steps_api import assert_error
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from emp_tasks import capabilities, routing
-from emp_tasks.capabilities import Capabilities
-from emp_tasks.config import ConfigError
-from emp_tasks.queues import warnings_for
+from emp_tasks.core.config import ConfigError
+from emp_tasks.routes import capabilities, routing
+from emp_tasks.routes.capabilities import Capabilities
+from emp_tasks.routes.queues import warnings_for
 
 FAKE_GPUS = "0, NVIDIA GeForce RTX 4090, 24564\n1, NVIDIA RTX A4000, 16376\n"
 

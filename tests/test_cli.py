@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from emp_tasks.db import ROOT
+from emp_tasks.store.db import ROOT
 from tests.conftest import ARTIFACTS, KEYS, free_port, headers, process_env, wait_for
 
 

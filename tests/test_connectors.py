@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import requests
 
-from emp_tasks.config import ConfigError
 from emp_tasks.connectors import comfyui
 from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted, StepRun
 from emp_tasks.connectors.comfyui import ComfyUIConnector
 from emp_tasks.connectors.http import HttpConnector
+from emp_tasks.core.config import ConfigError
 from tests.conftest import (
     ARTIFACTS,
     LEASE_S,

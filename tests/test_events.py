@@ -6,9 +6,10 @@ import json
 
 from sqlalchemy import select
 
-from emp_tasks import db, redisdb, relay
-from emp_tasks.events import CHANNEL
-from emp_tasks.models import Event
+from emp_tasks import relay
+from emp_tasks.core.events import CHANNEL
+from emp_tasks.store import db, redisdb
+from emp_tasks.store.models import Event
 from tests.conftest import headers, stream_events, wait_for, wait_for_status
 from tests.test_steps_api import UNSERVED
 

@@ -12,8 +12,8 @@ from collections import Counter
 
 from sqlalchemy import select
 
-from emp_tasks import db
-from emp_tasks.models import Attempt
+from emp_tasks.store import db
+from emp_tasks.store.models import Attempt
 from tests.conftest import (
     headers,
     kill_9,

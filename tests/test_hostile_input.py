@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from emp_tasks import db
+from emp_tasks.store import db
 from tests.conftest import headers, wait_for_status
 from web.inbound import MAX_JSON_DEPTH
 

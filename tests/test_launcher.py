@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from emp_tasks.broker import app
-from emp_tasks.db import ROOT
-from emp_tasks.launcher import child_env
+from emp_tasks.store.broker import app
+from emp_tasks.store.db import ROOT
+from emp_tasks.worker.launcher import child_env
 from tests.conftest import (
     ARTIFACTS,
     LEASE_S,

@@ -13,8 +13,9 @@ from datetime import datetime
 from sqlalchemy import select
 
 from bench import scratch
-from emp_tasks import db, dispatch, redisdb, routing
-from emp_tasks.models import Attempt, Step
+from emp_tasks.core.priority import broker_priority
+from emp_tasks.store import db, dispatch, redisdb
+from emp_tasks.store.models import Attempt, Step
 from tests.conftest import (
     headers,
     kill_9,
@@ -189,17 +190,17 @@ def test_running_step_stops_within_two_seconds_and_frees_its_worker(client, star
 
 
 def test_broker_priority_mapping_inverts_and_spans_ten_levels():
-    assert routing.broker_priority(100) == 0
-    assert routing.broker_priority(0) == 9
-    assert routing.broker_priority(90) < routing.broker_priority(50) < routing.broker_priority(10)
-    assert sorted({routing.broker_priority(p) for p in range(101)}) == list(range(10))
+    assert broker_priority(100) == 0
+    assert broker_priority(0) == 9
+    assert broker_priority(90) < broker_priority(50) < broker_priority(10)
+    assert sorted({broker_priority(p) for p in range(101)}) == list(range(10))
 
 
 def test_workflow_continuation_is_queued_one_level_above_its_priority():
     for priority in (0, 10, 50, 89):
-        plain = routing.broker_priority(priority)
-        assert routing.broker_priority(priority, continuation=True) == plain - 1
-    assert routing.broker_priority(100, continuation=True) == 0
+        plain = broker_priority(priority)
+        assert broker_priority(priority, continuation=True) == plain - 1
+    assert broker_priority(100, continuation=True) == 0
 
 
 def test_higher_priority_runs_first_over_a_backlog(client, start_worker):
@@ -247,7 +248,7 @@ def test_killed_worker_step_completes_on_another_worker_exactly_once(client, sta
 
 
 def test_late_result_of_a_superseded_attempt_is_ignored(client, start_worker):
-    from emp_tasks import steps
+    from emp_tasks.steps import commands as steps
 
     doomed = start_worker("late-sim", "late-doomed")
     step_id = submit(client, "late-sim", {"duration_s": 30})

@@ -11,8 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from sqlalchemy import func, select
 
-from emp_tasks import db, metrics, redisdb
-from emp_tasks.models import Step
+from emp_tasks import metrics
+from emp_tasks.store import db, redisdb
+from emp_tasks.store.models import Step
 from tests import test_webhooks
 from tests.conftest import (
     ARTIFACTS,

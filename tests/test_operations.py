@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from emp_tasks import redisdb
+from emp_tasks.store import redisdb
 from tests.conftest import headers, wait_for
 
 

@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from emp_tasks import db, logs, signing
-from emp_tasks.ids import new_id
-from emp_tasks.models import Step, WebhookEndpoint
+from emp_tasks.core import signing
+from emp_tasks.core.ids import new_id
+from emp_tasks.store import db, logs
+from emp_tasks.store.models import Step, WebhookEndpoint
 from tests.conftest import WEBHOOK_SECRET, headers
 
 PAYLOAD = "customer-private-prompt-4f9c1e"
@@ -52,7 +53,9 @@ def test_failed_webhook_insert_logs_neither_its_secret_nor_its_headers(
     created = client.post("/api/webhooks", json=body, headers=headers())
     assert created.status_code == 201, created.get_json()
     # The next endpoint gets the same primary key: a UniqueViolation inside the request.
-    monkeypatch.setattr("emp_tasks.webhooks.new_id", lambda: created.get_json()["webhook"]["id"])
+    monkeypatch.setattr(
+        "emp_tasks.webhooks.endpoints.new_id", lambda: created.get_json()["webhook"]["id"]
+    )
 
     response = client.post("/api/webhooks", json=body, headers=headers())
 

@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from sqlalchemy import delete, select, text
 
-from emp_tasks import db, delivery, targets
-from emp_tasks.models import WebhookEndpoint
-from emp_tasks.status import DeliveryStatus
+from emp_tasks.core.status import DeliveryStatus
+from emp_tasks.store import db
+from emp_tasks.store.models import WebhookEndpoint
+from emp_tasks.webhooks import delivery, targets
 from tests.conftest import WEBHOOK_SECRET, free_port, headers
 from tests.receiver import Receiver
 from tests.test_steps_api import assert_error

@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from emp_tasks import delivery, redisdb
-from emp_tasks.events import STREAM
+from emp_tasks.core.events import STREAM
+from emp_tasks.store import redisdb
+from emp_tasks.webhooks import delivery
 from tests.conftest import (
     ARTIFACTS,
     WEBHOOK_SECRET,

@@ -21,9 +21,10 @@ import pytest
 import requests
 import simple_websocket
 
-from emp_tasks import auth, redisdb
-from emp_tasks.config import Settings
-from emp_tasks.events import CHANNEL
+from emp_tasks import auth
+from emp_tasks.core.config import Settings
+from emp_tasks.core.events import CHANNEL
+from emp_tasks.store import redisdb
 from tests.conftest import (
     KEYS,
     headers,

@@ -14,8 +14,9 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
-from emp_tasks import auth, ratelimit
-from emp_tasks.config import get_settings
+from emp_tasks import auth
+from emp_tasks.core.config import get_settings
+from emp_tasks.store import ratelimit
 from web import inbound
 from web.errors import ApiError, invalid, validation_details
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from emp_tasks.errors import Forbidden, InvalidCursor, InvalidState, NotFound, ValidationFailed
+from emp_tasks.core.errors import Forbidden, InvalidCursor, InvalidState, NotFound, ValidationFailed
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from emp_tasks import queues, workers
+from emp_tasks import workers
 from emp_tasks.auth import Principal
+from emp_tasks.routes import queues
 from emp_tasks.specs import DrainRequest, QueueListQuery, WorkerListQuery
 from web.endpoints import endpoint, ok
 

@@ -11,8 +11,9 @@ import redis
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
-from emp_tasks import API_VERSION, __version__, db, redisdb, workers
-from emp_tasks.config import get_settings
+from emp_tasks import API_VERSION, __version__, workers
+from emp_tasks.core.config import get_settings
+from emp_tasks.store import db, redisdb
 from web import openapi
 from web.endpoints import endpoint, ok
 

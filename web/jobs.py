@@ -7,11 +7,11 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from emp_tasks import steps
 from emp_tasks.auth import Principal
-from emp_tasks.models import Step
+from emp_tasks.core.status import StepStatus
 from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
-from emp_tasks.status import StepStatus
+from emp_tasks.steps import commands as steps
+from emp_tasks.store.models import Step
 from web.endpoints import endpoint, ok
 from web.steps import submit
 

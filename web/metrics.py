@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from emp_tasks import metrics
-from emp_tasks.config import get_settings
+from emp_tasks.core.config import get_settings
 from web.endpoints import endpoint, presented_key, throttled_authenticate
 from web.errors import ApiError
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
 from emp_tasks import __version__
+from web.endpoints import ROUTES, Route
 from web.inbound import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY, MAX_JSON_DEPTH
-
-if TYPE_CHECKING:
-    from web.endpoints import Route
 
 REF = "#/components/schemas/{model}"
 
@@ -174,8 +172,6 @@ def _success(route: Route) -> dict[str, Any]:
 
 @cache
 def document() -> dict[str, Any]:
-    from web.endpoints import ROUTES
-
     components: dict[str, Any] = {"Error": ERROR_SCHEMA}
     paths: dict[str, Any] = {}
     for route in ROUTES:

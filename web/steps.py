@@ -1,12 +1,13 @@
-"""Steps API routes: parse, authorise, call emp_tasks.steps, serialise."""
+"""Steps API routes: parse, authorise, call emp_tasks.steps.commands, serialise."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
-from emp_tasks import queues, steps
 from emp_tasks.auth import Principal
+from emp_tasks.routes import queues
 from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
+from emp_tasks.steps import commands as steps
 from web.endpoints import endpoint, idempotency_key, ok
 
 bp = Blueprint("steps", __name__)

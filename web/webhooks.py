@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from emp_tasks import delivery, webhooks
 from emp_tasks.auth import Principal
 from emp_tasks.specs import DeliveryListQuery, WebhookCreate, WebhookUpdate
+from emp_tasks.webhooks import delivery
+from emp_tasks.webhooks import endpoints as webhooks
 from web.endpoints import endpoint, ok
 
 bp = Blueprint("webhooks", __name__)

@@ -1,12 +1,12 @@
-"""Workflows API routes: parse, authorise, call emp_tasks.workflows, serialise."""
+"""Workflows API routes: parse, authorise, call emp_tasks.steps.workflows, serialise."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
-from emp_tasks import workflows
 from emp_tasks.auth import Principal
 from emp_tasks.specs import CancelRequest, StatsQuery, WorkflowCreate, WorkflowListQuery
+from emp_tasks.steps import workflows
 from web.endpoints import endpoint, idempotency_key, ok
 
 bp = Blueprint("workflows", __name__)

@@ -40,8 +40,10 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from wsproto.events import BytesMessage, Event, TextMessage
 
-from emp_tasks import auth, live, queues, steps, workers
-from emp_tasks.config import get_settings
+from emp_tasks import auth, live, workers
+from emp_tasks.core.config import get_settings
+from emp_tasks.routes import queues
+from emp_tasks.steps import commands as steps
 from web import inbound
 from web.endpoints import ROUTES, Route, presented_key, throttled_authenticate
 from web.errors import ApiError, error_response

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import threading
 
-from emp_tasks.config import ConnectorConfig, get_settings
 from emp_tasks.connectors.base import Connector
 from emp_tasks.connectors.comfyui import ComfyUIConnector
 from emp_tasks.connectors.http import HttpConnector
 from emp_tasks.connectors.simulation import SimulationConnector
+from emp_tasks.core.config import ConnectorConfig, get_settings
 
 KINDS: dict[str, type] = {
     "simulation": SimulationConnector,

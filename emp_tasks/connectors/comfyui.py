@@ -26,7 +26,6 @@ from urllib.parse import urlencode
 import requests
 import simple_websocket
 
-from emp_tasks.config import ConfigError
 from emp_tasks.connectors.base import (
     FailureType,
     ProgressReporter,
@@ -43,6 +42,7 @@ from emp_tasks.connectors.remote import (
     status_failure,
     transport_failure,
 )
+from emp_tasks.core.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

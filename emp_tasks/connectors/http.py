@@ -18,7 +18,6 @@ from urllib.parse import quote
 
 import requests
 
-from emp_tasks.config import ConfigError
 from emp_tasks.connectors.base import (
     FailureType,
     ProgressReporter,
@@ -34,6 +33,7 @@ from emp_tasks.connectors.remote import (
     status_failure,
     transport_failure,
 )
+from emp_tasks.core.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

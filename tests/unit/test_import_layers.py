@@ -22,11 +22,11 @@ SERVICE_URLS = {
 }
 
 WORKER_CODE = {
-    "emp_tasks.worker_tasks",
-    "emp_tasks.execution",
-    "emp_tasks.steps",
-    "emp_tasks.presence",
-    "emp_tasks.leases",
+    "emp_tasks.worker.tasks",
+    "emp_tasks.worker.execution",
+    "emp_tasks.steps.commands",
+    "emp_tasks.worker.presence",
+    "emp_tasks.worker.leases",
 }
 
 
@@ -49,20 +49,22 @@ def modules_loaded_by(statement: str) -> set[str]:
 
 
 def test_event_names_and_envelope_load_no_store_relay_or_worker():
-    loaded = modules_loaded_by("import emp_tasks.events")
+    loaded = modules_loaded_by("import emp_tasks.core.events")
     store_and_processes = WORKER_CODE | {
-        "emp_tasks.outbox",
+        "emp_tasks.store.outbox",
         "emp_tasks.relay",
-        "emp_tasks.dispatch",
-        "emp_tasks.broker",
-        "emp_tasks.db",
-        "emp_tasks.models",
-        "emp_tasks.redisdb",
+        "emp_tasks.store.dispatch",
+        "emp_tasks.store.broker",
+        "emp_tasks.store.db",
+        "emp_tasks.store.models",
+        "emp_tasks.store.redisdb",
     }
     assert not loaded & store_and_processes, sorted(loaded & store_and_processes)
 
 
-@pytest.mark.parametrize("module", ["emp_tasks.outbox", "emp_tasks.dispatch", "emp_tasks.broker"])
+@pytest.mark.parametrize(
+    "module", ["emp_tasks.store.outbox", "emp_tasks.store.dispatch", "emp_tasks.store.broker"]
+)
 def test_recording_publishing_and_sending_load_no_worker_code(module):
     loaded = modules_loaded_by(f"import {module}")
     assert module in loaded
@@ -71,20 +73,24 @@ def test_recording_publishing_and_sending_load_no_worker_code(module):
 
 
 def test_broker_is_a_leaf():
-    assert modules_loaded_by("import emp_tasks.broker") == {"emp_tasks", "emp_tasks.broker"}
+    assert modules_loaded_by("import emp_tasks.store.broker") == {
+        "emp_tasks",
+        "emp_tasks.store",
+        "emp_tasks.store.broker",
+    }
 
 
 def test_the_worker_task_module_registers_the_step_task_on_the_broker_app():
     loaded = modules_loaded_by(
-        "import emp_tasks.worker_tasks\n"
-        "from emp_tasks.broker import RUN_STEP, app\n"
+        "import emp_tasks.worker.tasks\n"
+        "from emp_tasks.store.broker import RUN_STEP, app\n"
         "assert RUN_STEP in app.tasks, sorted(app.tasks)"
     )
-    assert "emp_tasks.worker_tasks" in loaded
+    assert "emp_tasks.worker.tasks" in loaded
 
 
 def test_every_worker_of_the_broker_app_includes_the_task_module():
     modules_loaded_by(
-        "from emp_tasks.broker import app\n"
-        "assert 'emp_tasks.worker_tasks' in app.conf.include, app.conf.include"
+        "from emp_tasks.store.broker import app\n"
+        "assert 'emp_tasks.worker.tasks' in app.conf.include, app.conf.include"
     )

@@ -1,4 +1,4 @@
-"""The redaction rule of emp_tasks.logs: what a log line may not carry."""
+"""The redaction rule of emp_tasks.store.logs: what a log line may not carry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from emp_tasks import config, logs
+from emp_tasks.core import config
+from emp_tasks.store import logs
 
 STORED_KEY = "emp_" + "Zq3xV9kLmP2rT8wYb4nC6dF1gH5jK7sA0eUiOo-_Rt"
 

@@ -1,4 +1,4 @@
-"""Reading the configuration (emp_tasks.config) only parses it: no services, no side effects."""
+"""Reading the configuration (emp_tasks.core.config) only parses it: no side effects."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from emp_tasks import config
-from emp_tasks.config import Settings, get_settings
-from emp_tasks.db import ROOT
+from emp_tasks.core import config
+from emp_tasks.core.config import Settings, get_settings
+from emp_tasks.store.db import ROOT
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_get_settings_without_urls_starts_nothing_and_imports_no_embedded_module
     env["EMP_DATA_DIR"] = str(data_dir)
     script = (
         "import sys\n"
-        "import emp_tasks.config as c\n"
+        "import emp_tasks.core.config as c\n"
         "s = c.get_settings()\n"
         "assert s.redis_url is None and s.database_url is None, s\n"
         "assert 'emp_tasks.embedded' not in sys.modules\n"
@@ -48,7 +48,7 @@ def test_get_settings_without_urls_starts_nothing_and_imports_no_embedded_module
 
 
 def test_config_never_imports_the_embedded_servers():
-    tree = ast.parse((ROOT / "emp_tasks" / "config.py").read_text())
+    tree = ast.parse((ROOT / "emp_tasks" / "core" / "config.py").read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -7,11 +7,9 @@ import itertools
 import pytest
 from sqlalchemy.dialects import postgresql
 
-from emp_tasks import transitions
-from emp_tasks.errors import InvalidState
-from emp_tasks.events import EventType
-from emp_tasks.models import Step, WebhookDelivery, Worker, Workflow
-from emp_tasks.status import (
+from emp_tasks.core.errors import InvalidState
+from emp_tasks.core.events import EventType
+from emp_tasks.core.status import (
     ACTIVE_STEP_STATUSES,
     CLIENT_RETRYABLE_STEP_STATUSES,
     FINISHED_DELIVERY_STATUSES,
@@ -29,6 +27,8 @@ from emp_tasks.status import (
     WorkflowStatus,
     step_may_become,
 )
+from emp_tasks.steps import transitions
+from emp_tasks.store.models import Step, WebhookDelivery, Worker, Workflow
 
 S = StepStatus
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from emp_tasks.config import ConfigError
+from emp_tasks.core.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The step lifecycle's commands: what clients, workers and the recovery loop ask of a step.
 
-Each command changes the step through emp_tasks.transitions (the transition
-table is emp_tasks.status), and a command that finishes a workflow's step then
-advances its workflow (emp_tasks.workflows). Worker-side changes are fenced by
+Each command changes the step through emp_tasks.steps.transitions (the transition
+table is emp_tasks.core.status), and a command that finishes a workflow's step then
+advances its workflow (emp_tasks.steps.workflows). Worker-side changes are fenced by
 the attempt number: a call for an attempt that is no longer the step's current
 one changes nothing, so a superseded worker's late result or progress is ignored.
 """
@@ -18,33 +18,26 @@ from typing import Any
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from emp_tasks import (
-    db,
-    dispatch,
-    idempotency,
-    outbox,
-    queues,
-    routing,
-    transitions,
-    webhooks,
-    workflows,
-)
 from emp_tasks.auth import Principal
-from emp_tasks.capabilities import Capabilities
-from emp_tasks.config import get_settings
 from emp_tasks.connectors.base import StepRun
-from emp_tasks.errors import InvalidState, NotFound
-from emp_tasks.events import EventType
-from emp_tasks.ids import decode_cursor
-from emp_tasks.models import Attempt, Step
-from emp_tasks.specs import StepCreate
-from emp_tasks.status import (
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.errors import InvalidState, NotFound
+from emp_tasks.core.events import EventType
+from emp_tasks.core.ids import decode_cursor
+from emp_tasks.core.status import (
     ACTIVE_STEP_STATUSES,
     CLIENT_RETRYABLE_STEP_STATUSES,
     UNFINISHED_STEP_STATUSES,
     StepStatus,
 )
-from emp_tasks.times import TIMEFRAMES, iso
+from emp_tasks.core.times import TIMEFRAMES, iso
+from emp_tasks.routes import queues, routing
+from emp_tasks.routes.capabilities import Capabilities
+from emp_tasks.specs import StepCreate
+from emp_tasks.steps import transitions, workflows
+from emp_tasks.store import db, dispatch, idempotency, outbox
+from emp_tasks.store.models import Attempt, Step
+from emp_tasks.webhooks import endpoints as webhooks
 
 logger = logging.getLogger(__name__)
 

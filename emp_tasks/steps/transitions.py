@@ -1,10 +1,10 @@
 """Step transitions: the one place a step's status changes, with its event, in one transaction.
 
-`apply` checks the transition table (emp_tasks.status), updates the row and
+`apply` checks the transition table (emp_tasks.core.status), updates the row and
 records the event in the caller's transaction; `emit` records an event that
 keeps the status (progress). The transitions a workflow drives (`release`,
-`skip`, `cancel`) are here too, shared by the step commands (emp_tasks.steps)
-and the workflow DAG (emp_tasks.workflows).
+`skip`, `cancel`) are here too, shared by the step commands (emp_tasks.steps.commands)
+and the workflow DAG (emp_tasks.steps.workflows).
 
 This layer knows nothing of workflows: a transition never advances one. The
 commands in `steps` call `workflows` after a step finishes, and `workflows`
@@ -19,14 +19,16 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from emp_tasks import dispatch, events, outbox, queues, routing
-from emp_tasks.errors import InvalidState
-from emp_tasks.events import EventType
-from emp_tasks.ids import new_id
-from emp_tasks.models import Attempt, Step, Workflow
+from emp_tasks.core import events
+from emp_tasks.core.errors import InvalidState
+from emp_tasks.core.events import EventType
+from emp_tasks.core.ids import new_id
+from emp_tasks.core.status import ACTIVE_STEP_STATUSES, StepStatus, step_may_become
+from emp_tasks.core.times import iso, now
+from emp_tasks.routes import queues, routing
 from emp_tasks.specs import StepCreate
-from emp_tasks.status import ACTIVE_STEP_STATUSES, StepStatus, step_may_become
-from emp_tasks.times import iso, now
+from emp_tasks.store import dispatch, outbox
+from emp_tasks.store.models import Attempt, Step, Workflow
 
 S = StepStatus
 

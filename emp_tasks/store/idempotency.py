@@ -9,9 +9,9 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from emp_tasks import db
-from emp_tasks.errors import InvalidState
-from emp_tasks.models import IdempotencyKey
+from emp_tasks.core.errors import InvalidState
+from emp_tasks.store import db
+from emp_tasks.store.models import IdempotencyKey
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ import time
 
 import redis
 
-from emp_tasks import redisdb
+from emp_tasks.store import redisdb
 
 logger = logging.getLogger(__name__)
 

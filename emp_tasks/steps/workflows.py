@@ -7,7 +7,7 @@ dependencies are applied one after another: each decrements its dependents'
 therefore starts as soon as its own dependencies are done, never waits on one it
 does not depend on, and is queued exactly once even if workers die mid-fan-in.
 
-Ready steps are sent as Celery tasks through the outbox (emp_tasks.dispatch),
+Ready steps are sent as Celery tasks through the outbox (emp_tasks.store.dispatch),
 like any step. Celery's chord and chain would keep the same progress in Redis
 (a chord's counter, a chain's next message sent by the finishing worker), which
 is lost with a worker or a flushed Redis; here the database is the only counter.
@@ -25,22 +25,24 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, idempotency, outbox, transitions, webhooks
 from emp_tasks.auth import Principal
-from emp_tasks.config import get_settings
-from emp_tasks.errors import InvalidState, NotFound, ValidationFailed
-from emp_tasks.events import EventType
-from emp_tasks.ids import decode_cursor, new_id
-from emp_tasks.models import Step, Workflow
-from emp_tasks.specs import WorkflowCreate
-from emp_tasks.status import (
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.errors import InvalidState, NotFound, ValidationFailed
+from emp_tasks.core.events import EventType
+from emp_tasks.core.ids import decode_cursor, new_id
+from emp_tasks.core.status import (
     NOT_STARTED_STEP_STATUSES,
     TERMINAL_WORKFLOW_STATUSES,
     UNFINISHED_STEP_STATUSES,
     StepStatus,
     WorkflowStatus,
 )
-from emp_tasks.times import TIMEFRAMES, iso
+from emp_tasks.core.times import TIMEFRAMES, iso
+from emp_tasks.specs import WorkflowCreate
+from emp_tasks.steps import transitions
+from emp_tasks.store import db, idempotency, outbox
+from emp_tasks.store.models import Step, Workflow
+from emp_tasks.webhooks import endpoints as webhooks
 
 logger = logging.getLogger(__name__)
 

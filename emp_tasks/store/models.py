@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from emp_tasks.status import (
+from emp_tasks.core.status import (
     ACTIVE_STEP_STATUSES,
     UNFINISHED_DELIVERY_STATUSES,
     DeliveryStatus,
@@ -343,7 +343,7 @@ class WebhookAttempt(Base):
 
 
 class Route(Base):
-    """A Celery queue and the requirements every step on it has (see emp_tasks.routing).
+    """A Celery queue and the requirements every step on it has (see emp_tasks.routes.routing).
 
     Workers read this table to decide which queues they can consume.
     """

@@ -15,6 +15,8 @@ import os
 import re
 import sys
 
+from emp_tasks.core import config
+
 _STANDARD = set(vars(logging.makeLogRecord({})))
 
 MASK = "[redacted]"
@@ -46,8 +48,6 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 def _configured_secrets() -> list[str]:
     """Secret values from the environment and the loaded settings, longest first."""
-    from emp_tasks import config
-
     values = [
         os.environ.get("EMP_WEBHOOK_SECRET", ""),
         os.environ.get("EMP_METRICS_TOKEN", ""),

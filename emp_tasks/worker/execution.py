@@ -13,9 +13,12 @@ import time
 import traceback
 from typing import Any
 
-from emp_tasks import connectors, dispatch, leases, metrics, presence, steps
-from emp_tasks.config import get_settings
+from emp_tasks import connectors, metrics
 from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted, StepRun
+from emp_tasks.core.config import get_settings
+from emp_tasks.steps import commands as steps
+from emp_tasks.store import dispatch
+from emp_tasks.worker import leases, presence
 
 logger = logging.getLogger(__name__)
 

@@ -16,17 +16,8 @@ this), `models` (all present on the worker for the step's service),
 customer), and any other key is a worker label that must be equal (or, when
 the worker's label is a list, contained in it).
 
-Priority is 0-100, higher first. Celery's Redis transport keeps one list per
-priority step and serves the lowest number first (across all of a worker's
-queues), so our priority is mapped onto ten broker levels with the order
-inverted: 91-100 -> 0, ..., 0-10 -> 9.
-
-Continuation rule: a step that continues a workflow already under way (it has
-dependencies, all done) is queued one broker level higher than its priority
-alone would give (never above level 0). Within a level the queue is FIFO, so
-without the boost a workflow's later steps would wait behind every step of the
-same priority submitted after the workflow began; with it, a started workflow
-finishes before equal-priority work that arrived later begins.
+How urgently a step's task is taken (priority levels, the continuation rule) is
+emp_tasks.core.priority.
 """
 
 from __future__ import annotations
@@ -36,9 +27,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from emp_tasks.capabilities import STRICT, Capabilities
+from emp_tasks.routes.capabilities import STRICT, Capabilities
 
-BROKER_PRIORITY_LEVELS = 10
 QUEUE_PREFIX = "emp"
 BUILTIN_REQUIREMENTS = ("gpu_memory_gb", "models", "customer_isolation")
 
@@ -107,10 +97,3 @@ def unmet(caps: Capabilities, route: Route) -> list[str]:
         if not matches:
             missing.append(f"label {key}={json.dumps(value)}")
     return missing
-
-
-def broker_priority(priority: int, continuation: bool = False) -> int:
-    """Map 0-100 (higher first) onto the broker's 0-9 (lower first)."""
-    level = min(BROKER_PRIORITY_LEVELS - 1, max(0, priority) * BROKER_PRIORITY_LEVELS // 101)
-    broker_level = BROKER_PRIORITY_LEVELS - 1 - level
-    return max(0, broker_level - 1) if continuation else broker_level

@@ -20,9 +20,10 @@ from typing import Any
 from celery import Signature, group
 from kombu import Exchange, Queue
 
-from emp_tasks import redisdb, routing
-from emp_tasks.broker import RUN_STEP, app
-from emp_tasks.config import get_settings
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.priority import broker_priority
+from emp_tasks.store import redisdb
+from emp_tasks.store.broker import RUN_STEP, app
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def spec(
     return {
         "step_id": step_id,
         "queue": queue,
-        "priority": routing.broker_priority(priority, continuation),
+        "priority": broker_priority(priority, continuation),
         "not_before": not_before.isoformat() if not_before else None,
     }
 

@@ -22,11 +22,13 @@ from typing import Any
 
 from celery import bootsteps
 
-from emp_tasks import connectors, db, queues, redisdb, routing, workers
-from emp_tasks.capabilities import Capabilities
-from emp_tasks.config import get_settings
-from emp_tasks.status import WorkerStatus
-from emp_tasks.times import iso, now
+from emp_tasks import connectors, workers
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.status import WorkerStatus
+from emp_tasks.core.times import iso, now
+from emp_tasks.routes import queues, routing
+from emp_tasks.routes.capabilities import Capabilities
+from emp_tasks.store import db, redisdb
 
 logger = logging.getLogger(__name__)
 

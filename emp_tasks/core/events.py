@@ -11,7 +11,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from emp_tasks.ids import new_id
+from emp_tasks.core.ids import new_id
 
 STREAM = "emp:events"
 CHANNEL = "emp:events"

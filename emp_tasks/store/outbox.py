@@ -5,7 +5,7 @@ event exists without a commit and no commit without its event. Committed events
 are published to the `emp:events` stream and channel in commit order per
 aggregate (`publish_aggregates`). Publishing an event that queues a step also
 sends the step's Celery task, so the task is as durable as the event (see
-emp_tasks.dispatch).
+emp_tasks.store.dispatch).
 
 Fast path: right after a transaction commits, its process publishes the events
 of the aggregates it touched (`publish_after_commit`). Crash path: the relay's
@@ -27,10 +27,10 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, dispatch, redisdb
-from emp_tasks.config import get_settings
-from emp_tasks.events import CHANNEL, STREAM, EventType, envelope
-from emp_tasks.models import Event
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.events import CHANNEL, STREAM, EventType, envelope
+from emp_tasks.store import db, dispatch, redisdb
+from emp_tasks.store.models import Event
 
 PENDING_AGGREGATES = "emp_pending_aggregates"
 
@@ -78,7 +78,7 @@ def record(
 ) -> dict[str, Any]:
     """Add the event to the outbox in the caller's transaction and return its envelope.
 
-    `dispatch` (see emp_tasks.dispatch.spec) makes the publisher send the step's task
+    `dispatch` (see emp_tasks.store.dispatch.spec) makes the publisher send the step's task
     when it publishes this event.
 
     The aggregate is remembered on the session so that the transaction's

@@ -37,15 +37,23 @@ from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, metrics, redisdb, signing, targets, webhooks
+from emp_tasks import metrics
 from emp_tasks.auth import Principal
-from emp_tasks.config import get_settings
-from emp_tasks.errors import InvalidState, NotFound
-from emp_tasks.events import STREAM
-from emp_tasks.ids import new_id
-from emp_tasks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from emp_tasks.status import FINISHED_DELIVERY_STATUSES, SCHEDULED_DELIVERY_STATUSES, DeliveryStatus
-from emp_tasks.times import iso
+from emp_tasks.core import signing
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.errors import InvalidState, NotFound
+from emp_tasks.core.events import STREAM
+from emp_tasks.core.ids import new_id
+from emp_tasks.core.status import (
+    FINISHED_DELIVERY_STATUSES,
+    SCHEDULED_DELIVERY_STATUSES,
+    DeliveryStatus,
+)
+from emp_tasks.core.times import iso
+from emp_tasks.store import db, redisdb
+from emp_tasks.store.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from emp_tasks.webhooks import endpoints as webhooks
+from emp_tasks.webhooks import targets
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 
-from emp_tasks.errors import InvalidCursor
+from emp_tasks.core.errors import InvalidCursor
 
 
 def new_id() -> str:

@@ -21,21 +21,23 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, redisdb, routing
 from emp_tasks.auth import Principal
-from emp_tasks.capabilities import Capabilities
-from emp_tasks.config import get_settings
-from emp_tasks.models import Route as RouteRow
-from emp_tasks.models import Step, Worker
-from emp_tasks.routing import Route
-from emp_tasks.status import (
+from emp_tasks.core import priority
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.status import (
     ACTIVE_STEP_STATUSES,
     LIVE_WORKER_STATUSES,
     NOT_STARTED_STEP_STATUSES,
     StepStatus,
     WorkerStatus,
 )
-from emp_tasks.times import iso
+from emp_tasks.core.times import iso
+from emp_tasks.routes import routing
+from emp_tasks.routes.capabilities import Capabilities
+from emp_tasks.routes.routing import Route
+from emp_tasks.store import db, redisdb
+from emp_tasks.store.models import Route as RouteRow
+from emp_tasks.store.models import Step, Worker
 
 FLEET_CHANNEL = "emp:fleet"
 """Pub/sub nudges to workers: a route was added, or a worker's status changed."""
@@ -185,7 +187,7 @@ def _broker_depths(names: list[str]) -> dict[str, int]:
         return {}
     client = redisdb.client(get_settings().broker_url)
     pipe = client.pipeline(transaction=False)
-    levels = range(routing.BROKER_PRIORITY_LEVELS)
+    levels = range(priority.BROKER_PRIORITY_LEVELS)
     for name in names:
         for level in levels:
             pipe.llen(f"{name}:{level}" if level else name)

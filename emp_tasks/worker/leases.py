@@ -13,8 +13,8 @@ import logging
 import threading
 import time
 
-from emp_tasks import steps
-from emp_tasks.config import get_settings
+from emp_tasks.core.config import get_settings
+from emp_tasks.steps import commands as steps
 
 logger = logging.getLogger(__name__)
 

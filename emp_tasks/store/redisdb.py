@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from emp_tasks.config import get_settings
+from emp_tasks.core.config import get_settings
 
 _clients: dict[str, redis.Redis] = {}
 

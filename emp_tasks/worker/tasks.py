@@ -3,7 +3,7 @@
 Importing this module registers `run_step` on the broker's app, connects the
 worker signals (fresh connections after fork, presence start and stop) and adds
 the presence consumer step; every worker loads it (`emp worker`, celeryconfig's
-`include`). Senders only need emp_tasks.broker.
+`include`). Senders only need emp_tasks.store.broker.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
-from emp_tasks import db, execution, presence, redisdb
-from emp_tasks.broker import RUN_STEP, app
+from emp_tasks.store import db, redisdb
+from emp_tasks.store.broker import RUN_STEP, app
+from emp_tasks.worker import execution, presence
 
 
 @app.task(

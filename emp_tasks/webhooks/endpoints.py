@@ -3,7 +3,7 @@
 A customer registers endpoints (event types or `*`, optional filters by service
 and workflow); steps and workflows may also name a `webhook_url` of their own.
 `targets_for(event)` answers, for one published event, every place it must go.
-Delivery itself (signing, sending, retries) is emp_tasks.delivery.
+Delivery itself (signing, sending, retries) is emp_tasks.webhooks.delivery.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from emp_tasks import db, signing, targets
 from emp_tasks.auth import Principal
-from emp_tasks.config import get_settings
-from emp_tasks.errors import NotFound, ValidationFailed
-from emp_tasks.events import legacy_name
-from emp_tasks.ids import new_id
-from emp_tasks.models import Step, WebhookEndpoint, Workflow
+from emp_tasks.core import signing
+from emp_tasks.core.config import get_settings
+from emp_tasks.core.errors import NotFound, ValidationFailed
+from emp_tasks.core.events import legacy_name
+from emp_tasks.core.ids import new_id
+from emp_tasks.core.times import iso
 from emp_tasks.specs import WebhookCreate, WebhookUpdate
-from emp_tasks.times import iso
+from emp_tasks.store import db
+from emp_tasks.store.models import Step, WebhookEndpoint, Workflow
+from emp_tasks.webhooks import targets
 
 TERMINAL_STEP_EVENTS = ("step_completed", "step_failed", "step_cancelled")
 TERMINAL_WORKFLOW_EVENTS = ("workflow_completed", "workflow_failed", "workflow_cancelled")

@@ -24,8 +24,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from emp_tasks import capabilities
-from emp_tasks.config import ConfigError, get_settings
+from emp_tasks.core.config import ConfigError, get_settings
+from emp_tasks.routes import capabilities
 
 logger = logging.getLogger(__name__)
 
