@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from emp_tasks.core.errors import StepError
+
 
 class FailureType(StrEnum):
     """Why an attempt failed; decides whether another attempt can help."""
@@ -49,13 +51,15 @@ class StepFailure(Exception):
         self.code = code
         self.retryable = self.type in RETRYABLE_BY_DEFAULT if retryable is None else retryable
 
-    def as_error(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "message": self.message,
-            "type": str(self.type),
-            "retryable": self.retryable,
-        }
+    def as_error(self, detail: str | None = None) -> StepError:
+        """The error the failed step carries; `detail`: a crashed connector's traceback."""
+        return StepError(
+            code=self.code,
+            message=self.message,
+            type=str(self.type),
+            retryable=self.retryable,
+            detail=detail,
+        )
 
 
 class StepInterrupted(Exception):

@@ -1,6 +1,13 @@
-"""Domain errors. Services raise these; the web layer turns them into API errors."""
+"""Errors. Services raise the domain errors; the web layer turns them into API errors.
+
+`StepError` is not raised: it is the error a failed step attempt carries, stored on
+the step and its attempt, sent in its events and webhooks and shown by the API.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 
 class DomainError(Exception):
@@ -38,3 +45,36 @@ class ValidationFailed(DomainError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+@dataclass(frozen=True)
+class StepError:
+    """Why a step attempt failed: `type` says what kind of failure, `retryable` whether
+    another attempt can help; `detail` (a traceback) only when a connector crashed."""
+
+    code: str
+    message: str
+    type: str
+    retryable: bool
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "type": self.type,
+            "retryable": self.retryable,
+        }
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return error
+
+    @classmethod
+    def from_json(cls, error: dict[str, Any]) -> StepError:
+        return cls(
+            code=error["code"],
+            message=error["message"],
+            type=error["type"],
+            retryable=error["retryable"],
+            detail=error.get("detail"),
+        )

@@ -1,13 +1,14 @@
 """Domain events: their names, the envelope, and where they are published.
 
 Pure: no I/O. Recording an event in the outbox and publishing it to the
-`emp:events` stream and channel is `emp_tasks.outbox`. Nothing else builds an
+`emp:events` stream and channel is `emp_tasks.store.outbox`. Nothing else builds an
 envelope.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -50,28 +51,89 @@ def step_aggregate(step_id: str) -> str:
     return f"step:{step_id}"
 
 
-def envelope(
-    event_type: EventType,
-    *,
-    data: dict[str, Any],
-    correlation_id: str | None = None,
-    step_id: str | None = None,
-    workflow_id: str | None = None,
-    machine_id: str | None = None,
-    worker_id: str | None = None,
-    customer_id: str | None = None,
-) -> dict[str, Any]:
-    """A new event's envelope: a fresh id and the current time in milliseconds."""
-    return {
-        "id": new_id(),
-        "type": str(event_type),
-        "version": ENVELOPE_VERSION,
-        "timestamp": time.time_ns() // 1_000_000,
-        "correlation_id": correlation_id,
-        "step_id": step_id,
-        "workflow_id": workflow_id,
-        "machine_id": machine_id,
-        "worker_id": worker_id,
-        "customer_id": customer_id,
-        "data": data,
-    }
+@dataclass(frozen=True)
+class Envelope:
+    """One event as it is stored in the outbox, published on `emp:events` and read back.
+
+    `to_json()` is the wire shape: every key below, `None` where the event has no
+    such subject. `stream_id` (and the publisher's `db`) are added beside it in
+    transit and are not part of the envelope.
+    """
+
+    id: str
+    type: str
+    timestamp: int
+    """Milliseconds since the epoch."""
+    data: dict[str, Any]
+    version: int = ENVELOPE_VERSION
+    correlation_id: str | None = None
+    step_id: str | None = None
+    workflow_id: str | None = None
+    machine_id: str | None = None
+    worker_id: str | None = None
+    customer_id: str | None = None
+
+    @classmethod
+    def new(
+        cls,
+        event_type: EventType,
+        *,
+        data: dict[str, Any],
+        correlation_id: str | None = None,
+        step_id: str | None = None,
+        workflow_id: str | None = None,
+        machine_id: str | None = None,
+        worker_id: str | None = None,
+        customer_id: str | None = None,
+    ) -> Envelope:
+        """A new event's envelope: a fresh id and the current time in milliseconds."""
+        return cls(
+            id=new_id(),
+            type=str(event_type),
+            timestamp=time.time_ns() // 1_000_000,
+            data=data,
+            correlation_id=correlation_id,
+            step_id=step_id,
+            workflow_id=workflow_id,
+            machine_id=machine_id,
+            worker_id=worker_id,
+            customer_id=customer_id,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "version": self.version,
+            "timestamp": self.timestamp,
+            "correlation_id": self.correlation_id,
+            "step_id": self.step_id,
+            "workflow_id": self.workflow_id,
+            "machine_id": self.machine_id,
+            "worker_id": self.worker_id,
+            "customer_id": self.customer_id,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_json(cls, event: dict[str, Any]) -> Envelope:
+        """An envelope read back from the outbox or the stream; keys added in transit
+        (`stream_id`, `db`) are ignored."""
+        return cls(
+            id=event["id"],
+            type=event["type"],
+            timestamp=event["timestamp"],
+            data=event["data"],
+            version=event.get("version", ENVELOPE_VERSION),
+            correlation_id=event.get("correlation_id"),
+            step_id=event.get("step_id"),
+            workflow_id=event.get("workflow_id"),
+            machine_id=event.get("machine_id"),
+            worker_id=event.get("worker_id"),
+            customer_id=event.get("customer_id"),
+        )
+
+    @classmethod
+    def from_row(cls, row: Any) -> Envelope:
+        """The envelope of an outbox row (anything with an `envelope` JSON column)."""
+        return cls.from_json(row.envelope)

@@ -20,7 +20,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from emp_tasks.core import events
-from emp_tasks.core.errors import InvalidState
+from emp_tasks.core.dispatch_instruction import DispatchInstruction
+from emp_tasks.core.errors import InvalidState, StepError
 from emp_tasks.core.events import EventType
 from emp_tasks.core.ids import new_id
 from emp_tasks.core.status import ACTIVE_STEP_STATUSES, StepStatus, step_may_become
@@ -57,13 +58,13 @@ def emit(
     )
 
 
-def _queue_spec(session: Session, step: Step) -> dict[str, Any]:
+def _queue_spec(session: Session, step: Step) -> DispatchInstruction:
     """Record the step's route (if new) and say how to send its task."""
     queues.ensure(session, queues.route_of(step))
     return task_spec(step, step.queued_at)
 
 
-def task_spec(step: Any, not_before: datetime | None = None) -> dict[str, Any]:
+def task_spec(step: Any, not_before: datetime | None = None) -> DispatchInstruction:
     """How to send the task of a step (or a row with its columns); the continuation rule
     (see routing) applies to a workflow step that had dependencies."""
     return dispatch.spec(
@@ -153,9 +154,7 @@ def submitted(session: Session, step: Step) -> None:
 # --- transitions (the caller holds the step's locks) --------------------------------------
 
 
-def finish_attempt(
-    session: Session, step: Step, outcome: str, error: dict[str, Any] | None
-) -> None:
+def finish_attempt(session: Session, step: Step, outcome: str, error: StepError | None) -> None:
     """Close the step's current attempt in the audit trail."""
     session.execute(
         update(Attempt)
@@ -164,7 +163,7 @@ def finish_attempt(
             Attempt.attempt == step.attempts,
             Attempt.finished_at.is_(None),
         )
-        .values(outcome=outcome, error=error, finished_at=now())
+        .values(outcome=outcome, error=error.to_json() if error else None, finished_at=now())
     )
 
 
@@ -196,7 +195,7 @@ def cancel(session: Session, step: Step, reason: str) -> None:
     apply(session, step, S.CANCELLED, EventType.STEP_CANCELLED, {"reason": reason})
 
 
-def queue_retry(session: Session, step: Step, error: dict[str, Any], at: datetime) -> None:
+def queue_retry(session: Session, step: Step, error: StepError, at: datetime) -> None:
     """Back to pending for another attempt, sent to the broker to run from `at`."""
     step.queued_at = at
     apply(
@@ -204,6 +203,6 @@ def queue_retry(session: Session, step: Step, error: dict[str, Any], at: datetim
         step,
         S.PENDING,
         EventType.STEP_RETRYING,
-        {"error": error, "attempt": step.attempts, "retry_at": iso(at)},
+        {"error": error.to_json(), "attempt": step.attempts, "retry_at": iso(at)},
         queue=True,
     )

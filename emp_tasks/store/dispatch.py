@@ -6,8 +6,9 @@ tables in Redis, and a publish to an exchange whose bindings a Redis restart
 erased is silently dropped.
 
 A step is dispatched when the event that queued it is published (see outbox):
-the dispatch spec travels in the outbox row, so a process that dies between
-commit and send leaves the task to the relay's sweeper, not to chance.
+the dispatch instruction (emp_tasks.core.dispatch_instruction) travels in the
+outbox row, so a process that dies between commit and send leaves the task to the
+relay's sweeper, not to chance.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from __future__ import annotations
 import logging
 import secrets
 from datetime import UTC, datetime
-from typing import Any
 
 from celery import Signature, group
 from kombu import Exchange, Queue
 
 from emp_tasks.core.config import get_settings
-from emp_tasks.core.priority import broker_priority
+from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.store import redisdb
 from emp_tasks.store.broker import RUN_STEP, app
 
@@ -37,50 +37,45 @@ def spec(
     priority: int,
     not_before: datetime | None = None,
     continuation: bool = False,
-) -> dict[str, Any]:
+) -> DispatchInstruction:
     """What the relay needs to send this step's task: stored in the outbox row.
 
     `queue`: the step's route queue; `continuation`: the step continues a workflow
     under way (see routing).
     """
-    return {
-        "step_id": step_id,
-        "queue": queue,
-        "priority": broker_priority(priority, continuation),
-        "not_before": not_before.isoformat() if not_before else None,
-    }
+    return DispatchInstruction.for_step(step_id, queue, priority, not_before, continuation)
 
 
-def _signature(dispatch: dict[str, Any]) -> Signature:
+def _signature(dispatch: DispatchInstruction) -> Signature:
     """The step's task, addressed to its queue's list; a future `not_before` is a countdown.
 
     The task is named, not imported (the sender does not load the worker's task code),
     so its `ignore_result` is repeated here to keep the message's header as the task sets it.
     """
     countdown = None
-    if dispatch.get("not_before"):
-        delay = (datetime.fromisoformat(dispatch["not_before"]) - datetime.now(UTC)).total_seconds()
+    if dispatch.not_before:
+        delay = (dispatch.not_before - datetime.now(UTC)).total_seconds()
         countdown = delay if delay > 0 else None
-    name = dispatch["queue"]
+    name = dispatch.queue
     return app.signature(
         RUN_STEP,
-        args=[dispatch["step_id"]],
+        args=[dispatch.step_id],
         queue=Queue(name, _DEFAULT_EXCHANGE, routing_key=name),
         exchange="",
         routing_key=name,
-        priority=dispatch["priority"],
+        priority=dispatch.priority,
         countdown=countdown,
         ignore_result=True,
         immutable=True,
     )
 
 
-def send(dispatch: dict[str, Any]) -> None:
+def send(dispatch: DispatchInstruction) -> None:
     """Put one step's task on its queue."""
     _signature(dispatch).apply_async()
 
 
-def send_many(dispatches: list[dict[str, Any]]) -> None:
+def send_many(dispatches: list[DispatchInstruction]) -> None:
     """Send steps that became ready together (a workflow's fan-out) as one Celery group."""
     if len(dispatches) == 1:
         send(dispatches[0])

@@ -28,7 +28,8 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from emp_tasks.core.config import get_settings
-from emp_tasks.core.events import CHANNEL, STREAM, EventType, envelope
+from emp_tasks.core.dispatch_instruction import DispatchInstruction
+from emp_tasks.core.events import CHANNEL, STREAM, Envelope, EventType
 from emp_tasks.store import db, dispatch, redisdb
 from emp_tasks.store.models import Event
 
@@ -74,8 +75,8 @@ def record(
     machine_id: str | None = None,
     worker_id: str | None = None,
     customer_id: str | None = None,
-    dispatch: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    dispatch: DispatchInstruction | None = None,
+) -> Envelope:
     """Add the event to the outbox in the caller's transaction and return its envelope.
 
     `dispatch` (see emp_tasks.store.dispatch.spec) makes the publisher send the step's task
@@ -84,7 +85,7 @@ def record(
     The aggregate is remembered on the session so that the transaction's
     after-commit hook can publish it at once (the fast path).
     """
-    event = envelope(
+    event = Envelope.new(
         event_type,
         data=data,
         correlation_id=correlation_id,
@@ -96,14 +97,14 @@ def record(
     )
     session.add(
         Event(
-            id=event["id"],
-            type=event["type"],
+            id=event.id,
+            type=event.type,
             aggregate=aggregate,
             step_id=step_id,
             workflow_id=workflow_id,
             customer_id=customer_id,
-            envelope=event,
-            dispatch=dispatch,
+            envelope=event.to_json(),
+            dispatch=dispatch.to_json() if dispatch else None,
         )
     )
     session.info.setdefault(PENDING_AGGREGATES, set()).add(aggregate)
@@ -137,7 +138,7 @@ def publish_aggregates(aggregates: Iterable[str]) -> int:
             arguments += [row.type, row.envelope]
         push = redisdb.client().register_script(_PUSH_SCRIPT)
         stream_ids = push(keys=[STREAM, CHANNEL], args=arguments)
-        dispatch.send_many([row.dispatch for row in rows if row.dispatch])
+        dispatch.send_many([DispatchInstruction.from_row(row) for row in rows if row.dispatch])
         connection.execute(
             _MARK_PUBLISHED,
             {"seqs": [row.seq for row in rows], "stream_ids": list(stream_ids)},

@@ -154,8 +154,5 @@ def _timeout_failure(run: StepRun) -> StepFailure:
 
 
 def _fail(run: StepRun, failure: StepFailure, detail: str | None = None) -> str:
-    error = failure.as_error()
-    if detail:
-        error["detail"] = detail
-    outcome = steps.fail(run.step_id, run.attempt, error)
+    outcome = steps.fail(run.step_id, run.attempt, failure.as_error(detail or None))
     return "superseded" if outcome.status is None else str(outcome.status)
