@@ -15,6 +15,7 @@ nothing new) -> `online` again on resume; `offline` (stopped or silent);
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -25,7 +26,7 @@ from emp_tasks import __version__
 from emp_tasks.core.errors import InvalidState, NotFound
 from emp_tasks.core.events import EventType
 from emp_tasks.core.status import ACTIVE_STEP_STATUSES, LIVE_WORKER_STATUSES, WorkerStatus
-from emp_tasks.core.times import iso, now
+from emp_tasks.core.times import now
 from emp_tasks.routes import queues
 from emp_tasks.routes.capabilities import Capabilities
 from emp_tasks.steps import commands as steps
@@ -194,19 +195,19 @@ def _locked(session: Session, worker_id: str) -> Worker:
     return worker
 
 
-def drain(worker_id: str, reason: str | None = None) -> dict[str, Any]:
+def drain(worker_id: str, reason: str | None = None) -> FleetWorker:
     """Stop giving the worker new steps; what it runs now finishes."""
     return _operate(worker_id, W.ONLINE, W.DRAINING, reason or "drained by an operator")
 
 
-def resume(worker_id: str) -> dict[str, Any]:
+def resume(worker_id: str) -> FleetWorker:
     """Let a drained worker take new steps again."""
     return _operate(worker_id, W.DRAINING, W.ONLINE, "resumed by an operator")
 
 
 def _operate(
     worker_id: str, source: WorkerStatus, target: WorkerStatus, reason: str
-) -> dict[str, Any]:
+) -> FleetWorker:
     """An operator's status change; repeating it is harmless, any other status refuses."""
     with db.transaction() as session:
         worker = _locked(session, worker_id)
@@ -217,7 +218,7 @@ def _operate(
                 f"worker {worker_id} is {worker.status}; only a worker that is {source.value}"
                 f" can become {target.value}"
             )
-        result = _describe(session, [worker])[0]
+        result = _with_steps(session, [worker])[0]
     queues.forget_live()
     queues.nudge_workers(f"worker:{worker_id}")
     return result
@@ -300,7 +301,23 @@ def mark_silent_offline(limit: int = 100) -> list[str]:
 # --- reading -------------------------------------------------------------------------------
 
 
-def _describe(session: Session, fleet: list[Worker]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class FleetWorker:
+    """A worker's row and the steps it is running now (oldest first)."""
+
+    worker: Worker
+    current_step_ids: list[str]
+
+
+@dataclass(frozen=True)
+class FleetMachine:
+    """A machine's row and its workers."""
+
+    machine: Machine
+    workers: list[FleetWorker]
+
+
+def _with_steps(session: Session, fleet: list[Worker]) -> list[FleetWorker]:
     current: dict[str, list[str]] = {}
     if fleet:
         rows = session.execute(
@@ -310,71 +327,35 @@ def _describe(session: Session, fleet: list[Worker]) -> list[dict[str, Any]]:
         )
         for worker_id, step_id in rows:
             current.setdefault(worker_id, []).append(step_id)
-    return [
-        {
-            "id": worker.id,
-            "machine_id": worker.machine_id,
-            "status": worker.status,
-            "status_reason": worker.status_reason,
-            "capabilities": worker.capabilities,
-            "queues": worker.queues,
-            "backends": worker.backends,
-            "current_step_id": (current.get(worker.id) or [None])[0],
-            "current_step_ids": current.get(worker.id, []),
-            "concurrency": worker.concurrency,
-            "pool": worker.pool,
-            "hostname": worker.hostname,
-            "pid": worker.pid,
-            "version": worker.version,
-            "started_at": iso(worker.started_at),
-            "last_heartbeat_at": iso(worker.last_heartbeat_at),
-            "stopped_at": iso(worker.stopped_at),
-        }
-        for worker in fleet
-    ]
+    return [FleetWorker(worker, current.get(worker.id, [])) for worker in fleet]
 
 
-def list_workers(status: str | None = None, machine_id: str | None = None) -> list[dict[str, Any]]:
+def list_workers(status: str | None = None, machine_id: str | None = None) -> list[FleetWorker]:
     with db.transaction() as session:
         query = select(Worker).order_by(Worker.machine_id, Worker.id)
         if status:
             query = query.where(Worker.status == status)
         if machine_id:
             query = query.where(Worker.machine_id == machine_id)
-        return _describe(session, list(session.scalars(query)))
+        return _with_steps(session, list(session.scalars(query)))
 
 
-def get_worker(worker_id: str) -> dict[str, Any]:
+def get_worker(worker_id: str) -> FleetWorker:
     with db.transaction() as session:
         worker = session.get(Worker, worker_id)
         if worker is None:
             raise NotFound("worker", worker_id)
-        return _describe(session, [worker])[0]
+        return _with_steps(session, [worker])[0]
 
 
-def _machine_object(machine: Machine, fleet: list[dict[str, Any]]) -> dict[str, Any]:
-    live = [w for w in fleet if w["status"] in LIVE_WORKER_STATUSES]
-    gpus = [w["capabilities"].get("gpu_model") for w in fleet]
-    return {
-        "id": machine.id,
-        "hostname": machine.hostname,
-        "status": "online" if live else "offline",
-        "workers_online": len(live),
-        "workers": fleet,
-        "gpus": [gpu for gpu in gpus if gpu],
-        "first_seen_at": iso(machine.first_seen_at),
-        "last_seen_at": iso(machine.last_seen_at),
-    }
-
-
-def list_machines() -> list[dict[str, Any]]:
+def list_machines() -> list[FleetMachine]:
     with db.transaction() as session:
         machines = list(
             session.scalars(
                 select(Machine).where(Machine.removed_at.is_(None)).order_by(Machine.id)
             )
         )
-        fleet = _describe(
+        fleet = _with_steps(
             session,
             list(
                 session.scalars(
@@ -385,17 +366,17 @@ def list_machines() -> list[dict[str, Any]]:
             ),
         )
     return [
-        _machine_object(machine, [w for w in fleet if w["machine_id"] == machine.id])
+        FleetMachine(machine, [w for w in fleet if w.worker.machine_id == machine.id])
         for machine in machines
     ]
 
 
-def get_machine(machine_id: str) -> dict[str, Any]:
+def get_machine(machine_id: str) -> FleetMachine:
     with db.transaction() as session:
         machine = session.get(Machine, machine_id)
         if machine is None or machine.removed_at is not None:
             raise NotFound("machine", machine_id)
-        fleet = _describe(
+        fleet = _with_steps(
             session,
             list(
                 session.scalars(
@@ -403,7 +384,7 @@ def get_machine(machine_id: str) -> dict[str, Any]:
                 )
             ),
         )
-    return _machine_object(machine, fleet)
+    return FleetMachine(machine, fleet)
 
 
 def online_count() -> int:

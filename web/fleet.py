@@ -14,6 +14,7 @@ from emp_tasks.auth import Principal
 from emp_tasks.routes import queues
 from emp_tasks.specs import DrainRequest, QueueListQuery, WorkerListQuery
 from web.endpoints import endpoint, ok
+from web.presenters import machine_object, worker_object
 
 bp = Blueprint("fleet", __name__)
 
@@ -22,12 +23,12 @@ TAGS = ("fleet",)
 
 @endpoint(bp, "/api/machines", admin=True, tags=TAGS, summary="Machines and their workers")
 def list_machines(principal: Principal) -> Response:
-    return ok(machines=workers.list_machines())
+    return ok(machines=[machine_object(m) for m in workers.list_machines()])
 
 
 @endpoint(bp, "/api/machines/<machine_id>", admin=True, tags=TAGS, summary="A machine")
 def get_machine(principal: Principal, machine_id: str) -> Response:
-    return ok(machine=workers.get_machine(machine_id))
+    return ok(machine=machine_object(workers.get_machine(machine_id)))
 
 
 @endpoint(
@@ -44,12 +45,13 @@ def delete_machine(principal: Principal, machine_id: str) -> Response:
 
 @endpoint(bp, "/api/workers", query=WorkerListQuery, admin=True, tags=TAGS, summary="Workers")
 def list_workers(principal: Principal, query: WorkerListQuery) -> Response:
-    return ok(workers=workers.list_workers(status=query.status, machine_id=query.machine_id))
+    found = workers.list_workers(status=query.status, machine_id=query.machine_id)
+    return ok(workers=[worker_object(w) for w in found])
 
 
 @endpoint(bp, "/api/workers/<worker_id>", admin=True, tags=TAGS, summary="A worker")
 def get_worker(principal: Principal, worker_id: str) -> Response:
-    return ok(worker=workers.get_worker(worker_id))
+    return ok(worker=worker_object(workers.get_worker(worker_id)))
 
 
 @endpoint(
@@ -62,7 +64,7 @@ def get_worker(principal: Principal, worker_id: str) -> Response:
     summary="Drain a worker: it finishes its current step and takes no new one",
 )
 def drain_worker(principal: Principal, worker_id: str, body: DrainRequest) -> Response:
-    return ok(worker=workers.drain(worker_id, body.reason))
+    return ok(worker=worker_object(workers.drain(worker_id, body.reason)))
 
 
 @endpoint(
@@ -74,7 +76,7 @@ def drain_worker(principal: Principal, worker_id: str, body: DrainRequest) -> Re
     summary="Resume a drained worker",
 )
 def resume_worker(principal: Principal, worker_id: str) -> Response:
-    return ok(worker=workers.resume(worker_id))
+    return ok(worker=worker_object(workers.resume(worker_id)))
 
 
 @endpoint(

@@ -13,6 +13,7 @@ from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
 from emp_tasks.steps import commands as steps
 from emp_tasks.store.models import Step
 from web.endpoints import endpoint, ok
+from web.presenters import step_object
 from web.steps import submit
 
 bp = Blueprint("jobs", __name__)
@@ -23,7 +24,7 @@ JOB_CODES = {"step": "JOB_NOT_FOUND"}
 
 def job_object(step: Step) -> dict[str, Any]:
     """A step object with `job_id` beside `id`."""
-    return {"job_id": step.id, **steps.step_object(step)}
+    return {"job_id": step.id, **step_object(step)}
 
 
 def _submitted(body: StepCreate, principal: Principal) -> Response:

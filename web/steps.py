@@ -9,6 +9,7 @@ from emp_tasks.routes import queues
 from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
 from emp_tasks.steps import commands as steps
 from web.endpoints import endpoint, idempotency_key, ok
+from web.presenters import attempt_object, step_object
 
 bp = Blueprint("steps", __name__)
 
@@ -39,7 +40,7 @@ def create_step(principal: Principal, body: StepCreate) -> Response:
         201 if created else 200,
         step_id=step.id,
         status=step.status,
-        step=steps.step_object(step),
+        step=step_object(step),
         warnings=queues.step_warnings(step),
     )
 
@@ -54,7 +55,7 @@ def list_steps(principal: Principal, query: StepListQuery) -> Response:
         limit=query.limit,
         cursor=query.cursor,
     )
-    return ok(steps=[steps.step_object(s) for s in page], next_cursor=next_cursor)
+    return ok(steps=[step_object(s) for s in page], next_cursor=next_cursor)
 
 
 @endpoint(bp, "/api/steps/stats", query=StatsQuery, tags=TAGS, summary="Step counts")
@@ -65,12 +66,12 @@ def step_stats(principal: Principal, query: StatsQuery) -> Response:
 @endpoint(bp, "/api/steps/<step_id>", aliases=("/step/<step_id>",), tags=TAGS, summary="Get a step")
 def get_step(principal: Principal, step_id: str) -> Response:
     step = steps.get(step_id, principal)
-    return ok(step=steps.step_object(step), warnings=queues.step_warnings(step))
+    return ok(step=step_object(step), warnings=queues.step_warnings(step))
 
 
 @endpoint(bp, "/api/steps/<step_id>/attempts", tags=TAGS, summary="A step's attempts")
 def step_attempts(principal: Principal, step_id: str) -> Response:
-    return ok(attempts=steps.attempts(step_id, principal))
+    return ok(attempts=[attempt_object(a) for a in steps.attempts(step_id, principal)])
 
 
 @endpoint(bp, "/api/steps/<step_id>/events", tags=TAGS, summary="A step's events, oldest first")
@@ -87,7 +88,7 @@ def step_events(principal: Principal, step_id: str) -> Response:
     summary="Cancel a step; a running one is stopped on its worker",
 )
 def cancel_step(principal: Principal, step_id: str, body: CancelRequest) -> Response:
-    return ok(step=steps.step_object(steps.cancel(step_id, principal, body.reason)))
+    return ok(step=step_object(steps.cancel(step_id, principal, body.reason)))
 
 
 @endpoint(
@@ -98,4 +99,4 @@ def cancel_step(principal: Principal, step_id: str, body: CancelRequest) -> Resp
     summary="Queue a failed or cancelled step again as a new attempt",
 )
 def retry_step(principal: Principal, step_id: str) -> Response:
-    return ok(step=steps.step_object(steps.retry(step_id, principal)))
+    return ok(step=step_object(steps.retry(step_id, principal)))

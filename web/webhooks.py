@@ -9,6 +9,7 @@ from emp_tasks.specs import DeliveryListQuery, WebhookCreate, WebhookUpdate
 from emp_tasks.webhooks import delivery
 from emp_tasks.webhooks import endpoints as webhooks
 from web.endpoints import endpoint, ok
+from web.presenters import delivery_object, endpoint_object
 
 bp = Blueprint("webhooks", __name__)
 
@@ -26,17 +27,17 @@ TAGS = ("webhooks",)
 )
 def create_webhook(principal: Principal, body: WebhookCreate) -> Response:
     created = webhooks.create(body, principal)
-    return ok(201, webhook=webhooks.endpoint_object(created, with_secret=True))
+    return ok(201, webhook=endpoint_object(created, with_secret=True))
 
 
 @endpoint(bp, "/api/webhooks", tags=TAGS, summary="List webhook endpoints")
 def list_webhooks(principal: Principal) -> Response:
-    return ok(webhooks=[webhooks.endpoint_object(e) for e in webhooks.list_endpoints(principal)])
+    return ok(webhooks=[endpoint_object(e) for e in webhooks.list_endpoints(principal)])
 
 
 @endpoint(bp, "/api/webhooks/<webhook_id>", tags=TAGS, summary="Get a webhook endpoint")
 def get_webhook(principal: Principal, webhook_id: str) -> Response:
-    return ok(webhook=webhooks.endpoint_object(webhooks.get(webhook_id, principal)))
+    return ok(webhook=endpoint_object(webhooks.get(webhook_id, principal)))
 
 
 @endpoint(
@@ -48,7 +49,7 @@ def get_webhook(principal: Principal, webhook_id: str) -> Response:
     summary="Change a webhook endpoint (only the fields sent)",
 )
 def update_webhook(principal: Principal, webhook_id: str, body: WebhookUpdate) -> Response:
-    return ok(webhook=webhooks.endpoint_object(webhooks.update(webhook_id, body, principal)))
+    return ok(webhook=endpoint_object(webhooks.update(webhook_id, body, principal)))
 
 
 @endpoint(
@@ -72,7 +73,7 @@ def delete_webhook(principal: Principal, webhook_id: str) -> Response:
     summary="Send a webhook_test event to the endpoint",
 )
 def test_webhook(principal: Principal, webhook_id: str) -> Response:
-    return ok(202, delivery=delivery.send_test(webhook_id, principal))
+    return ok(202, delivery=delivery_object(delivery.send_test(webhook_id, principal)))
 
 
 @endpoint(
@@ -83,7 +84,8 @@ def test_webhook(principal: Principal, webhook_id: str) -> Response:
     summary="Deliveries to the endpoint, newest first, each with its attempt log",
 )
 def list_deliveries(principal: Principal, webhook_id: str, query: DeliveryListQuery) -> Response:
-    return ok(deliveries=delivery.list_deliveries(webhook_id, principal, query.status, query.limit))
+    found = delivery.list_deliveries(webhook_id, principal, query.status, query.limit)
+    return ok(deliveries=[delivery_object(logged) for logged in found])
 
 
 @endpoint(
@@ -94,4 +96,4 @@ def list_deliveries(principal: Principal, webhook_id: str, query: DeliveryListQu
     summary="Send a finished (for example dead) delivery again",
 )
 def replay_delivery(principal: Principal, webhook_id: str, delivery_id: str) -> Response:
-    return ok(delivery=delivery.replay(webhook_id, delivery_id, principal))
+    return ok(delivery=delivery_object(delivery.replay(webhook_id, delivery_id, principal)))

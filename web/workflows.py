@@ -8,6 +8,7 @@ from emp_tasks.auth import Principal
 from emp_tasks.specs import CancelRequest, StatsQuery, WorkflowCreate, WorkflowListQuery
 from emp_tasks.steps import workflows
 from web.endpoints import endpoint, idempotency_key, ok
+from web.presenters import workflow_object
 
 bp = Blueprint("workflows", __name__)
 
@@ -34,7 +35,7 @@ def create_workflow(principal: Principal, body: WorkflowCreate) -> Response:
         workflow_id=workflow.id,
         step_ids=step_ids,
         job_ids=step_ids,
-        workflow=workflows.workflow_object(workflow),
+        workflow=workflow_object(workflow),
     )
 
 
@@ -45,7 +46,7 @@ def list_workflows(principal: Principal, query: WorkflowListQuery) -> Response:
     page, next_cursor = workflows.list_workflows(
         principal, status=query.status, limit=query.limit, cursor=query.cursor
     )
-    return ok(workflows=[workflows.workflow_object(w) for w in page], next_cursor=next_cursor)
+    return ok(workflows=[workflow_object(w) for w in page], next_cursor=next_cursor)
 
 
 @endpoint(bp, "/api/workflows/stats", query=StatsQuery, tags=TAGS, summary="Workflow counts")
@@ -62,7 +63,7 @@ def workflow_stats(principal: Principal, query: StatsQuery) -> Response:
 )
 def get_workflow(principal: Principal, workflow_id: str) -> Response:
     workflow, details = workflows.status(workflow_id, principal)
-    return ok(workflow=workflow, steps=details)
+    return ok(workflow=workflow_object(workflow), steps=details)
 
 
 @endpoint(
@@ -75,4 +76,4 @@ def get_workflow(principal: Principal, workflow_id: str) -> Response:
 )
 def cancel_workflow(principal: Principal, workflow_id: str, body: CancelRequest) -> Response:
     workflow = workflows.cancel(workflow_id, principal, body.reason)
-    return ok(message=f"workflow {workflow_id} cancelled", workflow=workflow)
+    return ok(message=f"workflow {workflow_id} cancelled", workflow=workflow_object(workflow))

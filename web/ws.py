@@ -47,6 +47,7 @@ from emp_tasks.steps import commands as steps
 from web import inbound
 from web.endpoints import ROUTES, Route, presented_key, throttled_authenticate
 from web.errors import ApiError, error_response
+from web.presenters import machine_object, worker_object
 
 logger = logging.getLogger(__name__)
 
@@ -368,8 +369,8 @@ class Session:
         self.send(
             {
                 "type": "snapshot",
-                "machines": workers.list_machines(),
-                "workers": workers.list_workers(),
+                "machines": [machine_object(m) for m in workers.list_machines()],
+                "workers": [worker_object(w) for w in workers.list_workers()],
                 "queues": queues.list_queues(self.principal),
                 "counts": steps.stats(self.principal, "day"),
                 "subscribers": live.hub().count(),

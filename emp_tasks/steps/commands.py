@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 from emp_tasks.auth import Principal
 from emp_tasks.connectors.base import StepRun
 from emp_tasks.core.config import get_settings
-from emp_tasks.core.errors import InvalidState, NotFound
+from emp_tasks.core.dispatch_instruction import DispatchInstruction
+from emp_tasks.core.errors import InvalidState, NotFound, StepError
 from emp_tasks.core.events import EventType
 from emp_tasks.core.ids import decode_cursor
 from emp_tasks.core.status import (
@@ -46,41 +47,6 @@ S = StepStatus
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def step_object(step: Step) -> dict[str, Any]:
-    """The public shape of a step (API.md, "Step object fields")."""
-    return {
-        "id": step.id,
-        "service": step.service,
-        "status": step.status,
-        "priority": step.priority,
-        "payload": step.payload,
-        "requirements": step.requirements,
-        "queue": step.queue,
-        "result": step.result,
-        "error": step.error,
-        "progress": step.progress,
-        "stage": step.stage,
-        "message": step.message,
-        "attempts": step.attempts,
-        "max_retries": step.max_retries,
-        "timeout_s": step.timeout_s,
-        "workflow_id": step.workflow_id,
-        "step_index": step.step_index,
-        "depends_on": step.depends_on,
-        "customer_id": step.customer_id,
-        "worker_id": step.worker_id,
-        "machine_id": step.machine_id,
-        "webhook_url": step.webhook_url,
-        "webhook_events": step.webhook_events,
-        "correlation_id": step.correlation_id,
-        "metadata": step.meta,
-        "created_at": iso(step.created_at),
-        "started_at": iso(step.started_at),
-        "completed_at": iso(step.completed_at),
-        "updated_at": iso(step.updated_at),
-    }
 
 
 def _after_finish(session: Session, step: Step) -> None:
@@ -135,25 +101,15 @@ def history(step_id: str, principal: Principal) -> list[dict[str, Any]]:
         return outbox.for_step(session, step_id)
 
 
-def attempts(step_id: str, principal: Principal) -> list[dict[str, Any]]:
+def attempts(step_id: str, principal: Principal) -> list[Attempt]:
     """The step's attempts, oldest first: where each ran, how long, and how it ended."""
     with db.transaction() as session:
         _visible(session, step_id, principal)
-        rows = session.scalars(
-            select(Attempt).where(Attempt.step_id == step_id).order_by(Attempt.attempt)
+        return list(
+            session.scalars(
+                select(Attempt).where(Attempt.step_id == step_id).order_by(Attempt.attempt)
+            )
         )
-        return [
-            {
-                "attempt": row.attempt,
-                "worker_id": row.worker_id,
-                "machine_id": row.machine_id,
-                "outcome": row.outcome,
-                "error": row.error,
-                "started_at": iso(row.started_at),
-                "finished_at": iso(row.finished_at),
-            }
-            for row in rows
-        ]
 
 
 def _filtered(query, principal: Principal, status, service, workflow_id):
@@ -312,7 +268,7 @@ class FailureOutcome:
 class NotServable(Exception):
     """The worker lacks what the step requires; the step's task goes back to its queue."""
 
-    def __init__(self, unmet: list[str], dispatch_spec: dict[str, Any]) -> None:
+    def __init__(self, unmet: list[str], dispatch_spec: DispatchInstruction) -> None:
         super().__init__("; ".join(unmet))
         self.unmet = unmet
         self.dispatch_spec = dispatch_spec
@@ -477,7 +433,7 @@ def retry_delay_s(attempt: int) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
-def fail(step_id: str, attempt: int, error: dict[str, Any]) -> FailureOutcome:
+def fail(step_id: str, attempt: int, error: StepError) -> FailureOutcome:
     """Record a failed attempt: back to pending for a retry, or failed for good."""
     with db.transaction() as session:
         step = _current(session, step_id, attempt, ACTIVE_STEP_STATUSES)
@@ -486,11 +442,11 @@ def fail(step_id: str, attempt: int, error: dict[str, Any]) -> FailureOutcome:
         return _fail_attempt(session, step, error)
 
 
-def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> FailureOutcome:
-    outcome = "lost" if error.get("code") == WORKER_LOST else "failed"
+def _fail_attempt(session: Session, step: Step, error: StepError) -> FailureOutcome:
+    outcome = "lost" if error.code == WORKER_LOST else "failed"
     transitions.finish_attempt(session, step, outcome, error)
-    step.error = error
-    if error.get("retryable") and step.attempts <= step.max_retries:
+    step.error = error.to_json()
+    if error.retryable and step.attempts <= step.max_retries:
         transitions.queue_retry(
             session, step, error, _now() + timedelta(seconds=retry_delay_s(step.attempts))
         )
@@ -501,7 +457,7 @@ def _fail_attempt(session: Session, step: Step, error: dict[str, Any]) -> Failur
         step,
         S.FAILED,
         EventType.STEP_FAILED,
-        {"error": error, "attempts": step.attempts},
+        {"error": error.to_json(), "attempts": step.attempts},
     )
     _after_finish(session, step)
     return FailureOutcome(status=S.FAILED)
@@ -572,12 +528,12 @@ def lose_with_worker(session: Session, step: Step, why: str = "went offline") ->
             "worker_id": step.worker_id,
         },
     )
-    error = {
-        "code": WORKER_LOST,
-        "message": f"worker {step.worker_id} {why}",
-        "type": "system",
-        "retryable": True,
-    }
+    error = StepError(
+        code=WORKER_LOST,
+        message=f"worker {step.worker_id} {why}",
+        type="system",
+        retryable=True,
+    )
     return _fail_attempt(session, step, error)
 
 
@@ -587,7 +543,7 @@ def requeue(session: Session, step: Step, code: str, message: str) -> None:
     For operator actions and restarts, not failures: the ended attempt is
     recorded as `requeued` and does not spend one of the step's retries.
     """
-    error = {"code": code, "message": message, "type": "system", "retryable": True}
+    error = StepError(code=code, message=message, type="system", retryable=True)
     transitions.finish_attempt(session, step, "requeued", error)
     step.max_retries += 1
     transitions.queue_retry(session, step, error, _now())
@@ -618,12 +574,12 @@ def expire(step_id: str) -> bool:
 
 
 def _expire(session: Session, step: Step) -> None:
-    step.error = {
-        "code": EXPIRED,
-        "message": "the step did not start before its queue deadline (expires_in_s)",
-        "type": "timeout",
-        "retryable": False,
-    }
+    step.error = StepError(
+        code=EXPIRED,
+        message="the step did not start before its queue deadline (expires_in_s)",
+        type="timeout",
+        retryable=False,
+    ).to_json()
     step.completed_at = _now()
     transitions.apply(
         session,

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from emp_tasks.auth import Principal
 from emp_tasks.core.config import get_settings
-from emp_tasks.core.errors import InvalidState, NotFound, ValidationFailed
+from emp_tasks.core.errors import InvalidState, NotFound, StepError, ValidationFailed
 from emp_tasks.core.events import EventType
 from emp_tasks.core.ids import decode_cursor, new_id
 from emp_tasks.core.status import (
@@ -71,34 +71,7 @@ def _emit(
     )
 
 
-# --- views ---------------------------------------------------------------------------------
-
-
-def workflow_object(workflow: Workflow) -> dict[str, Any]:
-    total = workflow.total_steps or 1
-    return {
-        "id": workflow.id,
-        "name": workflow.name,
-        "description": workflow.description,
-        "status": workflow.status,
-        "total_steps": workflow.total_steps,
-        "completed_steps": workflow.completed_steps,
-        "failed_steps": workflow.failed_steps,
-        "progress_percentage": round(100.0 * workflow.completed_steps / total, 2),
-        "failure_policy": workflow.failure_policy,
-        "priority": workflow.priority,
-        "failed_step_index": workflow.failed_step_index,
-        "error": workflow.error,
-        "customer_id": workflow.customer_id,
-        "webhook_url": workflow.webhook_url,
-        "webhook_events": workflow.webhook_events,
-        "correlation_id": workflow.correlation_id,
-        "metadata": workflow.meta,
-        "created_at": iso(workflow.created_at),
-        "started_at": iso(workflow.started_at),
-        "completed_at": iso(workflow.completed_at),
-        "updated_at": iso(workflow.updated_at),
-    }
+# --- step_details: the one per-step view of a workflow --------------------------------------
 
 
 def step_details(session: Session, workflow_id: str) -> list[dict[str, Any]]:
@@ -226,11 +199,11 @@ def _step_ids(session: Session, workflow_id: str) -> list[str]:
     )
 
 
-def status(workflow_id: str, principal: Principal) -> tuple[dict[str, Any], list[dict]]:
-    """The workflow object and its step_details, read in one transaction."""
+def status(workflow_id: str, principal: Principal) -> tuple[Workflow, list[dict[str, Any]]]:
+    """The workflow and its step_details, read in one transaction."""
     with db.transaction() as session:
         workflow = _visible(session, workflow_id, principal)
-        return workflow_object(workflow), step_details(session, workflow_id)
+        return workflow, step_details(session, workflow_id)
 
 
 def list_workflows(
@@ -266,7 +239,7 @@ def stats(principal: Principal, timeframe: str) -> dict[str, Any]:
     return counts
 
 
-def cancel(workflow_id: str, principal: Principal, reason: str | None = None) -> dict[str, Any]:
+def cancel(workflow_id: str, principal: Principal, reason: str | None = None) -> Workflow:
     """Cancel a workflow: its running and not yet started steps are cancelled."""
     reason = reason or "workflow cancelled by client"
     with db.transaction() as session:
@@ -284,7 +257,7 @@ def cancel(workflow_id: str, principal: Principal, reason: str | None = None) ->
             EventType.WORKFLOW_CANCELLED,
             {"step_details": step_details(session, workflow.id), "reason": reason},
         )
-        return workflow_object(workflow)
+        return workflow
 
 
 def _unfinished(session: Session, workflow_id: str) -> list[Step]:
@@ -340,12 +313,15 @@ def on_step_finished(session: Session, step: Step) -> None:
             workflow.failed_steps += 1
         if workflow.failed_step_index is None:
             workflow.failed_step_index = step.step_index
-            workflow.error = step.error or {
-                "code": "STEP_CANCELLED",
-                "message": f"step {step.step_index} was cancelled",
-                "type": "cancelled",
-                "retryable": False,
-            }
+            workflow.error = (
+                step.error
+                or StepError(
+                    code="STEP_CANCELLED",
+                    message=f"step {step.step_index} was cancelled",
+                    type="cancelled",
+                    retryable=False,
+                ).to_json()
+            )
         _skip_dependents(session, step)
         if (
             workflow.failure_policy == "fail_fast"

@@ -44,11 +44,7 @@ from emp_tasks.core.config import get_settings
 from emp_tasks.core.errors import InvalidState, NotFound
 from emp_tasks.core.events import STREAM
 from emp_tasks.core.ids import new_id
-from emp_tasks.core.status import (
-    FINISHED_DELIVERY_STATUSES,
-    SCHEDULED_DELIVERY_STATUSES,
-    DeliveryStatus,
-)
+from emp_tasks.core.status import FINISHED_DELIVERY_STATUSES, DeliveryStatus
 from emp_tasks.core.times import iso
 from emp_tasks.store import db, redisdb
 from emp_tasks.store.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -74,7 +70,7 @@ def _now() -> datetime:
 
 def record(session: Session, envelopes: list[dict[str, Any]]) -> int:
     """Create the deliveries these events need (none twice); return how many were new."""
-    lookup = webhooks.Lookup(session, envelopes)
+    lookup = webhooks.Lookup.read(session, envelopes)
     created = 0
     for envelope in envelopes:
         for target in webhooks.targets_for(lookup, envelope):
@@ -111,34 +107,12 @@ def _insert(
 # --- the API's view ------------------------------------------------------------------------
 
 
-def delivery_object(delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> dict[str, Any]:
-    return {
-        "id": delivery.id,
-        "webhook_id": delivery.endpoint_id,
-        "event_id": delivery.event_id,
-        "event_type": delivery.event_type,
-        "url": delivery.url,
-        "status": delivery.status,
-        "attempts": delivery.attempts,
-        "next_attempt_at": iso(delivery.next_attempt_at)
-        if delivery.status in SCHEDULED_DELIVERY_STATUSES
-        else None,
-        "last_status_code": delivery.last_status_code,
-        "last_error": delivery.last_error,
-        "created_at": iso(delivery.created_at),
-        "delivered_at": iso(delivery.delivered_at),
-        "body": delivery.body,
-        "log": [
-            {
-                "attempt": row.attempt,
-                "status_code": row.status_code,
-                "error": row.error,
-                "duration_ms": row.duration_ms,
-                "attempted_at": iso(row.attempted_at),
-            }
-            for row in attempts
-        ],
-    }
+@dataclass(frozen=True)
+class LoggedDelivery:
+    """A delivery and its attempts, oldest first (web.presenters shows them)."""
+
+    delivery: WebhookDelivery
+    attempts: list[WebhookAttempt]
 
 
 def _attempts(session: Session, delivery_ids: list[str]) -> dict[str, list[WebhookAttempt]]:
@@ -155,7 +129,7 @@ def _attempts(session: Session, delivery_ids: list[str]) -> dict[str, list[Webho
 
 def list_deliveries(
     endpoint_id: str, principal: Principal, status: str | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
+) -> list[LoggedDelivery]:
     with db.transaction() as session:
         webhooks.visible(session, endpoint_id, principal)
         query = (
@@ -168,10 +142,10 @@ def list_deliveries(
             query = query.where(WebhookDelivery.status == status)
         rows = list(session.scalars(query))
         logs = _attempts(session, [row.id for row in rows])
-        return [delivery_object(row, logs[row.id]) for row in rows]
+        return [LoggedDelivery(row, logs[row.id]) for row in rows]
 
 
-def send_test(endpoint_id: str, principal: Principal) -> dict[str, Any]:
+def send_test(endpoint_id: str, principal: Principal) -> LoggedDelivery:
     """Queue a `webhook_test` event for this endpoint; the webhooks process sends it."""
     with db.transaction() as session:
         endpoint = webhooks.visible(session, endpoint_id, principal)
@@ -187,10 +161,10 @@ def send_test(endpoint_id: str, principal: Principal) -> dict[str, Any]:
         delivery = session.scalar(
             select(WebhookDelivery).where(WebhookDelivery.event_id == envelope["id"])
         )
-        return delivery_object(delivery, [])
+        return LoggedDelivery(delivery, [])
 
 
-def replay(endpoint_id: str, delivery_id: str, principal: Principal) -> dict[str, Any]:
+def replay(endpoint_id: str, delivery_id: str, principal: Principal) -> LoggedDelivery:
     """Send a finished delivery again (same event id), e.g. a dead one after an outage."""
     with db.transaction() as session:
         webhooks.visible(session, endpoint_id, principal)
@@ -202,7 +176,7 @@ def replay(endpoint_id: str, delivery_id: str, principal: Principal) -> dict[str
         delivery.status = D.PENDING
         delivery.next_attempt_at = _now()
         delivery.updated_at = _now()
-        return delivery_object(delivery, _attempts(session, [delivery.id])[delivery.id])
+        return LoggedDelivery(delivery, _attempts(session, [delivery.id])[delivery.id])
 
 
 # --- sending -------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from emp_tasks.core.config import get_settings
 from emp_tasks.core.errors import NotFound, ValidationFailed
 from emp_tasks.core.events import legacy_name
 from emp_tasks.core.ids import new_id
-from emp_tasks.core.times import iso
 from emp_tasks.specs import WebhookCreate, WebhookUpdate
 from emp_tasks.store import db
 from emp_tasks.store.models import Step, WebhookEndpoint, Workflow
@@ -30,26 +29,6 @@ from emp_tasks.webhooks import targets
 TERMINAL_STEP_EVENTS = ("step_completed", "step_failed", "step_cancelled")
 TERMINAL_WORKFLOW_EVENTS = ("workflow_completed", "workflow_failed", "workflow_cancelled")
 TEST_EVENT = "webhook_test"
-
-
-def endpoint_object(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
-    shown = {
-        "id": endpoint.id,
-        "url": endpoint.url,
-        "events": endpoint.events,
-        "filters": endpoint.filters,
-        "headers": endpoint.headers,
-        "active": endpoint.active,
-        "description": endpoint.description,
-        "legacy_event_names": endpoint.legacy_event_names,
-        "disabled_reason": endpoint.disabled_reason,
-        "customer_id": endpoint.customer_id,
-        "created_at": iso(endpoint.created_at),
-        "updated_at": iso(endpoint.updated_at),
-    }
-    if with_secret:
-        shown["secret"] = endpoint.secret
-    return shown
 
 
 def check_target(field: str, url: str | None) -> None:
@@ -176,14 +155,23 @@ def _endpoint_wants(
     return not (workflow_ids and envelope.get("workflow_id") not in workflow_ids)
 
 
+@dataclass(frozen=True)
 class Lookup:
-    """What matching a batch of events needs, read with three queries for the whole batch."""
+    """What matching a batch of events needs: the steps' and workflows' own webhook
+    settings (rows with `id`, `webhook_url`, `webhook_events`, and a step's `service`),
+    and each customer's active endpoints."""
 
-    def __init__(self, session: Session, envelopes: list[dict[str, Any]]) -> None:
+    steps: dict[str, Any]
+    workflows: dict[str, Any]
+    endpoints: dict[str, list[WebhookEndpoint]]
+
+    @classmethod
+    def read(cls, session: Session, envelopes: list[dict[str, Any]]) -> Lookup:
+        """Three queries for the whole batch."""
         step_ids = {e["step_id"] for e in envelopes if e.get("step_id")}
         workflow_ids = {e["workflow_id"] for e in envelopes if e.get("workflow_id")}
         customers = {e["customer_id"] for e in envelopes if e.get("customer_id")}
-        self.steps = (
+        steps = (
             {
                 row.id: row
                 for row in session.execute(
@@ -195,7 +183,7 @@ class Lookup:
             if step_ids
             else {}
         )
-        self.workflows = (
+        workflows = (
             {
                 row.id: row
                 for row in session.execute(
@@ -207,7 +195,7 @@ class Lookup:
             if workflow_ids
             else {}
         )
-        self.endpoints: dict[str, list[WebhookEndpoint]] = {c: [] for c in customers}
+        endpoints: dict[str, list[WebhookEndpoint]] = {c: [] for c in customers}
         if customers:
             for endpoint in session.scalars(
                 select(WebhookEndpoint).where(
@@ -215,7 +203,8 @@ class Lookup:
                     WebhookEndpoint.active.is_(True),
                 )
             ):
-                self.endpoints[endpoint.customer_id].append(endpoint)
+                endpoints[endpoint.customer_id].append(endpoint)
+        return cls(steps, workflows, endpoints)
 
 
 def targets_for(lookup: Lookup, envelope: dict[str, Any]) -> list[Target]:
