@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import select
 
 from bench import scratch
+from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.core.priority import broker_priority
 from emp_tasks.store import db, dispatch, redisdb
 from emp_tasks.store.models import Attempt, Step
@@ -270,7 +271,7 @@ def test_redelivered_task_does_not_run_the_step_twice(client, start_worker):
     start_worker("redeliver-sim", "redeliver-1", concurrency=2)
     step_id = submit(client, "redeliver-sim", {"duration_s": 1})
     running = wait_for_status(client, step_id, {"running"})
-    spec = dispatch.spec(step_id, running["queue"], 50)
+    spec = DispatchInstruction.for_step(step_id, running["queue"], 50)
     dispatch.send(spec)  # what Redis' visibility timeout would do: the same task again
     step = wait_for_status(client, step_id, {"completed"})
     dispatch.send(spec)  # and once more after completion

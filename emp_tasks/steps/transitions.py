@@ -28,7 +28,7 @@ from emp_tasks.core.status import ACTIVE_STEP_STATUSES, StepStatus, step_may_bec
 from emp_tasks.core.times import iso, now
 from emp_tasks.routes import queues, routing
 from emp_tasks.specs import StepCreate
-from emp_tasks.store import dispatch, outbox
+from emp_tasks.store import outbox
 from emp_tasks.store.models import Attempt, Step, Workflow
 
 S = StepStatus
@@ -66,8 +66,8 @@ def _queue_spec(session: Session, step: Step) -> DispatchInstruction:
 
 def task_spec(step: Any, not_before: datetime | None = None) -> DispatchInstruction:
     """How to send the task of a step (or a row with its columns); the continuation rule
-    (see routing) applies to a workflow step that had dependencies."""
-    return dispatch.spec(
+    (see emp_tasks.core.priority) applies to a workflow step that had dependencies."""
+    return DispatchInstruction.for_step(
         step.id,
         step.queue,
         step.priority,

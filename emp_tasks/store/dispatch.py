@@ -31,21 +31,6 @@ EPOCH_KEY = "emp:broker-epoch"
 _DEFAULT_EXCHANGE = Exchange("")
 
 
-def spec(
-    step_id: str,
-    queue: str,
-    priority: int,
-    not_before: datetime | None = None,
-    continuation: bool = False,
-) -> DispatchInstruction:
-    """What the relay needs to send this step's task: stored in the outbox row.
-
-    `queue`: the step's route queue; `continuation`: the step continues a workflow
-    under way (see routing).
-    """
-    return DispatchInstruction.for_step(step_id, queue, priority, not_before, continuation)
-
-
 def _signature(dispatch: DispatchInstruction) -> Signature:
     """The step's task, addressed to its queue's list; a future `not_before` is a countdown.
 

@@ -79,8 +79,8 @@ def record(
 ) -> Envelope:
     """Add the event to the outbox in the caller's transaction and return its envelope.
 
-    `dispatch` (see emp_tasks.store.dispatch.spec) makes the publisher send the step's task
-    when it publishes this event.
+    `dispatch` (emp_tasks.core.dispatch_instruction) makes the publisher send the
+    step's task when it publishes this event.
 
     The aggregate is remembered on the session so that the transaction's
     after-commit hook can publish it at once (the fast path).
