@@ -3,7 +3,7 @@
 GPU work is long and must not be lost: acknowledge late, give a task back when
 its worker dies, and let each worker process hold one task at a time. A task
 that Redis redelivers is harmless because the worker re-checks the step in
-PostgreSQL before running it (see emp_tasks.steps.commands.begin).
+PostgreSQL before running it (see emp_tasks.steps.attempts.begin).
 """
 
 from emp_tasks.core.config import get_settings

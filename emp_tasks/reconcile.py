@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from emp_tasks import workers
-from emp_tasks.steps import commands as steps
+from emp_tasks.steps import recovery
 from emp_tasks.store import dispatch
 
 logger = logging.getLogger(__name__)
@@ -33,16 +33,16 @@ class Report:
 def run_once() -> Report:
     report = Report()
     report.offline = len(workers.mark_silent_offline())
-    for step_id, attempt in steps.expired_leases():
-        if steps.lose(step_id, attempt).status is not None:
+    for step_id, attempt in recovery.expired_leases():
+        if recovery.lose(step_id, attempt).status is not None:
             report.lost += 1
-    for step_id in steps.overdue():
-        if steps.expire(step_id):
+    for step_id in recovery.overdue():
+        if recovery.expire(step_id):
             report.expired += 1
     if dispatch.broker_lost_data():
         logger.warning(
             "Broker data lost; re-sending every pending step",
             extra={"action": "broker_data_lost"},
         )
-        report.redispatched = steps.redispatch_pending()
+        report.redispatched = recovery.redispatch_pending()
     return report

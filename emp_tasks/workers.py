@@ -29,8 +29,7 @@ from emp_tasks.core.status import ACTIVE_STEP_STATUSES, LIVE_WORKER_STATUSES, Wo
 from emp_tasks.core.times import now
 from emp_tasks.routes import queues
 from emp_tasks.routes.capabilities import Capabilities
-from emp_tasks.steps import commands as steps
-from emp_tasks.steps import transitions
+from emp_tasks.steps import recovery, transitions
 from emp_tasks.store import db, outbox
 from emp_tasks.store.models import Machine, Step, Worker
 
@@ -137,7 +136,7 @@ def register(
         )
         orphans = _active_steps(session, [worker_id])
         for step in orphans:
-            steps.requeue(session, step, "WORKER_RESTARTED", f"worker {worker_id} restarted")
+            recovery.requeue(session, step, "WORKER_RESTARTED", f"worker {worker_id} restarted")
     queues.nudge_workers(f"worker:{worker_id}")
     return status
 
@@ -246,7 +245,7 @@ def remove_machine(machine_id: str) -> dict[str, Any]:
                 _set_status(session, worker, W.REMOVED, f"machine {machine_id} removed")
         requeued = []
         for step in _active_steps(session, [worker.id for worker in fleet]):
-            steps.requeue(session, step, "MACHINE_REMOVED", f"machine {machine_id} was removed")
+            recovery.requeue(session, step, "MACHINE_REMOVED", f"machine {machine_id} was removed")
             requeued.append(step.id)
     queues.forget_live()
     queues.nudge_workers(f"machine:{machine_id}")
@@ -294,7 +293,7 @@ def mark_silent_offline(limit: int = 100) -> list[str]:
             worker.queues = []
             _set_status(session, worker, W.OFFLINE, f"no heartbeat for {silence:.1f} s")
         for step in _active_steps(session, [worker.id for worker in silent]):
-            steps.lose_with_worker(session, step)
+            recovery.lose_with_worker(session, step)
     return [worker.id for worker in silent]
 
 

@@ -250,7 +250,7 @@ def test_killed_worker_step_completes_on_another_worker_exactly_once(client, sta
 
 def test_late_result_of_a_superseded_attempt_is_ignored(client, start_worker):
     from emp_tasks.core.errors import StepError
-    from emp_tasks.steps import commands as steps
+    from emp_tasks.steps import attempts
 
     doomed = start_worker("late-sim", "late-doomed")
     step_id = submit(client, "late-sim", {"duration_s": 30})
@@ -258,10 +258,10 @@ def test_late_result_of_a_superseded_attempt_is_ignored(client, start_worker):
     kill_9(doomed)
     start_worker("late-sim", "late-survivor")
     wait_for(lambda: (a := attempts_of(step_id)) and len(a) == 2 and a)
-    assert steps.complete(step_id, 1, {"stale": True}, 1) is False
-    assert steps.report_progress(step_id, 1, 99.0) is False
+    assert attempts.complete(step_id, 1, {"stale": True}, 1) is False
+    assert attempts.report_progress(step_id, 1, 99.0) is False
     late = StepError(code="X", message="late failure", type="system", retryable=True)
-    assert steps.fail(step_id, 1, late).status is None
+    assert attempts.fail(step_id, 1, late).status is None
     step = client.get(f"/api/steps/{step_id}", headers=headers()).get_json()["step"]
     assert step["result"] is None and step["attempts"] == 2 and step["status"] == "running"
     client.post(f"/api/steps/{step_id}/cancel", headers=headers())

@@ -10,7 +10,7 @@ from flask import Blueprint, Response
 from emp_tasks.auth import Principal
 from emp_tasks.core.status import StepStatus
 from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
-from emp_tasks.steps import commands as steps
+from emp_tasks.steps import client, queries
 from emp_tasks.store.models import Step
 from web.endpoints import endpoint, ok
 from web.presenters import step_object
@@ -83,19 +83,19 @@ def create_job(principal: Principal, body: StepCreate) -> Response:
 @endpoint(bp, "/api/jobs", query=StepListQuery, tags=TAGS, summary="List jobs, newest first")
 def list_jobs(principal: Principal, query: StepListQuery) -> Response:
     filters = {"status": query.status, "service": query.service, "workflow_id": query.workflow_id}
-    page, next_cursor = steps.list_steps(
+    page, next_cursor = queries.list_steps(
         principal, limit=query.limit, cursor=query.cursor, **filters
     )
     return ok(
         jobs=[job_object(s) for s in page],
-        total=steps.count_steps(principal, **filters),
+        total=queries.count_steps(principal, **filters),
         next_cursor=next_cursor,
     )
 
 
 @endpoint(bp, "/api/jobs/stats", query=StatsQuery, tags=TAGS, summary="Job counts")
 def job_stats(principal: Principal, query: StatsQuery) -> Response:
-    return ok(timeframe=query.timeframe, stats=steps.stats(principal, query.timeframe))
+    return ok(timeframe=query.timeframe, stats=queries.stats(principal, query.timeframe))
 
 
 @endpoint(
@@ -107,7 +107,7 @@ def job_stats(principal: Principal, query: StatsQuery) -> Response:
     summary="Get a job",
 )
 def get_job(principal: Principal, job_id: str) -> Response:
-    return ok(job=job_object(steps.get(job_id, principal)))
+    return ok(job=job_object(queries.get(job_id, principal)))
 
 
 @endpoint(
@@ -119,7 +119,7 @@ def get_job(principal: Principal, job_id: str) -> Response:
     summary="Get a job (deprecated)",
 )
 def get_job_legacy(principal: Principal, job_id: str) -> Response:
-    return ok(job=job_object(steps.get(job_id, principal)))
+    return ok(job=job_object(queries.get(job_id, principal)))
 
 
 @endpoint(
@@ -132,5 +132,5 @@ def get_job_legacy(principal: Principal, job_id: str) -> Response:
     summary="Cancel a job",
 )
 def cancel_job(principal: Principal, job_id: str, body: CancelRequest) -> Response:
-    steps.cancel(job_id, principal, body.reason)
+    client.cancel(job_id, principal, body.reason)
     return ok(message=f"job {job_id} cancelled")

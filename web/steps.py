@@ -1,4 +1,4 @@
-"""Steps API routes: parse, authorise, call emp_tasks.steps.commands, serialise."""
+"""Steps API routes: parse, authorise, call emp_tasks.steps (client, queries), serialise."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from flask import Blueprint, Response, g
 from emp_tasks.auth import Principal
 from emp_tasks.routes import queues
 from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
-from emp_tasks.steps import commands as steps
+from emp_tasks.steps import client, queries
 from web.endpoints import endpoint, idempotency_key, ok
 from web.presenters import attempt_object, step_object
 
@@ -18,7 +18,7 @@ TAGS = ("steps",)
 
 def submit(body: StepCreate, principal: Principal):
     """Shared by every submit route: returns (step, created)."""
-    return steps.submit(
+    return client.submit(
         body, principal, correlation_id=g.correlation_id, idempotency_key=idempotency_key()
     )
 
@@ -47,7 +47,7 @@ def create_step(principal: Principal, body: StepCreate) -> Response:
 
 @endpoint(bp, "/api/steps", query=StepListQuery, tags=TAGS, summary="List steps, newest first")
 def list_steps(principal: Principal, query: StepListQuery) -> Response:
-    page, next_cursor = steps.list_steps(
+    page, next_cursor = queries.list_steps(
         principal,
         status=query.status,
         service=query.service,
@@ -60,23 +60,23 @@ def list_steps(principal: Principal, query: StepListQuery) -> Response:
 
 @endpoint(bp, "/api/steps/stats", query=StatsQuery, tags=TAGS, summary="Step counts")
 def step_stats(principal: Principal, query: StatsQuery) -> Response:
-    return ok(timeframe=query.timeframe, stats=steps.stats(principal, query.timeframe))
+    return ok(timeframe=query.timeframe, stats=queries.stats(principal, query.timeframe))
 
 
 @endpoint(bp, "/api/steps/<step_id>", aliases=("/step/<step_id>",), tags=TAGS, summary="Get a step")
 def get_step(principal: Principal, step_id: str) -> Response:
-    step = steps.get(step_id, principal)
+    step = queries.get(step_id, principal)
     return ok(step=step_object(step), warnings=queues.step_warnings(step))
 
 
 @endpoint(bp, "/api/steps/<step_id>/attempts", tags=TAGS, summary="A step's attempts")
 def step_attempts(principal: Principal, step_id: str) -> Response:
-    return ok(attempts=[attempt_object(a) for a in steps.attempts(step_id, principal)])
+    return ok(attempts=[attempt_object(a) for a in queries.attempts(step_id, principal)])
 
 
 @endpoint(bp, "/api/steps/<step_id>/events", tags=TAGS, summary="A step's events, oldest first")
 def step_events(principal: Principal, step_id: str) -> Response:
-    return ok(events=steps.history(step_id, principal))
+    return ok(events=queries.history(step_id, principal))
 
 
 @endpoint(
@@ -88,7 +88,7 @@ def step_events(principal: Principal, step_id: str) -> Response:
     summary="Cancel a step; a running one is stopped on its worker",
 )
 def cancel_step(principal: Principal, step_id: str, body: CancelRequest) -> Response:
-    return ok(step=step_object(steps.cancel(step_id, principal, body.reason)))
+    return ok(step=step_object(client.cancel(step_id, principal, body.reason)))
 
 
 @endpoint(
@@ -99,4 +99,4 @@ def cancel_step(principal: Principal, step_id: str, body: CancelRequest) -> Resp
     summary="Queue a failed or cancelled step again as a new attempt",
 )
 def retry_step(principal: Principal, step_id: str) -> Response:
-    return ok(step=step_object(steps.retry(step_id, principal)))
+    return ok(step=step_object(client.retry(step_id, principal)))

@@ -43,7 +43,7 @@ from wsproto.events import BytesMessage, Event, TextMessage
 from emp_tasks import auth, live, workers
 from emp_tasks.core.config import get_settings
 from emp_tasks.routes import queues
-from emp_tasks.steps import commands as steps
+from emp_tasks.steps import queries
 from web import inbound
 from web.endpoints import ROUTES, Route, presented_key, throttled_authenticate
 from web.errors import ApiError, error_response
@@ -372,7 +372,7 @@ class Session:
                 "machines": [machine_object(m) for m in workers.list_machines()],
                 "workers": [worker_object(w) for w in workers.list_workers()],
                 "queues": queues.list_queues(self.principal),
-                "counts": steps.stats(self.principal, "day"),
+                "counts": queries.stats(self.principal, "day"),
                 "subscribers": live.hub().count(),
                 "sockets": _socket_counts(),
             }

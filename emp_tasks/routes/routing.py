@@ -3,7 +3,7 @@
 Routes. A step's route is its service, its requirements and its customer; each
 route is one Celery queue, `emp.<service>.<digest>`, recorded in the `routes`
 table. A worker consumes every queue whose route it satisfies (`unmet` is
-empty) and no other, and `steps.begin` checks the same rule again from
+empty) and no other, and `steps.attempts.begin` checks the same rule again from
 PostgreSQL before a step starts, so a step never runs on a worker that lacks
 its service, VRAM or models, or on a worker that does not serve its customer.
 The customer is part of every route so that a strict-isolation worker can

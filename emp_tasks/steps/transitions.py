@@ -3,12 +3,12 @@
 `apply` checks the transition table (emp_tasks.core.status), updates the row and
 records the event in the caller's transaction; `emit` records an event that
 keeps the status (progress). The transitions a workflow drives (`release`,
-`skip`, `cancel`) are here too, shared by the step commands (emp_tasks.steps.commands)
-and the workflow DAG (emp_tasks.steps.workflows).
+`skip`, `cancel`) are here too, shared by the step commands (`client`, `attempts`,
+`recovery` in emp_tasks.steps) and the workflow DAG (emp_tasks.steps.workflows).
 
 This layer knows nothing of workflows: a transition never advances one. The
-commands in `steps` call `workflows` after a step finishes, and `workflows`
-calls these transitions, so the two only ever call downwards.
+commands call `workflows` after a step finishes, and `workflows` calls these
+transitions, so the two only ever call downwards.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from emp_tasks.store import outbox
 from emp_tasks.store.models import Attempt, Step, Workflow
 
 S = StepStatus
+
+EXPIRED = "EXPIRED"
 
 
 def emit(
@@ -188,11 +190,30 @@ def skip(session: Session, step: Step, reason: str) -> None:
 
 
 def cancel(session: Session, step: Step, reason: str) -> None:
-    """Cancel an unfinished step. Its workflow is not advanced here (see steps.cancel)."""
+    """Cancel an unfinished step. Its workflow is not advanced here (see steps.client.cancel)."""
     finish_attempt(session, step, "cancelled", None)
     step.cancel_reason = reason
     step.completed_at = now()
     apply(session, step, S.CANCELLED, EventType.STEP_CANCELLED, {"reason": reason})
+
+
+def expire(session: Session, step: Step) -> None:
+    """Fail a pending step whose queue deadline passed; it never starts. Its workflow
+    is not advanced here (see steps.recovery.expire and steps.attempts.begin)."""
+    step.error = StepError(
+        code=EXPIRED,
+        message="the step did not start before its queue deadline (expires_in_s)",
+        type="timeout",
+        retryable=False,
+    ).to_json()
+    step.completed_at = now()
+    apply(
+        session,
+        step,
+        S.FAILED,
+        EventType.STEP_FAILED,
+        {"error": step.error, "attempts": step.attempts},
+    )
 
 
 def queue_retry(session: Session, step: Step, error: StepError, at: datetime) -> None:

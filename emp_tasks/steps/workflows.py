@@ -289,7 +289,10 @@ def on_step_started(session: Session, step: Step) -> None:
 
 
 def on_step_finished(session: Session, step: Step) -> None:
-    """Advance the workflow after one of its steps reached a terminal status."""
+    """Advance the workflow after one of its steps reached a terminal status (a step
+    outside any workflow changes nothing)."""
+    if step.workflow_id is None:
+        return
     workflow = session.get(Workflow, step.workflow_id)
     if workflow is None:
         return

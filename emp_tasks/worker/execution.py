@@ -16,7 +16,7 @@ from typing import Any
 from emp_tasks import connectors, metrics
 from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted, StepRun
 from emp_tasks.core.config import get_settings
-from emp_tasks.steps import commands as steps
+from emp_tasks.steps import attempts
 from emp_tasks.store import dispatch
 from emp_tasks.worker import leases, presence
 
@@ -45,7 +45,7 @@ class _StopSignal:
             return True
         if now >= self._next_check:
             self._next_check = now + STOP_CHECK_INTERVAL_S
-            self.superseded = steps.should_stop(self.run.step_id, self.run.attempt)
+            self.superseded = attempts.should_stop(self.run.step_id, self.run.attempt)
         return self.superseded
 
 
@@ -58,20 +58,20 @@ def run_step(step_id: str) -> str:
     settings = get_settings()
     here = presence.current()
     if here is not None and not here.accepting():
-        steps.send_again(step_id)
+        attempts.send_again(step_id)
         logger.info(
             "Worker not accepting work; step handed back",
             extra={"action": "step_handed_back", "step_id": step_id, "reason": "draining"},
         )
         return "handed back"
     try:
-        run = steps.begin(
+        run = attempts.begin(
             step_id,
             settings.worker_id,
             settings.machine_id,
             caps=here.caps if here is not None else None,
         )
-    except steps.NotServable as refused:
+    except attempts.NotServable as refused:
         dispatch.send(refused.dispatch_spec)
         logger.warning(
             "Step needs what this worker lacks; handed back",
@@ -95,7 +95,7 @@ def _run_attempt(run: StepRun) -> str:
     step_id = run.step_id
     connector = connectors.get(run.service)
     if connector is None:
-        outcome = steps.fail(
+        outcome = attempts.fail(
             step_id,
             run.attempt,
             StepFailure(
@@ -110,7 +110,7 @@ def _run_attempt(run: StepRun) -> str:
     def report_progress(
         progress: float, stage: str | None = None, message: str | None = None
     ) -> None:
-        if not steps.report_progress(step_id, run.attempt, progress, stage, message):
+        if not attempts.report_progress(step_id, run.attempt, progress, stage, message):
             stop.superseded = True
 
     log = {"step_id": step_id, "attempt": run.attempt, "service": run.service}
@@ -140,7 +140,7 @@ def _run_attempt(run: StepRun) -> str:
     if stop.timed_out:
         return _fail(run, _timeout_failure(run))
     duration_ms = int((time.monotonic() - stop.started) * 1000)
-    if steps.complete(step_id, run.attempt, result, duration_ms):
+    if attempts.complete(step_id, run.attempt, result, duration_ms):
         return "completed"
     return "superseded"
 
@@ -154,5 +154,5 @@ def _timeout_failure(run: StepRun) -> StepFailure:
 
 
 def _fail(run: StepRun, failure: StepFailure, detail: str | None = None) -> str:
-    outcome = steps.fail(run.step_id, run.attempt, failure.as_error(detail or None))
+    outcome = attempts.fail(run.step_id, run.attempt, failure.as_error(detail or None))
     return "superseded" if outcome.status is None else str(outcome.status)

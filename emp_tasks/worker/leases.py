@@ -1,6 +1,6 @@
 """Attempt leases: a worker process keeps renewing the lease of every step it runs.
 
-`begin` grants a lease of EMP_LEASE_TIMEOUT_S; while the attempt runs, a thread
+`steps.attempts.begin` grants a lease of EMP_LEASE_TIMEOUT_S; while the attempt runs, a thread
 in the same process renews it every third of that. When the process dies
 (`kill -9`, a lost machine), renewals stop and the relay's reconcile loop
 re-queues the step as a new attempt; the dead attempt is fenced out.
@@ -14,7 +14,7 @@ import threading
 import time
 
 from emp_tasks.core.config import get_settings
-from emp_tasks.steps import commands as steps
+from emp_tasks.steps import attempts as step_attempts
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,6 @@ def _renew_forever() -> None:
         if not attempts:
             continue
         try:
-            steps.renew_leases(attempts)
+            step_attempts.renew_leases(attempts)
         except Exception:
             logger.exception("Lease renewal failed", extra={"action": "lease_renew_failed"})

@@ -24,7 +24,10 @@ SERVICE_URLS = {
 WORKER_CODE = {
     "emp_tasks.worker.tasks",
     "emp_tasks.worker.execution",
-    "emp_tasks.steps.commands",
+    "emp_tasks.steps.attempts",
+    "emp_tasks.steps.client",
+    "emp_tasks.steps.recovery",
+    "emp_tasks.steps.queries",
     "emp_tasks.worker.presence",
     "emp_tasks.worker.leases",
 }

@@ -41,15 +41,15 @@ def test_the_tree_keeps_every_contract(tree: Path):
 
 def test_core_importing_a_domain_module_breaks_the_layers(tree: Path):
     with (tree / "emp_tasks" / "core" / "ids.py").open("a") as module:
-        module.write("\nfrom emp_tasks.steps import commands  # noqa\n")
+        module.write("\nfrom emp_tasks.steps import client  # noqa\n")
     result = lint(tree)
     assert result.returncode != 0
-    assert "emp_tasks.core.ids -> emp_tasks.steps.commands" in result.stdout
+    assert "emp_tasks.core.ids -> emp_tasks.steps.client" in result.stdout
 
 
 def test_an_import_inside_a_function_that_closes_a_circle_is_refused(tree: Path):
     with (tree / "emp_tasks" / "steps" / "transitions.py").open("a") as module:
-        module.write("\n\ndef _late():\n    from emp_tasks.steps import commands  # noqa\n")
+        module.write("\n\ndef _late():\n    from emp_tasks.steps import attempts  # noqa\n")
     result = lint(tree)
     assert result.returncode != 0
-    assert "emp_tasks.steps.transitions -> emp_tasks.steps.commands" in result.stdout
+    assert "emp_tasks.steps.transitions -> emp_tasks.steps.attempts" in result.stdout

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from emp_tasks.core import config
-from emp_tasks.steps.commands import retry_delay_s
+from emp_tasks.steps.attempts import retry_delay_s
 
 
 @pytest.fixture
