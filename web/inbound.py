@@ -77,6 +77,12 @@ def _too_deep(field: str) -> InboundRefused:
     )
 
 
+STORABLE_TEXT_PATTERN = "^[^\\x00]*$"
+"""What `text_problem` allows, as a JSON Schema pattern for the OpenAPI document. Lone
+UTF-16 surrogates are refused too; a regular expression cannot name them (they are not
+characters), so the document's descriptions say so."""
+
+
 def text_problem(text: str) -> str | None:
     """Why PostgreSQL could not store this text, or None when it can."""
     if "\x00" in text:
@@ -125,7 +131,10 @@ def check_url_text(path: str, query: dict[str, list[str]]) -> None:
     if problem:
         raise InboundRefused("path", problem, "text_invalid")
     for name, values in query.items():
-        for text in (name, *values):
-            problem = text_problem(text)
+        problem = text_problem(name)
+        if problem:
+            raise InboundRefused("query", f"a parameter name {problem}", "text_invalid")
+        for value in values:
+            problem = text_problem(value)
             if problem:
-                raise InboundRefused(name if text is not name else "query", problem, "text_invalid")
+                raise InboundRefused(name, problem, "text_invalid")

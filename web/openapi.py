@@ -10,7 +10,12 @@ from pydantic import BaseModel
 
 from emp_tasks import __version__
 from web.endpoints import ROUTES, Route
-from web.inbound import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY, MAX_JSON_DEPTH
+from web.inbound import (
+    IDEMPOTENCY_KEY_PATTERN,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_JSON_DEPTH,
+    STORABLE_TEXT_PATTERN,
+)
 
 REF = "#/components/schemas/{model}"
 
@@ -43,24 +48,22 @@ ERROR_STATUSES = {
     503: "UNAVAILABLE",
 }
 
-STORABLE_TEXT = "^[^\\x00]*$"
-"""Text PostgreSQL can store: no NUL (web.inbound). Lone UTF-16 surrogates are refused too;
-a regular expression cannot name them (they are not characters), so descriptions say so."""
-
 JSON_VALUE = {
     "description": (
         f"Any JSON value nested at most {MAX_JSON_DEPTH} levels deep (counted from the request"
         " body), with finite numbers and text without NUL characters or lone surrogates"
     ),
     "anyOf": [
-        {"type": "string", "pattern": STORABLE_TEXT},
+        {"type": "string", "pattern": STORABLE_TEXT_PATTERN},
         {"type": "number"},
         {"type": "boolean"},
         {"type": "null"},
         {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
         {
             "type": "object",
-            "patternProperties": {STORABLE_TEXT: {"$ref": "#/components/schemas/JsonValue"}},
+            "patternProperties": {
+                STORABLE_TEXT_PATTERN: {"$ref": "#/components/schemas/JsonValue"}
+            },
             "additionalProperties": False,
         },
     ],
@@ -106,11 +109,11 @@ def _describe_storable(node: Any) -> None:
         if short in node and node.get("type") in ("number", "integer"):
             node[long] = node.pop(short)
     if node.get("type") == "string" and not {"pattern", "enum", "const", "format"} & set(node):
-        node["pattern"] = STORABLE_TEXT
+        node["pattern"] = STORABLE_TEXT_PATTERN
     if node.get("type") == "object" and node.get("additionalProperties", True) is True:
         # Keys as text we can store, any (storable) value: said as patternProperties,
         # which schema-driven generators honour where some ignore propertyNames.
-        node["patternProperties"] = {STORABLE_TEXT: {"$ref": REF.format(model="JsonValue")}}
+        node["patternProperties"] = {STORABLE_TEXT_PATTERN: {"$ref": REF.format(model="JsonValue")}}
         node["additionalProperties"] = False
     for key, value in node.items():
         if key == "properties":
