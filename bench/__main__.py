@@ -69,6 +69,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds each system has to complete all steps (default 30 + 0.1 per step)",
     )
     parser.add_argument(
+        "--progress-steps",
+        type=int,
+        default=300,
+        help="steps (and bare tasks) with 4 progress reports each, after the no-op ones "
+        "(300; 0 skips the row)",
+    )
+    parser.add_argument(
+        "--single-submits",
+        type=int,
+        default=300,
+        help="submits from one client, one at a time, to EMP Tasks and to a minimal Flask "
+        "endpoint calling apply_async (300; 0 skips the row)",
+    )
+    parser.add_argument(
         "--no-prefork", action="store_true", help="skip the prefork bare Celery baseline"
     )
     parser.add_argument(
@@ -204,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "warmup": args.warmup,
         "status_requests": args.status_requests,
+        "progress_steps": args.progress_steps,
+        "single_submits": args.single_submits,
         "timeout_s": args.timeout,
         "workflows": shapes,
         "workflow_timeout_s": args.workflow_timeout,
@@ -235,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                     DATA_DIR / f"bare-{pool}.log",
                     workflows=shapes if pool == WORKFLOW_POOL else (),
                     workflow_timeout_s=args.workflow_timeout,
+                    progress_tasks=args.progress_steps if pool == WORKFLOW_POOL else 0,
+                    single_submits=args.single_submits if pool == WORKFLOW_POOL else 0,
+                    peer_port=ours.free_port(),
                 )
             )
         if not args.no_sockets:
@@ -267,7 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(mine, baselines, shapes, hooks, live, sockets))
     print(
         "Worker concurrency 2 everywhere (EMP Tasks: `emp worker`, threads pool). "
-        "Ratio = EMP Tasks / baseline in steps/s: above 1 EMP Tasks is faster, below 1 slower."
+        "Ratio = EMP Tasks / baseline in steps/s: above 1 EMP Tasks is faster, below 1 slower; "
+        "for times (latency, per hop, CPU per step) baseline / EMP Tasks, read the same way."
+    )
+    print(
+        "CPU rows: user + system CPU time of each process tree while the N no-op steps ran "
+        "(Procfile process with its children; PostgreSQL: every process of the server, "
+        "when local; Redis: the server, when local; client: this benchmark process, which "
+        "submits and polls), divided by the steps completed. Single-client row: one client "
+        "submitting one step at a time; bare Celery column: a minimal Flask endpoint under "
+        "gunicorn's threaded worker that only calls apply_async (bench.flask_peer). Progress "
+        "rows: the same measure with each step reporting progress 4 times; bare Celery: a task "
+        "calling update_state 4 times."
     )
     if shapes:
         print(

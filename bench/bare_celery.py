@@ -16,6 +16,7 @@ from celery import Celery
 REDIS_URL_ENV = "EMP_BENCH_REDIS_URL"
 QUEUE = "bench.bare"
 NOOP = "bench.noop"
+PROGRESS_NOOP = "bench.progress_noop"
 
 
 def _redis_url() -> str:
@@ -40,4 +41,13 @@ app.conf.update(
 @app.task(name=NOOP)
 def noop(index: int) -> dict[str, Any]:
     """Do nothing; return a small dict so the result backend carries a real value."""
+    return {"ok": True, "index": index}
+
+
+@app.task(name=PROGRESS_NOOP, bind=True)
+def progress_noop(self: Any, index: int, reports: int) -> dict[str, Any]:
+    """Report progress `reports` times the way Celery does (result backend states), then
+    return like `noop`: the peer of a step with progress reports."""
+    for report in range(1, reports + 1):
+        self.update_state(state="PROGRESS", meta={"progress": 100 * report / (reports + 1)})
     return {"ok": True, "index": index}

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.cpu import CpuMeter
+from bench.ours import PROGRESS_REPORTS
 from bench.stats import BenchError, Deadline, Result, WorkflowResult
 from bench.workflows import Shape
 from emp_tasks.store.db import ROOT
@@ -97,7 +99,7 @@ def _wait_until_serving(process: subprocess.Popen[bytes], log_path: Path) -> Non
 
 
 def _send_and_collect(
-    indexes: range, deadline: Deadline
+    indexes: range, deadline: Deadline, progress_reports: int = 0
 ) -> tuple[int, float | None, list[str], float | None]:
     """One client thread: send its share, then wait for each result.
 
@@ -107,7 +109,10 @@ def _send_and_collect(
     from bench import bare_celery
 
     first_send = time.perf_counter()
-    pending = [bare_celery.noop.delay(index) for index in indexes]
+    if progress_reports:
+        pending = [bare_celery.progress_noop.delay(i, progress_reports) for i in indexes]
+    else:
+        pending = [bare_celery.noop.delay(index) for index in indexes]
     done, last, errors = 0, None, []
     for result in pending:
         try:
@@ -125,13 +130,27 @@ def _send_and_collect(
     return done, last, errors, first_send
 
 
-def _batch(count: int, threads: int, deadline: Deadline, result: Result | None) -> int:
-    """Send `count` tasks from `threads` clients and wait for all; fill `result` if given."""
+def _batch(
+    count: int,
+    threads: int,
+    deadline: Deadline,
+    result: Result | None,
+    meter: CpuMeter | None = None,
+    progress_reports: int = 0,
+) -> int:
+    """Send `count` tasks from `threads` clients and wait for all; fill `result` if given
+    (with the CPU `meter` measured over the batch)."""
     shares = [range(start, count, threads) for start in range(min(threads, count))]
     started = time.perf_counter()
+    if meter is not None:
+        meter.start()
     with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="bench-bare") as pool:
-        outcomes = list(pool.map(lambda share: _send_and_collect(share, deadline), shares))
+        outcomes = list(
+            pool.map(lambda share: _send_and_collect(share, deadline, progress_reports), shares)
+        )
     done = sum(outcome[0] for outcome in outcomes)
+    if meter is not None and result is not None:
+        result.cpu_s = meter.stop()
     if result is not None:
         result.submitted = count
         result.completed = done
@@ -181,10 +200,17 @@ def run(
     log_path: Path,
     workflows: Sequence[Shape] = (),
     workflow_timeout_s: float = 120.0,
+    progress_tasks: int = 0,
+    single_submits: int = 0,
+    peer_port: int = 0,
 ) -> Result:
-    """Run one bare Celery worker with `pool` and measure `tasks` no-op tasks end to end.
+    """Run one bare Celery worker with `pool` and measure `tasks` no-op tasks end to end,
+    with the CPU each process used.
 
-    Then each of `workflows`, one after another on the drained queue, with its own deadline.
+    Then `progress_tasks` tasks that report progress as often as the progress row's steps
+    do, each of `workflows`, one after another on the drained queue, with its own deadline,
+    and `single_submits` POSTs from one client to the Flask peer (bench.flask_peer) on
+    `peer_port`.
     """
     os.environ["EMP_BENCH_REDIS_URL"] = redis_url  # for the bare app in this process
     result = Result(name=f"bare Celery ({pool})", requested=tasks)
@@ -198,13 +224,30 @@ def run(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    meter = CpuMeter.for_system({"worker": process.pid}, None, redis_url)
     try:
         _wait_until_serving(process, log_path)
         if warmup:
             warmed = _batch(warmup, threads, Deadline(READY_TIMEOUT_S), None)
             if warmed != warmup:
                 raise BenchError(f"warm-up: {warmed} of {warmup} tasks came back")
-        _batch(tasks, threads, Deadline(timeout_s), result)
+        _batch(tasks, threads, Deadline(timeout_s), result, meter)
+        if progress_tasks and result.completed == tasks:
+            result.progress = Result(name=result.name, requested=progress_tasks)
+            _batch(
+                progress_tasks,
+                threads,
+                Deadline(timeout_s),
+                result.progress,
+                meter,
+                progress_reports=PROGRESS_REPORTS,
+            )
+        if single_submits:
+            from bench import flask_peer  # loads the bare app: EMP_BENCH_REDIS_URL is set now
+
+            with flask_peer.serve(peer_port, log_path.with_name("flask-peer.log")) as base:
+                result.single_submit_ms, errors = flask_peer.single_client(base, single_submits)
+            result.errors.extend(errors[:3])
         for shape in workflows:
             if process.poll() is not None or result.completed != tasks:
                 break  # reported below as not run

@@ -28,6 +28,7 @@ from typing import Any
 import requests
 from sqlalchemy import func, select
 
+from bench.cpu import CpuMeter
 from bench.live_rows import Audience, LiveRow
 from bench.scratch import Scratch
 from bench.stats import BenchError, Deadline, LiveResult, Result, WebhookResult, WorkflowResult
@@ -44,6 +45,8 @@ from emp_tasks.webhooks import delivery
 API_KEY = "bench-key"
 PROCESSES = ["web", "worker", "webhooks", "relay"]
 STEP_BODY = {"service": "simulation"}
+PROGRESS_REPORTS = 4
+PROGRESS_BODY = {"service": "simulation", "payload": {"progress_steps": PROGRESS_REPORTS}}
 START_TIMEOUT_S = 90.0
 WARMUP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
@@ -156,14 +159,16 @@ class _System:
             time.sleep(0.1)
 
 
-def _submit_one(clients: _Clients, deadline: Deadline) -> tuple[str | None, float, str | None]:
+def _submit_one(
+    clients: _Clients, deadline: Deadline, body: dict[str, Any] = STEP_BODY
+) -> tuple[str | None, float, str | None]:
     if deadline.expired:
         return None, 0.0, "submit deadline passed"
     started = time.perf_counter()
     try:
         response = clients.session().post(
             clients.base_url + "/api/steps",
-            json=STEP_BODY,
+            json=body,
             headers=clients.headers,
             timeout=REQUEST_TIMEOUT_S,
         )
@@ -176,12 +181,16 @@ def _submit_one(clients: _Clients, deadline: Deadline) -> tuple[str | None, floa
 
 
 def _submit(
-    clients: _Clients, count: int, threads: int, deadline: Deadline
+    clients: _Clients,
+    count: int,
+    threads: int,
+    deadline: Deadline,
+    body: dict[str, Any] = STEP_BODY,
 ) -> tuple[list[str], list[float], list[str], float, float]:
     """Submit `count` steps; return ids, latencies (ms), errors, and start and end times."""
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-submit") as pool:
-        outcomes = list(pool.map(lambda _: _submit_one(clients, deadline), range(count)))
+        outcomes = list(pool.map(lambda _: _submit_one(clients, deadline, body), range(count)))
     finished = time.perf_counter()
     ids = [step_id for step_id, _, _ in outcomes if step_id is not None]
     latencies = [ms for step_id, ms, _ in outcomes if step_id is not None]
@@ -238,37 +247,80 @@ def _status_latencies(
     return latencies, errors
 
 
-def _measure(system: _System, clients: _Clients, options: dict[str, Any], result: Result) -> None:
-    steps, threads = options["steps"], options["threads"]
-    warmup = options["warmup"]
-    if warmup:
-        deadline = Deadline(WARMUP_TIMEOUT_S)
-        ids, _, errors, _, _ = _submit(clients, warmup, threads, deadline)
-        if errors:
-            raise BenchError(f"warm-up submit failed: {errors[0]}")
-        counts, _ = _wait_terminal(system, ids, deadline)
-        if counts.get(StepStatus.COMPLETED, 0) != warmup:
-            raise BenchError(f"warm-up: steps not all completed: {counts}")
+def _warm_up(system: _System, clients: _Clients, count: int, threads: int) -> None:
+    deadline = Deadline(WARMUP_TIMEOUT_S)
+    ids, _, errors, _, _ = _submit(clients, count, threads, deadline)
+    if errors:
+        raise BenchError(f"warm-up submit failed: {errors[0]}")
+    counts, _ = _wait_terminal(system, ids, deadline)
+    if counts.get(StepStatus.COMPLETED, 0) != count:
+        raise BenchError(f"warm-up: steps not all completed: {counts}")
 
-    deadline = Deadline(options["timeout_s"])
-    ids, latencies, errors, started, submitted = _submit(clients, steps, threads, deadline)
+
+def _steps_phase(
+    system: _System,
+    clients: _Clients,
+    meter: CpuMeter,
+    result: Result,
+    threads: int,
+    timeout_s: float,
+    body: dict[str, Any],
+) -> list[str]:
+    """Submit `result.requested` steps and wait for all, CPU metered; return their ids."""
+    deadline = Deadline(timeout_s)
+    meter.start()
+    ids, latencies, errors, started, submitted = _submit(
+        clients, result.requested, threads, deadline, body
+    )
     result.submitted, result.submit_ms = len(ids), latencies
     result.submit_elapsed_s = submitted - started
     if errors:
         result.errors.append(f"{len(errors)} submits failed, first: {errors[0]}")
     if not ids:
-        return
+        return ids
     counts, seen = _wait_terminal(system, ids, deadline)
+    result.cpu_s = meter.stop()
     result.completed = counts.get(StepStatus.COMPLETED, 0)
     result.failed = sum(n for status, n in counts.items() if status != StepStatus.COMPLETED)
-    if result.completed == steps:
+    if result.completed == result.requested:
         result.elapsed_s = seen - started
     else:
         result.errors.append(f"steps by status at the deadline: {counts}")
+    return ids
 
+
+def _single_client(system: _System, clients: _Clients, count: int) -> tuple[list[float], list[str]]:
+    """`count` submits from one client, one after another (the steps run meanwhile), then
+    wait for those steps, so the next phase starts on an empty queue."""
+    deadline = Deadline(REQUEST_TIMEOUT_S + count)
+    outcomes = [_submit_one(clients, deadline) for _ in range(count)]
+    ids = [step_id for step_id, _, _ in outcomes if step_id]
+    errors = [error for _, _, error in outcomes if error]
+    counts, _ = _wait_terminal(system, ids, deadline)
+    if counts.get(StepStatus.COMPLETED, 0) != len(ids):
+        errors.append(f"single-client steps by status at the deadline: {counts}")
+    return [ms for step_id, ms, _ in outcomes if step_id], errors
+
+
+def _measure(
+    system: _System, clients: _Clients, meter: CpuMeter, options: dict[str, Any], result: Result
+) -> None:
+    steps, threads = options["steps"], options["threads"]
+    if options["warmup"]:
+        _warm_up(system, clients, options["warmup"], threads)
+    ids = _steps_phase(system, clients, meter, result, threads, options["timeout_s"], STEP_BODY)
+    if not ids:
+        return
     result.status_ms, errors = _status_latencies(clients, ids, options["status_requests"], threads)
     if errors:
         result.errors.append(f"{len(errors)} status reads failed, first: {errors[0]}")
+    if options.get("single_submits"):
+        result.single_submit_ms, errors = _single_client(system, clients, options["single_submits"])
+        if errors:
+            result.errors.append(f"{len(errors)} single-client submits failed: {errors[0]}")
+    if options.get("progress_steps") and result.completed == steps:
+        progress = result.progress = Result(name=result.name, requested=options["progress_steps"])
+        _steps_phase(system, clients, meter, progress, threads, options["timeout_s"], PROGRESS_BODY)
 
 
 def _workflow_row(workflow_id: str) -> Any:
@@ -677,7 +729,9 @@ def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
         group.start()
         system = _System(group, log_path)
         system.wait_ready(clients.base_url, Deadline(START_TIMEOUT_S))
-        _measure(system, clients, options, result)
+        pids = {name: process.pid for name, process in group.processes.items()}
+        meter = CpuMeter.for_system(pids, run.database_url, run.redis_url)
+        _measure(system, clients, meter, options, result)
         _measure_workflows(system, clients, options, result)
         _measure_webhook_rows(system, clients, options, result)
         _measure_live_rows(system, clients, options, result)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from bench.cpu import CLIENT, POSTGRES, REDIS
 from bench.live_rows import LiveRow
 from bench.socket_rows import SocketPhase, SocketResult
 from bench.stats import LiveResult, Result, WebhookResult, WorkflowResult, percentile
@@ -45,6 +46,70 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
     return f"{ours / theirs:.2f}"
 
 
+def _p50_of(values: list[float]) -> float | None:
+    return percentile(values, 50) if values else None
+
+
+CPU_ORDER = ("web", "worker", "relay", "webhooks", POSTGRES, REDIS, CLIENT)
+
+
+def _cpu_rows(ours: Result, baselines: list[Result], label: str = "") -> list[list[str]]:
+    """CPU ms per step of each process group, then the total without the bench's clients."""
+    groups = [g for g in CPU_ORDER if any(g in r.cpu_s for r in (ours, *baselines))]
+    groups += sorted({g for r in (ours, *baselines) for g in r.cpu_s} - set(groups))
+    rows = []
+    for group in groups:
+        cells = [f"{label}CPU per step: {group} (ms)", _number(ours.cpu_ms_per_step(group), 2)]
+        for baseline in baselines:
+            cells += [_number(baseline.cpu_ms_per_step(group), 2), ""]
+        rows.append(cells)
+    if groups:
+        total = [
+            f"{label}CPU per step: all but the bench's clients (ms)",
+            _number(ours.cpu_ms_per_step(), 2),
+        ]
+        for baseline in baselines:
+            theirs = baseline.cpu_ms_per_step()
+            total += [_number(theirs, 2), _ratio(theirs, ours.cpu_ms_per_step())]
+        rows.append(total)
+    return rows
+
+
+def _progress_rows(ours: Result, baselines: list[Result]) -> list[list[str]]:
+    """The no-op measure again with progress reports: throughput and total CPU per step."""
+    if ours.progress is None:
+        return []
+    mine = ours.progress
+    label = "with 4 progress reports per step: "
+    throughput = [f"{label}end-to-end throughput (steps/s)", _number(mine.throughput)]
+    cpu = [f"{label}CPU per step, all but the clients (ms)", _number(mine.cpu_ms_per_step(), 2)]
+    for baseline in baselines:
+        theirs = baseline.progress
+        if theirs is None:
+            throughput += [DASH, ""]
+            cpu += [DASH, ""]
+            continue
+        throughput += [_number(theirs.throughput), _ratio(mine.throughput, theirs.throughput)]
+        cpu += [
+            _number(theirs.cpu_ms_per_step(), 2),
+            _ratio(theirs.cpu_ms_per_step(), mine.cpu_ms_per_step()),
+        ]
+    return [throughput, cpu]
+
+
+def _single_submit_row(ours: Result, baselines: list[Result]) -> list[list[str]]:
+    if not ours.single_submit_ms:
+        return []
+    cells = ["single-client submit latency p50 / p99 (ms)", _latency(ours.single_submit_ms)]
+    for baseline in baselines:
+        peer = baseline.single_submit_ms
+        cells += [
+            _latency(peer) if peer else DASH,
+            _ratio(_p50_of(peer), _p50_of(ours.single_submit_ms)) if peer else "",
+        ]
+    return [cells]
+
+
 def _workflow_rows(ours: Result, baselines: list[Result], shape: Shape) -> list[list[str]]:
     """steps/s (with ratios), seconds, and for a chain ms per hop, of one workflow shape."""
 
@@ -66,7 +131,10 @@ def _workflow_rows(ours: Result, baselines: list[Result], shape: Shape) -> list[
         ratio = _ratio(mine and mine.throughput, theirs and theirs.throughput)
         throughput += [cell(theirs, _number(theirs and theirs.throughput)), ratio]
         elapsed += [cell(theirs, _number(theirs and theirs.elapsed_s, 2)), ""]
-        per_hop += [cell(theirs, _number(theirs and theirs.per_hop_ms)), ""]
+        per_hop += [
+            cell(theirs, _number(theirs and theirs.per_hop_ms)),
+            _ratio(theirs and theirs.per_hop_ms, mine and mine.per_hop_ms),
+        ]
     return [throughput, elapsed, per_hop] if shape.hops else [throughput, elapsed]
 
 
@@ -133,6 +201,9 @@ def table(
         for row in (submit_rate, submit, status):
             row += [DASH, ""]
     rows = [header, throughput, elapsed, submit_rate, submit, status]
+    rows += _single_submit_row(ours, baselines)
+    rows += _cpu_rows(ours, baselines)
+    rows += _progress_rows(ours, baselines)
     for shape in shapes:
         rows += _workflow_rows(ours, baselines, shape)
     rows += [_webhook_row(ours, baselines, row) for row in webhooks]

@@ -6,6 +6,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from bench.cpu import CLIENT
+
 
 class BenchError(RuntimeError):
     """A benchmark phase that could not finish (a process died, a deadline passed)."""
@@ -146,15 +148,36 @@ class Result:
     workflows: dict[str, WorkflowResult] = field(default_factory=dict)  # by Shape.key
     webhooks: dict[str, WebhookResult] = field(default_factory=dict)  # by WebhookRow.key
     live: dict[str, LiveResult] = field(default_factory=dict)  # by LiveRow.key
+    # CPU seconds each process (bench.cpu group) used while the N steps ran
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    # the same measure with 4 progress reports per step (a smaller N), if run
+    progress: Result | None = None
+    # one client submitting one step at a time (ms per call); bare Celery: the Flask peer
+    single_submit_ms: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         steps_ok = not self.errors and self.completed == self.requested
         workflows_ok = all(workflow.ok for workflow in self.workflows.values())
         webhooks_ok = all(hook.ok for hook in self.webhooks.values())
+        progress_ok = self.progress is None or self.progress.ok
         return (
-            steps_ok and workflows_ok and webhooks_ok and all(row.ok for row in self.live.values())
+            steps_ok
+            and workflows_ok
+            and webhooks_ok
+            and progress_ok
+            and all(row.ok for row in self.live.values())
         )
+
+    def cpu_ms_per_step(self, group: str | None = None) -> float | None:
+        """CPU milliseconds per completed step of one process group, or of all but the client."""
+        if not self.cpu_s or not self.completed:
+            return None
+        if group is not None:
+            used = self.cpu_s.get(group)
+            return None if used is None else used * 1000 / self.completed
+        total = sum(used for name, used in self.cpu_s.items() if name != CLIENT)
+        return total * 1000 / self.completed
 
     @property
     def throughput(self) -> float | None:
