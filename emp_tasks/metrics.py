@@ -7,9 +7,13 @@ The web runs as several processes that restart, and the work happens elsewhere
   are read from PostgreSQL and Redis with aggregate queries when Prometheus scrapes.
 - Histograms and counters of work done (step duration, queue wait, webhook
   attempts and latency) are recorded by the process that did the work into Redis
-  hashes, one MULTI/EXEC round trip per observation, so every process adds to the
-  same series and a restart loses nothing. Recording never fails the work it
-  measures: errors are logged and the observation is dropped.
+  hashes, so every process adds to the same series and a restart loses nothing
+  but the last second. An observation is one bucket's count (not one per bucket
+  it falls under: the cumulative form is computed at scrape time), the count and
+  the sum; the process adds its observations up in memory and a thread of its own
+  writes them every FLUSH_INTERVAL_S in one MULTI/EXEC (and at exit), so a step
+  costs its worker no Redis round trip at all. Recording never fails the work it
+  measures: errors are logged and the observations are dropped.
 
 Service names are chosen by tenants, so they cannot all become label values: a
 service is named in a label only once it is *admitted*, and at most
@@ -26,9 +30,11 @@ registry of prometheus_client is not used.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,7 +52,6 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 from redis import RedisError
-from redis.client import Pipeline
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -110,7 +115,8 @@ def recorded_service(service: str) -> str:
 
 @dataclass(frozen=True)
 class Histogram:
-    """A histogram kept in one Redis hash, one field per (label values, bucket)."""
+    """A histogram kept in one Redis hash, one field per (label values, bucket): the count of
+    observations in that bucket alone (above the bound before it), `+Inf` above the last."""
 
     name: str
     documentation: str
@@ -121,7 +127,9 @@ class Histogram:
 
     @property
     def key(self) -> str:
-        return KEY_PREFIX + self.name
+        # "buckets:": each field holds its own bucket's count. (The hashes without it held
+        # cumulative counts; they are no longer read.)
+        return KEY_PREFIX + "buckets:" + self.name
 
 
 @dataclass(frozen=True)
@@ -186,23 +194,26 @@ def _bound(upper: float) -> str:
     return floatToGoString(upper)
 
 
-def _observe(pipe: Pipeline, histogram: Histogram, labels: tuple[str, ...], value: float) -> None:
+INF = "+Inf"
+
+
+def _observe(histogram: Histogram, labels: tuple[str, ...], value: float) -> None:
     value = max(0.0, value)  # clocks of different machines may disagree a little
     series = _series(labels)
-    for upper in histogram.buckets:
-        if value <= upper:
-            pipe.hincrby(histogram.key, f"{series}|{_bound(upper)}", 1)
-    pipe.hincrby(histogram.key, f"{series}|count", 1)
-    pipe.hincrbyfloat(histogram.key, f"{series}|sum", value)
+    bucket = next((_bound(upper) for upper in histogram.buckets if value <= upper), INF)
+    _pending.add(histogram.key, f"{series}|{bucket}", 1)
+    _pending.add(histogram.key, f"{series}|count", 1)
+    _pending.add(histogram.key, f"{series}|sum", value)
 
 
 _last_warning = 0.0
 _warning_lock = threading.Lock()
 WARNING_INTERVAL_S = 60.0
+FLUSH_INTERVAL_S = 1.0
 
 
 def _dropped(what: str, exc: Exception) -> None:
-    """Log a lost observation, at most once a minute per process (Redis may be down)."""
+    """Log lost observations, at most once a minute per process (Redis may be down)."""
     global _last_warning
     with _warning_lock:
         if time.monotonic() - _last_warning < WARNING_INTERVAL_S:
@@ -214,14 +225,61 @@ def _dropped(what: str, exc: Exception) -> None:
     )
 
 
-def _record(what: str, write: Callable[[Pipeline], None]) -> None:
-    """Apply `write` to Redis in one MULTI/EXEC round trip; never raises."""
+class _Pending:
+    """Observations of this process not yet written to Redis, added up per hash field."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fields: dict[tuple[str, str], float] = {}
+        self._flusher: threading.Thread | None = None
+
+    def add(self, key: str, field: str, amount: float) -> None:
+        with self._lock:
+            self._fields[(key, field)] = self._fields.get((key, field), 0) + amount
+            if self._flusher is None or not self._flusher.is_alive():
+                self._flusher = threading.Thread(
+                    target=self._flush_forever, name="emp-metrics-flush", daemon=True
+                )
+                self._flusher.start()
+
+    def take(self) -> dict[tuple[str, str], float]:
+        with self._lock:
+            fields, self._fields = self._fields, {}
+        return fields
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(FLUSH_INTERVAL_S)
+            flush()
+
+
+_pending = _Pending()
+
+
+def flush() -> None:
+    """Write what this process observed since the last flush, in one MULTI/EXEC; never raises."""
+    fields = _pending.take()
+    if not fields:
+        return
     try:
         pipe = redisdb.client().pipeline(transaction=True)
-        write(pipe)
+        for (key, field), amount in fields.items():
+            if field.endswith("|sum"):
+                pipe.hincrbyfloat(key, field, amount)
+            else:
+                pipe.hincrby(key, field, int(amount))
         pipe.execute()
     except Exception as exc:
-        _dropped(what, exc)
+        _dropped(", ".join(sorted({key for key, _ in fields})), exc)
+
+
+def _forget_after_fork() -> None:
+    global _pending
+    _pending = _Pending()
+
+
+atexit.register(flush)
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 # --- recording: worker ---------------------------------------------------------------------
@@ -238,11 +296,9 @@ class AttemptTimer:
         """Record the attempt's duration; return `outcome` (what `run_step` reports)."""
         service, label = self.run.service, _STEP_OUTCOMES.get(outcome, "superseded")
         duration = time.monotonic() - self.started
-        _record(
+        _safely(
             STEP_DURATION.name,
-            lambda pipe: _observe(
-                pipe, STEP_DURATION, (recorded_service(service), label), duration
-            ),
+            lambda: _observe(STEP_DURATION, (recorded_service(service), label), duration),
         )
         return outcome
 
@@ -251,11 +307,18 @@ def attempt_started(run: StepRun) -> AttemptTimer:
     """The worker began `run`: record how long the step waited, and start its clock."""
     if run.queue_wait_s is not None:
         wait = max(0.0, run.queue_wait_s)
-        _record(
-            QUEUE_WAIT.name,
-            lambda pipe: _observe(pipe, QUEUE_WAIT, (recorded_service(run.service),), wait),
+        _safely(
+            QUEUE_WAIT.name, lambda: _observe(QUEUE_WAIT, (recorded_service(run.service),), wait)
         )
     return AttemptTimer(run)
+
+
+def _safely(what: str, observe: Callable[[], None]) -> None:
+    """Observe; a failure (Redis down while a label is admitted) drops the observation."""
+    try:
+        observe()
+    except Exception as exc:
+        _dropped(what, exc)
 
 
 # --- recording: webhooks -------------------------------------------------------------------
@@ -284,12 +347,9 @@ def webhook_attempted(body: dict[str, Any], status_code: int | None) -> None:
         except (KeyError, ValueError):
             latency = None
 
-    def write(pipe: Pipeline) -> None:
-        pipe.hincrby(WEBHOOK_ATTEMPTS.key, _series((outcome,)), 1)
-        if latency is not None:
-            _observe(pipe, WEBHOOK_LATENCY, (), latency)
-
-    _record(WEBHOOK_ATTEMPTS.name, write)
+    _pending.add(WEBHOOK_ATTEMPTS.key, _series((outcome,)), 1)
+    if latency is not None:
+        _observe(WEBHOOK_LATENCY, (), latency)
 
 
 # --- reading what was recorded -------------------------------------------------------------
@@ -355,8 +415,11 @@ def _histogram_family(
         if "count" not in parts:
             continue
         count = int(parts["count"])
-        buckets = [(_bound(upper), int(parts.get(_bound(upper), 0))) for upper in histogram.buckets]
-        family.add_metric(list(values), [*buckets, ("+Inf", count)], parts.get("sum", 0.0))
+        buckets, below = [], 0
+        for upper in histogram.buckets:
+            below += int(parts.get(_bound(upper), 0))
+            buckets.append((_bound(upper), below))
+        family.add_metric(list(values), [*buckets, (INF, count)], parts.get("sum", 0.0))
     return family
 
 
