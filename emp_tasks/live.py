@@ -5,6 +5,9 @@ each event to every subscriber whose filter takes it. A subscriber sees only
 what its key may see: its customer's events, or everything for an admin key
 (fleet events carry no customer, so only admins see them).
 
+Progress. Reports of an attempt that is no longer running are not delivered, live or
+on resume (emp_tasks.core.events.ProgressFence).
+
 Resume. A subscriber that names a stream id gets every event after it from the
 `emp:events` stream, then the live ones, with no gap and no duplicate: it
 registers with the hub first (live events queue up), reads the stream after the
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emp_tasks.auth import Principal
-from emp_tasks.core.events import CHANNEL, STREAM
+from emp_tasks.core.events import CHANNEL, STREAM, ProgressFence
 from emp_tasks.store import redisdb
 
 logger = logging.getLogger(__name__)
@@ -131,8 +134,12 @@ class Subscriber:
         return True
 
     def history(self, after: str) -> Iterator[dict[str, Any]]:
-        """Events on the stream after `after` that this subscriber wants, oldest first."""
+        """Events on the stream after `after` that this subscriber wants, oldest first
+        (stale progress reports left out, see ProgressFence)."""
+        fence = ProgressFence()
         for event in stream_after(after):
+            if not fence.admits(event):
+                continue
             if self.may_see(event) and self.filter.wants(event) and self._first_time(event):
                 yield event
 
@@ -149,6 +156,7 @@ class Hub:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last: str | None = None
+        self._fence = ProgressFence()
         self.ready = threading.Event()
 
     def add(self, subscriber: Subscriber) -> None:
@@ -173,6 +181,8 @@ class Hub:
             if self._last and stream_key(stream_id) <= stream_key(self._last):
                 return
             self._last = stream_id
+        if not self._fence.admits(event):
+            return  # a report of an attempt that is over (a superseded worker, late)
         with self._lock:
             subscribers = list(self._subscribers)
         for subscriber in subscribers:

@@ -8,6 +8,7 @@ envelope.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -137,3 +138,55 @@ class Envelope:
     def from_row(cls, row: Any) -> Envelope:
         """The envelope of an outbox row (anything with an `envelope` JSON column)."""
         return cls.from_json(row.envelope)
+
+
+_ATTEMPT_STARTS = frozenset({EventType.STEP_ASSIGNED, EventType.STEP_STARTED})
+_ATTEMPT_ENDS = frozenset(
+    {
+        EventType.STEP_RETRYING,
+        EventType.STEP_COMPLETED,
+        EventType.STEP_FAILED,
+        EventType.STEP_CANCELLED,
+        EventType.STEP_SKIPPED,
+    }
+)
+
+
+class ProgressFence:
+    """The ordering rule of progress events, for a reader of the stream in stream order.
+
+    `step_progress` is not recorded in the outbox: a worker publishes it while its
+    attempt runs, after the attempt's `step_started` and before the event that ends it
+    (`step_retrying` or a terminal event). A report of an attempt that is no longer the
+    step's running one (a superseded worker, late) is stale: `admits` says False for it
+    once this reader has seen the step's later attempt start or the attempt end. A
+    reader that saw nothing of the step admits its reports. It remembers `capacity`
+    steps, the most recently seen.
+    """
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._running: OrderedDict[str, int | None] = OrderedDict()
+
+    def admits(self, event: dict[str, Any]) -> bool:
+        """Observe the event (in stream order); False when it is a stale progress report."""
+        step_id = event.get("step_id")
+        event_type = event.get("type")
+        if not step_id:
+            return True
+        data = event.get("data") or {}
+        if event_type == EventType.STEP_PROGRESS:
+            if step_id not in self._running:
+                return True
+            return self._running[step_id] == data.get("attempt")
+        if event_type in _ATTEMPT_STARTS:
+            self._remember(step_id, data.get("attempt"))
+        elif event_type in _ATTEMPT_ENDS:
+            self._remember(step_id, None)
+        return True
+
+    def _remember(self, step_id: str, attempt: int | None) -> None:
+        self._running[step_id] = attempt
+        self._running.move_to_end(step_id)
+        while len(self._running) > self.capacity:
+            self._running.popitem(last=False)
