@@ -29,7 +29,7 @@ from emp_tasks.core.status import ACTIVE_STEP_STATUSES, LIVE_WORKER_STATUSES, Wo
 from emp_tasks.core.times import now
 from emp_tasks.routes import queues
 from emp_tasks.routes.capabilities import Capabilities
-from emp_tasks.steps import recovery, transitions
+from emp_tasks.steps import recovery
 from emp_tasks.store import db, outbox
 from emp_tasks.store.models import Machine, Step, Worker
 
@@ -44,7 +44,7 @@ def aggregate(worker_id: str) -> str:
 
 def _record(session: Session, worker: Worker, event_type: EventType, data: dict[str, Any]) -> None:
     outbox.record(
-        session,
+        db.Tx.of(session),
         event_type,
         aggregate=aggregate(worker.id),
         data={"worker_id": worker.id, "machine_id": worker.machine_id, **data},
@@ -134,9 +134,9 @@ def register(
             EventType.WORKER_ONLINE,
             {"status": status.value, "capabilities": caps.as_dict(), "first_seen": fresh},
         )
-        orphans = _active_steps(session, [worker_id])
-        for step in orphans:
-            recovery.requeue(session, step, "WORKER_RESTARTED", f"worker {worker_id} restarted")
+        tx = db.Tx.of(session)
+        for step in recovery.active_of_workers(tx, [worker_id]):
+            recovery.requeue(tx, step, "WORKER_RESTARTED", f"worker {worker_id} restarted")
     queues.nudge_workers(f"worker:{worker_id}")
     return status
 
@@ -244,25 +244,13 @@ def remove_machine(machine_id: str) -> dict[str, Any]:
                 worker.queues = []
                 _set_status(session, worker, W.REMOVED, f"machine {machine_id} removed")
         requeued = []
-        for step in _active_steps(session, [worker.id for worker in fleet]):
-            recovery.requeue(session, step, "MACHINE_REMOVED", f"machine {machine_id} was removed")
+        tx = db.Tx.of(session)
+        for step in recovery.active_of_workers(tx, [worker.id for worker in fleet]):
+            recovery.requeue(tx, step, "MACHINE_REMOVED", f"machine {machine_id} was removed")
             requeued.append(step.id)
     queues.forget_live()
     queues.nudge_workers(f"machine:{machine_id}")
     return {"machine_id": machine_id, "requeued_step_ids": requeued}
-
-
-def _active_steps(session: Session, worker_ids: list[str]) -> list[Step]:
-    if not worker_ids:
-        return []
-    ids = list(
-        session.scalars(
-            select(Step.id)
-            .where(Step.worker_id.in_(worker_ids), Step.status.in_(ACTIVE_STEP_STATUSES))
-            .order_by(Step.id)
-        )
-    )
-    return [step for step in (transitions.lock(session, i) for i in ids) if step is not None]
 
 
 # --- the reconciler ------------------------------------------------------------------------
@@ -292,8 +280,9 @@ def mark_silent_offline(limit: int = 100) -> list[str]:
             )
             worker.queues = []
             _set_status(session, worker, W.OFFLINE, f"no heartbeat for {silence:.1f} s")
-        for step in _active_steps(session, [worker.id for worker in silent]):
-            recovery.lose_with_worker(session, step)
+        tx = db.Tx.of(session)
+        for step in recovery.active_of_workers(tx, [worker.id for worker in silent]):
+            recovery.lose_with_worker(tx, step)
     return [worker.id for worker in silent]
 
 

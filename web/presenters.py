@@ -12,15 +12,16 @@ from typing import Any
 
 from emp_tasks.core.status import LIVE_WORKER_STATUSES, SCHEDULED_DELIVERY_STATUSES
 from emp_tasks.core.times import iso
-from emp_tasks.store.models import Attempt, Step, WebhookEndpoint, Workflow
+from emp_tasks.store.models import WebhookEndpoint
 from emp_tasks.webhooks.delivery import LoggedDelivery
 from emp_tasks.workers import FleetMachine, FleetWorker
 
 # --- steps and workflows -------------------------------------------------------------------
 
 
-def step_object(step: Step) -> dict[str, Any]:
-    """The public shape of a step (API.md, "Step object fields")."""
+def step_object(step: Any) -> dict[str, Any]:
+    """The public shape of a step (API.md, "Step object fields"): of its ORM row or of a row
+    read with the same attribute names (emp_tasks.steps.transitions.STEP_COLUMNS)."""
     return {
         "id": step.id,
         "service": step.service,
@@ -54,7 +55,7 @@ def step_object(step: Step) -> dict[str, Any]:
     }
 
 
-def attempt_object(attempt: Attempt) -> dict[str, Any]:
+def attempt_object(attempt: Any) -> dict[str, Any]:
     """One attempt of a step: where it ran, how long, and how it ended."""
     return {
         "attempt": attempt.attempt,
@@ -67,7 +68,8 @@ def attempt_object(attempt: Attempt) -> dict[str, Any]:
     }
 
 
-def workflow_object(workflow: Workflow) -> dict[str, Any]:
+def workflow_object(workflow: Any) -> dict[str, Any]:
+    """A workflow's ORM row or a row with its attribute names (steps.workflows)."""
     total = workflow.total_steps or 1
     return {
         "id": workflow.id,

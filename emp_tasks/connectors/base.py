@@ -67,6 +67,35 @@ class StepInterrupted(Exception):
 
 
 @dataclass(frozen=True)
+class EventSubjects:
+    """Whom a step's events name (and whether its own webhook wants them), as its row has
+    them: what the worker needs to publish the attempt's progress without a query."""
+
+    id: str
+    customer_id: str | None = None
+    correlation_id: str | None = None
+    workflow_id: str | None = None
+    machine_id: str | None = None
+    worker_id: str | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
+
+    @classmethod
+    def of(cls, step: Any) -> EventSubjects:
+        """From a step's row."""
+        return cls(
+            id=step.id,
+            customer_id=step.customer_id,
+            correlation_id=step.correlation_id,
+            workflow_id=step.workflow_id,
+            machine_id=step.machine_id,
+            worker_id=step.worker_id,
+            webhook_url=step.webhook_url,
+            webhook_events=step.webhook_events,
+        )
+
+
+@dataclass(frozen=True)
 class StepRun:
     """What a connector sees of the step it runs: one attempt's inputs."""
 
@@ -80,6 +109,12 @@ class StepRun:
     inputs: dict[str, Any] = field(default_factory=dict)
     queue_wait_s: float | None = None
     """How long the step waited in its queue before this attempt started."""
+    subjects: EventSubjects | None = None
+    """Whom the attempt's events name (the worker's, not the connector's, concern)."""
+
+    @property
+    def workflow_id(self) -> str | None:
+        return self.subjects.workflow_id if self.subjects is not None else None
 
 
 ProgressReporter = Callable[..., None]

@@ -151,6 +151,7 @@ class Settings:
     events_maxlen: int = 100_000
     events_fast_path: bool = True
     relay_interval_s: float = 1.0
+    progress_write_interval_s: float = 1.0
     max_body_bytes: int = 5 * 1024 * 1024
     rate_limit_per_minute: int = 6000
     max_workflow_steps: int = 1000
@@ -196,6 +197,7 @@ class Settings:
             events_maxlen=_int(env, "EMP_EVENTS_MAXLEN", 100_000, 1),
             events_fast_path=_bool(env, "EMP_EVENTS_FAST_PATH", True),
             relay_interval_s=_float(env, "EMP_RELAY_INTERVAL_S", 1.0),
+            progress_write_interval_s=_float(env, "EMP_PROGRESS_WRITE_INTERVAL_S", 1.0),
             max_body_bytes=_int(env, "EMP_MAX_BODY_BYTES", 5 * 1024 * 1024, 1024),
             rate_limit_per_minute=_int(env, "EMP_RATE_LIMIT_PER_MINUTE", 6000),
             max_workflow_steps=_int(env, "EMP_MAX_WORKFLOW_STEPS", 1000, 1),

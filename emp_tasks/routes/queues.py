@@ -17,8 +17,8 @@ import threading
 import time
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from emp_tasks.auth import Principal
@@ -51,28 +51,23 @@ def nudge_workers(reason: str) -> None:
     redisdb.client().publish(FLEET_CHANNEL, reason)
 
 
-def ensure(session: Session, route: Route) -> None:
+def ensure(tx: db.Tx, route: Route) -> None:
     """Record the route if it is new (in the caller's transaction); nudge workers after commit."""
     with _known_lock:
         if route.queue in _known:
             return
-    created = session.scalar(
-        insert(RouteRow)
-        .values(
-            queue=route.queue,
-            service=route.service,
-            customer_id=route.customer_id,
-            requirements=route.requirements,
-        )
-        .on_conflict_do_nothing()
-        .returning(RouteRow.queue)
+    created = tx.one(
+        "INSERT INTO routes (queue, service, customer_id, requirements) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT DO NOTHING RETURNING queue",
+        [route.queue, route.service, route.customer_id, Jsonb(route.requirements)],
     )
-    session.info.setdefault(NEW_ROUTES, set()).add((route.queue, created is not None))
-    db.after_commit(session, "routes_recorded", _after_commit)
+    info = tx.info
+    info.setdefault(NEW_ROUTES, set()).add((route.queue, created is not None))
+    tx.after_commit("routes_recorded", lambda: _recorded(info))
 
 
-def _after_commit(session: Session) -> None:
-    recorded = session.info.pop(NEW_ROUTES, set())
+def _recorded(info: dict[str, Any]) -> None:
+    recorded = info.pop(NEW_ROUTES, set())
     with _known_lock:
         _known.update(queue for queue, _ in recorded)
     if any(created for _, created in recorded):
@@ -92,7 +87,8 @@ def all_routes(session: Session) -> list[Route]:
     return [Route(row.queue, row.service, row.customer_id, row.requirements) for row in rows]
 
 
-def route_of(step: Step) -> Route:
+def route_of(step: Any) -> Route:
+    """The route of a step (its row: service, requirements, customer)."""
     return routing.route_for(step.service, step.requirements, step.customer_id)
 
 
@@ -140,7 +136,7 @@ def warnings_for(route: Route, fleet: list[tuple[str, Capabilities]]) -> list[di
     ]
 
 
-def step_warnings(step: Step) -> list[dict[str, Any]]:
+def step_warnings(step: Any) -> list[dict[str, Any]]:
     """Warnings for a step that waits for a worker (pending or waiting); [] otherwise."""
     if step.status not in NOT_STARTED_STEP_STATUSES:
         return []

@@ -8,6 +8,20 @@ result or progress is ignored. A step that finishes advances its workflow
 (emp_tasks.steps.workflows); the state changes go through
 emp_tasks.steps.transitions.
 
+These run once or twice per step on every worker, so each is a few statements:
+`begin` one UPDATE (with the attempt's row) and one INSERT of its two events;
+`complete` the fenced UPDATE, the attempt's close and its event, plus the
+workflow's advance when there is one.
+
+Progress is ephemeral: a report is published to the stream and channel at once,
+not recorded in the outbox, and the step's row takes it at most once per
+EMP_PROGRESS_WRITE_INTERVAL_S (and always its first report, which is how a
+superseded attempt learns it is superseded). A report follows its attempt's
+`step_started` on the stream and precedes its terminal event: the reporting thread
+waits until its own process has published the attempt's begin, and reports before
+it completes or fails. Consumers ignore a `step_progress` whose attempt is not the
+step's current running attempt (emp_tasks.live, the webhooks process).
+
 Named `attempts`, not `worker`: `emp_tasks.worker` is the process package that
 calls these commands, and `steps.worker` beside it would read as part of it.
 """
@@ -16,25 +30,24 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
-from sqlalchemy.orm import Session
-
-from emp_tasks.connectors.base import StepRun
+from emp_tasks.connectors.base import EventSubjects, StepRun
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.core.errors import StepError
 from emp_tasks.core.events import EventType
-from emp_tasks.core.status import ACTIVE_STEP_STATUSES, StepStatus
+from emp_tasks.core.status import ACTIVE_STEP_STATUSES, StepStatus, step_may_become
 from emp_tasks.core.times import now
 from emp_tasks.routes import queues, routing
 from emp_tasks.routes.capabilities import Capabilities
 from emp_tasks.steps import transitions, workflows
-from emp_tasks.store import db, dispatch
-from emp_tasks.store.models import Attempt, Step
+from emp_tasks.store import db, dispatch, outbox
+from emp_tasks.store.db import Tx
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +56,32 @@ S = StepStatus
 # The code of an attempt lost with its worker (emp_tasks.steps.recovery); its attempt
 # is recorded as `lost` rather than `failed`.
 WORKER_LOST = "WORKER_LOST"
+
+UNKNOWN: Any = object()
+"""`workflow_id` not given: the step's workflow is looked up (and locked) in one statement."""
+
+PUBLISH_WAIT_S = 2.0
+"""How long a first progress report waits for its attempt's begin to be published."""
+
+assert step_may_become(S.PENDING, S.ASSIGNED) and step_may_become(S.ASSIGNED, S.RUNNING)
+_BEGIN = f"""
+WITH s AS (
+  UPDATE steps SET status = '{S.RUNNING.value}', attempts = attempts + 1,
+    worker_id = %(worker)s, machine_id = %(machine)s, started_at = now(), updated_at = now(),
+    lease_expires_at = now() + make_interval(secs => %(lease)s)
+  WHERE id = %(id)s AND status = '{S.PENDING.value}' AND (expires_at IS NULL OR expires_at > now())
+  RETURNING {transitions.STEP_COLUMNS}
+), attempt AS (
+  INSERT INTO step_attempts (step_id, attempt, worker_id, machine_id, outcome, started_at)
+  SELECT id, attempts, worker_id, machine_id, 'running', started_at FROM s
+)
+SELECT s.*, (
+  SELECT jsonb_object_agg(d.step_index::text, d.result) FROM steps d
+  WHERE d.id IN (SELECT jsonb_array_elements_text(s.depends_on))
+) AS inputs FROM s
+"""
+"""Assigned and started in one statement: pending (not past its queue deadline) to running,
+a new attempt with its row in the audit trail, and the results of its dependencies."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +98,18 @@ class NotServable(Exception):
         self.dispatch_spec = dispatch_spec
 
 
+_unmet_by_queue: dict[tuple[int, str], list[str]] = {}
+
+
+def _unmet(caps: Capabilities, step: Any) -> list[str]:
+    """What `caps` lacks for the step's route; a queue is one route, so asked once each."""
+    key = (id(caps), step.queue)
+    found = _unmet_by_queue.get(key)
+    if found is None:
+        found = _unmet_by_queue[key] = routing.unmet(caps, queues.route_of(step))
+    return found
+
+
 def begin(
     step_id: str, worker_id: str, machine_id: str, caps: Capabilities | None = None
 ) -> StepRun | None:
@@ -73,98 +124,144 @@ def begin(
     (routing sends a step only to capable workers; this makes it a guarantee):
     raises NotServable, leaving the step pending, when the worker lacks any.
     """
-    with db.transaction() as session:
+    with db.tx() as tx:
         # No workflow lock: starting a step changes no workflow counter, and parallel
         # steps of one workflow must not queue behind each other here.
-        step = transitions.lock(session, step_id, workflow=False)
-        if step is None or step.status != S.PENDING:
-            logger.info(
-                "Step not pending; task dropped",
-                extra={
-                    "action": "step_assign_skipped",
-                    "step_id": step_id,
-                    "status": None if step is None else step.status,
-                },
-            )
-            return None
-        started = now()
-        if step.expires_at is not None and step.expires_at <= started:
-            transitions.expire(session, step)
-            workflows.on_step_finished(session, step)
-            return None
-        if caps is not None:
-            unmet = routing.unmet(caps, queues.route_of(step))
+        step = tx.one(
+            _BEGIN,
+            {
+                "id": step_id,
+                "worker": worker_id,
+                "machine": machine_id,
+                "lease": float(get_settings().lease_timeout_s),
+            },
+        )
+        if step is not None and caps is not None:
+            unmet = _unmet(caps, step)
             if unmet:
-                raise NotServable(unmet, transitions.task_spec(step))
-        step.attempts += 1
-        step.worker_id = worker_id
-        step.machine_id = machine_id
-        step.lease_expires_at = started + timedelta(seconds=get_settings().lease_timeout_s)
-        session.add(
-            Attempt(
-                step_id=step.id,
-                attempt=step.attempts,
-                worker_id=worker_id,
-                machine_id=machine_id,
-                outcome="running",
-                started_at=started,
-            )
-        )
-        transitions.apply(
-            session,
-            step,
-            S.ASSIGNED,
-            EventType.STEP_ASSIGNED,
-            {"worker_id": worker_id, "machine_id": machine_id, "attempt": step.attempts},
-        )
-        step.started_at = started
-        transitions.apply(
-            session, step, S.RUNNING, EventType.STEP_STARTED, {"attempt": step.attempts}
-        )
-        if step.workflow_id is not None:
-            workflows.on_step_started(session, step)
-        return StepRun(
-            step_id=step.id,
-            service=step.service,
-            attempt=step.attempts,
-            payload=step.payload,
-            requirements=step.requirements,
-            timeout_s=step.timeout_s,
-            customer_id=step.customer_id,
-            inputs=_dependency_results(session, step),
-            queue_wait_s=(started - step.queued_at).total_seconds() if step.queued_at else None,
-        )
+                raise NotServable(unmet, transitions.task_spec(step))  # rolls the start back
+        if step is not None:
+            attempt = {"attempt": step.attempts}
+            transitions.emit(tx, [step], EventType.STEP_ASSIGNED, _assigned_data(step))
+            transitions.emit(tx, [step], EventType.STEP_STARTED, attempt)
+            if step.workflow_id is not None:
+                workflows.on_step_started(tx, step)
+    if step is None:
+        expire(step_id)
+        return None
+    return StepRun(
+        step_id=step.id,
+        service=step.service,
+        attempt=step.attempts,
+        payload=step.payload,
+        requirements=step.requirements,
+        timeout_s=step.timeout_s,
+        customer_id=step.customer_id,
+        inputs=step.inputs or {},
+        queue_wait_s=(step.started_at - step.queued_at).total_seconds() if step.queued_at else None,
+        subjects=EventSubjects.of(step),
+    )
 
 
-def _dependency_results(session: Session, step: Step) -> dict[str, Any]:
-    if not step.depends_on:
-        return {}
-    rows = session.execute(select(Step.step_index, Step.result).where(Step.id.in_(step.depends_on)))
-    return {str(index): result for index, result in rows}
+def _assigned_data(step: Any) -> dict[str, Any]:
+    return {"worker_id": step.worker_id, "machine_id": step.machine_id, "attempt": step.attempts}
+
+
+def expire(step_id: str) -> bool:
+    """Fail a pending step whose queue deadline passed, advancing its workflow; True if it
+    did. Anything else (the step not pending: cancelled, running, redelivered) is logged."""
+    with db.tx() as tx:
+        step = transitions.lock(tx, step_id)
+        if step is not None and step.status == S.PENDING and step.expires_at is not None:
+            expired = transitions.expire(tx, step_id)
+            if expired is not None:
+                workflows.on_step_finished(tx, expired)
+                return True
+    logger.info(
+        "Step not pending; task dropped",
+        extra={
+            "action": "step_assign_skipped",
+            "step_id": step_id,
+            "status": None if step is None else step.status,
+        },
+    )
+    return False
 
 
 def lock_current(
-    session: Session,
+    tx: Tx,
     step_id: str,
     attempt: int,
     allowed: frozenset[StepStatus],
     *,
-    workflow: bool = True,
-) -> Step | None:
-    """The step, locked, if `attempt` is still its current attempt in an allowed status."""
-    step = transitions.lock(session, step_id, workflow=workflow)
+    workflow_id: Any = UNKNOWN,
+) -> Any:
+    """The step's row, locked (its workflow's first), if `attempt` is still its current
+    attempt in an allowed status; else None. `workflow_id` (None: no workflow) saves
+    looking it up."""
+    if workflow_id is UNKNOWN:
+        transitions.lock_workflow_of(tx, step_id)
+    else:
+        transitions.lock_workflow(tx, workflow_id)
+    step = tx.one(
+        f"SELECT {transitions.STEP_COLUMNS} FROM steps WHERE id = %s FOR UPDATE", [step_id]
+    )
     if step is None or step.attempts != attempt or StepStatus(step.status) not in allowed:
-        logger.info(
-            "Superseded attempt ignored",
-            extra={
-                "action": "step_attempt_fenced",
-                "step_id": step_id,
-                "attempt": attempt,
-                "status": None if step is None else step.status,
-            },
-        )
+        _fenced(step_id, attempt, None if step is None else step.status)
         return None
     return step
+
+
+def _fenced(step_id: str, attempt: int, status: str | None) -> None:
+    logger.info(
+        "Superseded attempt ignored",
+        extra={
+            "action": "step_attempt_fenced",
+            "step_id": step_id,
+            "attempt": attempt,
+            "status": status,
+        },
+    )
+
+
+# --- progress ------------------------------------------------------------------------------
+
+
+def _write_progress(
+    tx: Tx, step_id: str, attempt: int, progress: float, stage: str | None, message: str | None
+) -> Any:
+    """The fenced write of a report into the step's row; the row's subjects, or None."""
+    return tx.one(
+        "UPDATE steps SET progress = %s, stage = %s, message = %s, updated_at = now()"
+        " WHERE id = %s AND attempts = %s AND status = %s"
+        " RETURNING id, correlation_id, workflow_id, machine_id, worker_id, customer_id,"
+        " webhook_url, webhook_events",
+        [progress, stage, message, step_id, attempt, S.RUNNING.value],
+    )
+
+
+def _publish_progress(
+    step: Any, attempt: int, progress: float, stage: str | None, message: str | None
+) -> None:
+    """Publish a report of the step (its row, or a StepRun's `subjects`) at once."""
+    recorded = transitions.event_of(
+        step,
+        EventType.STEP_PROGRESS,
+        {"progress": progress, "stage": stage, "message": message, "attempt": attempt},
+        None,
+    )
+    try:
+        outbox.publish_now(recorded.envelope, webhook=recorded.webhook)
+    except Exception:
+        logger.warning(
+            "Progress not published",
+            exc_info=True,
+            extra={"action": "progress_publish_failed", "step_id": step.id},
+        )
+
+
+def _clamp(progress: float) -> float:
+    return max(0.0, min(100.0, float(progress)))
 
 
 def report_progress(
@@ -174,41 +271,91 @@ def report_progress(
     stage: str | None = None,
     message: str | None = None,
 ) -> bool:
-    with db.transaction() as session:
-        step = lock_current(session, step_id, attempt, frozenset({S.RUNNING}), workflow=False)
-        if step is None:
-            return False
-        step.progress = max(0.0, min(100.0, float(progress)))
-        step.stage = stage
-        step.message = message
-        step.updated_at = now()
-        transitions.emit(
-            session,
-            step,
-            EventType.STEP_PROGRESS,
-            {"progress": step.progress, "stage": stage, "message": message, "attempt": attempt},
-        )
+    """One report written and published at once; False when `attempt` is superseded."""
+    progress = _clamp(progress)
+    with db.tx() as tx:
+        step = _write_progress(tx, step_id, attempt, progress, stage, message)
+    if step is None:
+        _fenced(step_id, attempt, None)
+        return False
+    _publish_progress(step, attempt, progress, stage, message)
+    return True
+
+
+class Progress:
+    """The progress reports of one running attempt (the worker makes one per attempt)."""
+
+    def __init__(self, run: StepRun) -> None:
+        self.run = run
+        self.interval_s = get_settings().progress_write_interval_s
+        self._written_at: float | None = None
+        self._begin_published = False
+        self.unwritten: tuple[float, str | None, str | None] | None = None
+        """The last report the row has not taken yet (`fail` writes it; `complete` sets 100)."""
+        self._lock = threading.Lock()
+
+    def report(self, progress: float, stage: str | None = None, message: str | None = None) -> bool:
+        """Publish the report, write it to the row when due; False once superseded."""
+        run = self.run
+        progress = _clamp(progress)
+        with self._lock:
+            due = self._written_at is None or time.monotonic() - self._written_at >= self.interval_s
+            if due:
+                self._written_at = time.monotonic()
+            self.unwritten = None if due else (progress, stage, message)
+        if due:
+            with db.tx() as tx:
+                if _write_progress(tx, run.step_id, run.attempt, progress, stage, message) is None:
+                    _fenced(run.step_id, run.attempt, None)
+                    return False
+        if not self._begin_published:
+            # The attempt's step_started, published by this process, comes first.
+            outbox.flush(PUBLISH_WAIT_S)
+            self._begin_published = True
+        _publish_progress(run.subjects, run.attempt, progress, stage, message)
         return True
 
 
-def complete(step_id: str, attempt: int, result: Any, duration_ms: int) -> bool:
-    with db.transaction() as session:
-        step = lock_current(session, step_id, attempt, ACTIVE_STEP_STATUSES)
-        if step is None:
-            return False
-        transitions.finish_attempt(session, step, "completed", None)
-        step.result = result
-        step.error = None
-        step.progress = 100.0
-        step.completed_at = now()
-        transitions.apply(
-            session,
-            step,
+# --- the end of an attempt -----------------------------------------------------------------
+
+
+def complete(
+    step_id: str,
+    attempt: int,
+    result: Any,
+    duration_ms: int,
+    *,
+    workflow_id: Any = UNKNOWN,
+) -> bool:
+    """The attempt succeeded: the step is completed with its result (False: superseded).
+
+    `workflow_id` (None: no workflow), when the caller knows it, saves looking it up.
+    """
+    with db.tx() as tx:
+        if workflow_id is UNKNOWN:
+            transitions.lock_workflow_of(tx, step_id)
+        else:
+            transitions.lock_workflow(tx, workflow_id)
+        rows = transitions.apply(
+            tx,
+            [step_id],
             S.COMPLETED,
             EventType.STEP_COMPLETED,
             {"result": result, "duration_ms": duration_ms, "attempt": attempt},
+            sets={
+                "result": result,
+                "error": None,
+                "progress": 100.0,
+                "completed_at": transitions.NOW,
+            },
+            within=ACTIVE_STEP_STATUSES,
+            attempt=attempt,
         )
-        workflows.on_step_finished(session, step)
+        if not rows:
+            _fenced(step_id, attempt, None)
+            return False
+        transitions.finish_attempts(tx, [(step_id, attempt)], "completed", None)
+        workflows.on_step_finished(tx, rows[0])
         return True
 
 
@@ -219,36 +366,47 @@ def retry_delay_s(attempt: int) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
-def fail(step_id: str, attempt: int, error: StepError) -> FailureOutcome:
+def fail(
+    step_id: str,
+    attempt: int,
+    error: StepError,
+    *,
+    workflow_id: Any = UNKNOWN,
+    progress: Progress | None = None,
+) -> FailureOutcome:
     """Record a failed attempt: back to pending for a retry, or failed for good."""
-    with db.transaction() as session:
-        step = lock_current(session, step_id, attempt, ACTIVE_STEP_STATUSES)
+    with db.tx() as tx:
+        step = lock_current(tx, step_id, attempt, ACTIVE_STEP_STATUSES, workflow_id=workflow_id)
         if step is None:
             return FailureOutcome(status=None)
-        return fail_current(session, step, error)
+        last = progress.unwritten if progress is not None else None
+        sets = dict(zip(("progress", "stage", "message"), last, strict=True)) if last else {}
+        return fail_current(tx, step, error, **sets)
 
 
-def fail_current(session: Session, step: Step, error: StepError) -> FailureOutcome:
+def fail_current(tx: Tx, step: Any, error: StepError, **sets: Any) -> FailureOutcome:
     """Fail the step's current attempt (the caller holds the step's locks): retried
-    after a backoff while retries remain and the error is retryable, else failed."""
+    after a backoff while retries remain and the error is retryable, else failed;
+    `sets`: other columns to change with it."""
     outcome = "lost" if error.code == WORKER_LOST else "failed"
-    transitions.finish_attempt(session, step, outcome, error)
-    step.error = error.to_json()
+    transitions.finish_attempts(tx, [(step.id, step.attempts)], outcome, error)
     if error.retryable and step.attempts <= step.max_retries:
-        transitions.queue_retry(
-            session, step, error, now() + timedelta(seconds=retry_delay_s(step.attempts))
-        )
+        at = now() + timedelta(seconds=retry_delay_s(step.attempts))
+        transitions.queue_retry(tx, step, error, at, **sets)
         return FailureOutcome(status=S.PENDING)
-    step.completed_at = now()
-    transitions.apply(
-        session,
+    failed = transitions.apply_one(
+        tx,
         step,
         S.FAILED,
         EventType.STEP_FAILED,
         {"error": error.to_json(), "attempts": step.attempts},
+        sets={"error": error.to_json(), "completed_at": transitions.NOW, **sets},
     )
-    workflows.on_step_finished(session, step)
+    workflows.on_step_finished(tx, failed)
     return FailureOutcome(status=S.FAILED)
+
+
+# --- while it runs -------------------------------------------------------------------------
 
 
 def renew_leases(attempts: dict[str, int]) -> int:
@@ -259,43 +417,38 @@ def renew_leases(attempts: dict[str, int]) -> int:
     """
     if not attempts:
         return 0
-    lease = timedelta(seconds=get_settings().lease_timeout_s)
-    with db.transaction() as session:
-        held = list(
-            session.scalars(
-                select(Step.id)
-                .where(
-                    tuple_(Step.id, Step.attempts).in_(list(attempts.items())),
-                    Step.status.in_(ACTIVE_STEP_STATUSES),
-                )
-                .order_by(Step.id)
-                .with_for_update()
-            )
+    with db.tx() as tx:
+        renewed = tx.all(
+            "UPDATE steps SET lease_expires_at = now() + make_interval(secs => %s)"
+            " WHERE id IN (SELECT s.id FROM steps s"
+            " JOIN unnest(%s::varchar[], %s::int[]) AS held(id, attempt)"
+            " ON s.id = held.id AND s.attempts = held.attempt"
+            " WHERE s.status = ANY(%s) ORDER BY s.id FOR UPDATE)"
+            " RETURNING id",
+            [
+                float(get_settings().lease_timeout_s),
+                list(attempts),
+                list(attempts.values()),
+                [status.value for status in ACTIVE_STEP_STATUSES],
+            ],
         )
-        if held:
-            session.execute(
-                update(Step).where(Step.id.in_(held)).values(lease_expires_at=func.now() + lease)
-            )
-    return len(held)
+    return len(renewed)
 
 
 def send_again(step_id: str) -> bool:
     """Send a pending step's task once more (a worker handed it back); False if not pending."""
-    with db.transaction() as session:
-        step = session.get(Step, step_id)
-        if step is None or step.status != S.PENDING:
-            return False
-        spec = transitions.task_spec(step)
-    dispatch.send(spec)
+    with db.tx() as tx:
+        step = transitions.read(tx, step_id)
+    if step is None or step.status != S.PENDING:
+        return False
+    dispatch.send(transitions.task_spec(step))
     return True
 
 
 def should_stop(step_id: str, attempt: int) -> bool:
     """True once `attempt` is no longer the step's running attempt (cancelled or superseded)."""
-    with db.transaction() as session:
-        row = session.execute(
-            select(Step.status, Step.attempts).where(Step.id == step_id)
-        ).one_or_none()
+    with db.tx() as tx:
+        row = tx.one("SELECT status, attempts FROM steps WHERE id = %s", [step_id])
     return (
         row is None or row.attempts != attempt or StepStatus(row.status) not in ACTIVE_STEP_STATUSES
     )

@@ -8,7 +8,7 @@ workflow step advances its workflow (emp_tasks.steps.workflows).
 
 from __future__ import annotations
 
-from sqlalchemy.orm import Session
+from typing import Any
 
 from emp_tasks.auth import Principal
 from emp_tasks.core.errors import InvalidState
@@ -22,7 +22,7 @@ from emp_tasks.core.times import iso, now
 from emp_tasks.specs import StepCreate
 from emp_tasks.steps import queries, transitions, workflows
 from emp_tasks.store import db, idempotency
-from emp_tasks.store.models import Step
+from emp_tasks.store.db import Tx
 from emp_tasks.webhooks import endpoints as webhooks
 
 S = StepStatus
@@ -34,65 +34,63 @@ def submit(
     *,
     correlation_id: str | None = None,
     idempotency_key: str | None = None,
-) -> tuple[Step, bool]:
-    """Accept a step; return it and whether it was created (False: idempotent replay)."""
+) -> tuple[Any, bool]:
+    """Accept a step; return its row and whether it was created (False: idempotent replay)."""
     customer_id = principal.customer_for(spec.customer_id)
     webhooks.check_target("webhook_url", spec.webhook_url)
 
-    def create(session: Session) -> tuple[Step, str]:
-        step = transitions.new_step(spec, customer_id, correlation_id)
-        session.add(step)
-        session.flush()
-        transitions.submitted(session, step)
+    def create(tx: Tx) -> tuple[Any, str]:
+        step = transitions.insert(tx, [transitions.new_step(spec, customer_id, correlation_id)])[0]
         return step, step.id
 
     return idempotency.create_once(
-        customer_id, idempotency_key, "step", lambda session, i: session.get(Step, i), create
+        customer_id, idempotency_key, "step", lambda tx, i: transitions.read(tx, i), create
     )
 
 
-def cancel(step_id: str, principal: Principal, reason: str | None = None) -> Step:
+def cancel(step_id: str, principal: Principal, reason: str | None = None) -> Any:
     """Cancel a step that has not finished; a running one is stopped by its worker."""
     reason = reason or "cancelled by client"
-    with db.transaction() as session:
-        step = queries.visible(session, step_id, principal, for_update=True)
+    with db.tx() as tx:
+        step = queries.visible(tx, step_id, principal, for_update=True)
         if StepStatus(step.status) not in UNFINISHED_STEP_STATUSES:
             raise InvalidState(f"step {step_id} is {step.status}; only unfinished steps cancel")
-        transitions.cancel(session, step, reason)
-        workflows.on_step_finished(session, step)
-        return step
+        cancelled = transitions.cancel(tx, [step.id], reason)[0]
+        workflows.on_step_finished(tx, cancelled)
+        return cancelled
 
 
-def retry(step_id: str, principal: Principal) -> Step:
+def retry(step_id: str, principal: Principal) -> Any:
     """Queue a failed or cancelled step again as a new attempt."""
-    with db.transaction() as session:
-        step = queries.visible(session, step_id, principal, for_update=True)
+    with db.tx() as tx:
+        step = queries.visible(tx, step_id, principal, for_update=True)
         if StepStatus(step.status) not in CLIENT_RETRYABLE_STEP_STATUSES:
             raise InvalidState(f"step {step_id} is {step.status}; only failed or cancelled retry")
         if step.workflow_id is not None:
             raise InvalidState(f"step {step_id} belongs to a workflow; submit the workflow again")
-        previous_error = step.error
-        step.error = None
-        step.result = None
-        step.progress = 0.0
-        step.stage = step.message = None
-        step.completed_at = None
-        step.cancel_reason = None
-        step.expires_at = None
-        step.queued_at = now()
-        # One more attempt on request; automatic retries stay spent.
-        step.max_retries = max(step.max_retries, step.attempts)
-        transitions.apply(
-            session,
+        return transitions.apply_one(
+            tx,
             step,
             S.PENDING,
             EventType.STEP_RETRYING,
             {
-                "error": previous_error,
+                "error": step.error,
                 "attempt": step.attempts,
                 "retry_at": iso(now()),
                 "manual": True,
             },
+            sets={
+                "error": None,
+                "result": None,
+                "progress": 0.0,
+                "stage": None,
+                "message": None,
+                "completed_at": None,
+                "cancel_reason": None,
+                "expires_at": None,
+                "queued_at": transitions.NOW,
+                # One more attempt on request; automatic retries stay spent.
+                "max_retries": max(step.max_retries, step.attempts),
+            },
             queue=True,
         )
-        return step

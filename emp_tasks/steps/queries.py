@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from emp_tasks.auth import Principal
 from emp_tasks.core.errors import NotFound
@@ -20,41 +19,40 @@ from emp_tasks.core.status import StepStatus
 from emp_tasks.core.times import TIMEFRAMES, now
 from emp_tasks.steps import transitions
 from emp_tasks.store import db, outbox
-from emp_tasks.store.models import Attempt, Step
+from emp_tasks.store.db import Tx
+from emp_tasks.store.models import Step
 
 S = StepStatus
 
 
-def visible(
-    session: Session, step_id: str, principal: Principal, *, for_update: bool = False
-) -> Step:
-    """The step if the caller may see it (locked with `for_update`), else NotFound."""
-    step = transitions.lock(session, step_id) if for_update else session.get(Step, step_id)
+def visible(tx: Tx, step_id: str, principal: Principal, *, for_update: bool = False) -> Any:
+    """The step's row if the caller may see it (locked with `for_update`), else NotFound."""
+    step = transitions.lock(tx, step_id) if for_update else transitions.read(tx, step_id)
     if step is None or not principal.may_see(step.customer_id):
         raise NotFound("step", step_id)
     return step
 
 
-def get(step_id: str, principal: Principal) -> Step:
-    with db.transaction() as session:
-        return visible(session, step_id, principal)
+def get(step_id: str, principal: Principal) -> Any:
+    with db.tx() as tx:
+        return visible(tx, step_id, principal)
 
 
 def history(step_id: str, principal: Principal) -> list[dict[str, Any]]:
     """The step's events, oldest first (the audit trail of its transitions)."""
-    with db.transaction() as session:
-        visible(session, step_id, principal)
-        return outbox.for_step(session, step_id)
+    with db.tx() as tx:
+        visible(tx, step_id, principal)
+        return outbox.for_step(tx, step_id)
 
 
-def attempts(step_id: str, principal: Principal) -> list[Attempt]:
+def attempts(step_id: str, principal: Principal) -> list[Any]:
     """The step's attempts, oldest first: where each ran, how long, and how it ended."""
-    with db.transaction() as session:
-        visible(session, step_id, principal)
-        return list(
-            session.scalars(
-                select(Attempt).where(Attempt.step_id == step_id).order_by(Attempt.attempt)
-            )
+    with db.tx() as tx:
+        visible(tx, step_id, principal)
+        return tx.all(
+            "SELECT attempt, worker_id, machine_id, outcome, error, started_at, finished_at"
+            " FROM step_attempts WHERE step_id = %s ORDER BY attempt",
+            [step_id],
         )
 
 

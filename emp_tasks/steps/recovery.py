@@ -11,45 +11,42 @@ the code WORKER_LOST, so it is retried while retries remain.
 from __future__ import annotations
 
 import logging
-
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from typing import Any
 
 from emp_tasks.core.errors import StepError
 from emp_tasks.core.status import ACTIVE_STEP_STATUSES, StepStatus
 from emp_tasks.core.times import now
-from emp_tasks.steps import attempts, transitions, workflows
+from emp_tasks.steps import attempts, transitions
 from emp_tasks.store import db, dispatch
-from emp_tasks.store.models import Step
+from emp_tasks.store.db import Tx
 
 logger = logging.getLogger(__name__)
 
 S = StepStatus
+_ACTIVE = [status.value for status in ACTIVE_STEP_STATUSES]
 
 
 def expired_leases(limit: int = 100) -> list[tuple[str, int]]:
     """Running attempts whose worker stopped renewing their lease."""
-    with db.transaction() as session:
-        rows = session.execute(
-            select(Step.id, Step.attempts)
-            .where(Step.status.in_(ACTIVE_STEP_STATUSES), Step.lease_expires_at < func.now())
-            .limit(limit)
-        ).all()
+    with db.tx() as tx:
+        rows = tx.all(
+            "SELECT id, attempts FROM steps WHERE status = ANY(%s) AND lease_expires_at < now()"
+            " LIMIT %s",
+            [_ACTIVE, limit],
+        )
     return [(row.id, row.attempts) for row in rows]
 
 
 def lose(step_id: str, attempt: int) -> attempts.FailureOutcome:
     """The attempt's lease ran out: fail the attempt as lost, and retry the step."""
-    with db.transaction() as session:
-        step = attempts.lock_current(session, step_id, attempt, ACTIVE_STEP_STATUSES)
+    with db.tx() as tx:
+        step = attempts.lock_current(tx, step_id, attempt, ACTIVE_STEP_STATUSES)
         if step is None or (step.lease_expires_at and step.lease_expires_at > now()):
             return attempts.FailureOutcome(status=None)
-        return lose_with_worker(session, step, "stopped renewing its lease")
+        return lose_with_worker(tx, step, "stopped renewing its lease")
 
 
-def lose_with_worker(
-    session: Session, step: Step, why: str = "went offline"
-) -> attempts.FailureOutcome:
+def lose_with_worker(tx: Tx, step: Any, why: str = "went offline") -> attempts.FailureOutcome:
     """The step's worker is gone (the caller holds the step's locks): lost, retried."""
     logger.warning(
         "Attempt lost with its worker; step re-queued",
@@ -66,44 +63,45 @@ def lose_with_worker(
         type="system",
         retryable=True,
     )
-    return attempts.fail_current(session, step, error)
+    return attempts.fail_current(tx, step, error)
 
 
-def requeue(session: Session, step: Step, code: str, message: str) -> None:
+def requeue(tx: Tx, step: Any, code: str, message: str) -> None:
     """Give a running step back to its queue at once (caller holds the locks).
 
     For operator actions and restarts, not failures: the ended attempt is
     recorded as `requeued` and does not spend one of the step's retries.
     """
     error = StepError(code=code, message=message, type="system", retryable=True)
-    transitions.finish_attempt(session, step, "requeued", error)
-    step.max_retries += 1
-    transitions.queue_retry(session, step, error, now())
+    transitions.finish_attempts(tx, [(step.id, step.attempts)], "requeued", error)
+    transitions.queue_retry(tx, step, error, now(), max_retries=step.max_retries + 1)
+
+
+def active_of_workers(tx: Tx, worker_ids: list[str]) -> list[Any]:
+    """The steps these workers run, each locked (its workflow's first), in id order."""
+    if not worker_ids:
+        return []
+    rows = tx.all(
+        "SELECT id FROM steps WHERE worker_id = ANY(%s) AND status = ANY(%s) ORDER BY id",
+        [worker_ids, _ACTIVE],
+    )
+    locked = (transitions.lock(tx, row.id) for row in rows)
+    return [step for step in locked if step is not None and step.status in ACTIVE_STEP_STATUSES]
 
 
 def overdue(limit: int = 100) -> list[str]:
     """Pending steps whose queue deadline (`expires_in_s`) has passed."""
-    with db.transaction() as session:
-        return list(
-            session.scalars(
-                select(Step.id)
-                .where(Step.status == S.PENDING, Step.expires_at <= func.now())
-                .limit(limit)
-            )
+    with db.tx() as tx:
+        rows = tx.all(
+            "SELECT id FROM steps WHERE status = %s AND expires_at <= now() LIMIT %s",
+            [S.PENDING.value, limit],
         )
+    return [row.id for row in rows]
 
 
 def expire(step_id: str) -> bool:
     """Fail a pending step whose queue deadline passed; it never starts."""
-    with db.transaction() as session:
-        step = transitions.lock(session, step_id)
-        if step is None or step.status != S.PENDING or step.expires_at is None:
-            return False
-        if step.expires_at > now():
-            return False
-        transitions.expire(session, step)
-        workflows.on_step_finished(session, step)
-        return True
+    return attempts.expire(step_id)
 
 
 def redispatch_pending() -> int:
@@ -111,21 +109,14 @@ def redispatch_pending() -> int:
 
     A step whose task survived runs once anyway: `attempts.begin` drops the duplicate.
     """
-    sent = 0
-    with db.transaction() as session:
-        rows = session.execute(
-            select(
-                Step.id,
-                Step.queue,
-                Step.priority,
-                Step.queued_at,
-                Step.workflow_id,
-                Step.depends_on,
-            )
-            .where(Step.status == S.PENDING)
-            .order_by(Step.id)
-        ).all()
-    for row in rows:
-        dispatch.send(transitions.task_spec(row, row.queued_at))
-        sent += 1
-    return sent
+    with db.tx() as tx:
+        rows = tx.all(
+            "SELECT id, queue, priority, queued_at, workflow_id, depends_on FROM steps"
+            " WHERE status = %s ORDER BY id",
+            [S.PENDING.value],
+        )
+    for start in range(0, len(rows), 500):
+        dispatch.send_many(
+            [transitions.task_spec(row, row.queued_at) for row in rows[start : start + 500]]
+        )
+    return len(rows)

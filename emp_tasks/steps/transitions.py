@@ -1,23 +1,33 @@
 """Step transitions: the one place a step's status changes, with its event, in one transaction.
 
-`apply` checks the transition table (emp_tasks.core.status), updates the row and
-records the event in the caller's transaction; `emit` records an event that
-keeps the status (progress). The transitions a workflow drives (`release`,
-`skip`, `cancel`) are here too, shared by the step commands (`client`, `attempts`,
-`recovery` in emp_tasks.steps) and the workflow DAG (emp_tasks.steps.workflows).
+`apply` moves steps to a status the transition table (emp_tasks.core.status) allows
+from where they are, in one UPDATE whose WHERE clause holds the rule (and the
+attempt, when the caller fences on it), and records each moved step's event in
+the same transaction; `emit` records an event of a step whose status stays. The
+transitions a workflow drives (`release`, `skip`, `cancel`) are here too, shared by
+the step commands (`client`, `attempts`, `recovery` in emp_tasks.steps) and the
+workflow DAG (emp_tasks.steps.workflows).
+
+Rows are read back as named tuples with the ORM's attribute names (`STEP_COLUMNS`),
+so what the API presents looks the same whichever way a step was read.
 
 This layer knows nothing of workflows: a transition never advances one. The
 commands call `workflows` after a step finishes, and `workflows` calls these
 transitions, so the two only ever call downwards.
+
+Lock order. Every path that changes a workflow and its steps locks the workflow
+row first, then its steps in id order (`lock_workflow`, `lock_workflow_of`, and the
+`ORDER BY id FOR UPDATE` of every multi-step change), so two of them never wait
+on each other in a circle.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from psycopg.types.json import Jsonb
 
 from emp_tasks.core import events
 from emp_tasks.core.dispatch_instruction import DispatchInstruction
@@ -29,24 +39,61 @@ from emp_tasks.core.times import iso, now
 from emp_tasks.routes import queues, routing
 from emp_tasks.specs import StepCreate
 from emp_tasks.store import outbox
-from emp_tasks.store.models import Attempt, Step, Workflow
+from emp_tasks.store.db import Tx
+from emp_tasks.webhooks import endpoints as webhooks
 
 S = StepStatus
 
 EXPIRED = "EXPIRED"
 
+STEP_COLUMNS = (
+    "id, customer_id, service, queue, status, priority, payload, requirements, result, error,"
+    " progress, stage, message, attempts, max_retries, timeout_s, workflow_id, step_index,"
+    " depends_on, remaining_deps, worker_id, machine_id, webhook_url, webhook_events,"
+    " correlation_id, metadata AS meta, cancel_reason, created_at, updated_at, queued_at,"
+    " started_at, completed_at, expires_at, lease_expires_at"
+)
+"""Every column of a step, named as the ORM names them (`metadata` is `meta`)."""
 
-def emit(
-    session: Session,
-    step: Step,
-    event_type: EventType,
-    data: dict[str, Any],
-    *,
-    queue: bool = False,
-) -> None:
-    """Record the step's event; `queue=True` also sends its task when the event is published."""
-    outbox.record(
-        session,
+JSON_COLUMNS = frozenset(
+    {"payload", "requirements", "result", "error", "depends_on", "webhook_events", "metadata"}
+)
+
+
+class Now:
+    """A SET value: the transaction's time (`now()`)."""
+
+
+NOW = Now()
+
+Data = dict[str, Any] | Callable[[Any], dict[str, Any]]
+"""An event's data, or how to make it from the step's row after the change."""
+
+
+def statuses_into(to: StepStatus) -> frozenset[StepStatus]:
+    """Every status the transition table lets become `to`."""
+    return frozenset(status for status in StepStatus if step_may_become(status, to))
+
+
+def _assignments(sets: dict[str, Any], params: dict[str, Any]) -> str:
+    parts = []
+    for column, value in sets.items():
+        if isinstance(value, Now):
+            parts.append(f"{column} = now()")
+            continue
+        parts.append(f"{column} = %(set_{column})s")
+        params[f"set_{column}"] = Jsonb(value) if column in JSON_COLUMNS else value
+    return "".join(f", {part}" for part in parts)
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+def event_of(
+    step: Any, event_type: EventType, data: dict[str, Any], dispatch: DispatchInstruction | None
+) -> outbox.Recorded:
+    """The step's event (`step` is its row), flagged when the step's own webhook wants it."""
+    return outbox.event(
         event_type,
         aggregate=events.step_aggregate(step.id),
         data=data,
@@ -56,13 +103,28 @@ def emit(
         machine_id=step.machine_id,
         worker_id=step.worker_id,
         customer_id=step.customer_id,
-        dispatch=_queue_spec(session, step) if queue else None,
+        dispatch=dispatch,
+        webhook=webhooks.own_webhook_wants(
+            step.webhook_url, step.webhook_events, event_type, webhooks.TERMINAL_STEP_EVENTS
+        ),
     )
 
 
-def _queue_spec(session: Session, step: Step) -> DispatchInstruction:
+def emit(
+    tx: Tx, steps: Iterable[Any], event_type: EventType, data: Data, *, queue: bool = False
+) -> None:
+    """Record each step's event; `queue=True` also sends its task when the event is published."""
+    recorded = []
+    for step in steps:
+        dispatch = _queue_spec(tx, step) if queue else None
+        values = data(step) if callable(data) else data
+        recorded.append(event_of(step, event_type, values, dispatch))
+    outbox.record_all(tx, recorded)
+
+
+def _queue_spec(tx: Tx, step: Any) -> DispatchInstruction:
     """Record the step's route (if new) and say how to send its task."""
-    queues.ensure(session, queues.route_of(step))
+    queues.ensure(tx, queues.route_of(step))
     return task_spec(step, step.queued_at)
 
 
@@ -78,71 +140,192 @@ def task_spec(step: Any, not_before: datetime | None = None) -> DispatchInstruct
     )
 
 
+# --- applying a transition -----------------------------------------------------------------
+
+
 def apply(
-    session: Session,
-    step: Step,
+    tx: Tx,
+    step_ids: Iterable[str],
     to: StepStatus,
     event_type: EventType,
-    data: dict[str, Any],
+    data: Data,
     *,
+    sets: dict[str, Any] | None = None,
+    within: frozenset[StepStatus] | None = None,
+    attempt: int | None = None,
+    condition: str | None = None,
     queue: bool = False,
-) -> None:
-    """Move the step (locked by the caller) to `to` and record the event, or raise
-    InvalidState if the transition table does not allow it."""
-    current = StepStatus(step.status)
-    if not step_may_become(current, to):
-        raise InvalidState(f"step {step.id} is {current}; it cannot become {to}")
-    step.status = to
-    step.updated_at = now()
+) -> list[Any]:
+    """Move these steps to `to` and record each one's event; return the moved rows.
+
+    A step moves only from a status the transition table allows (narrowed to `within`),
+    with `attempt` only while that is its current attempt, and with `condition` (SQL of
+    this package's own) only where it holds; the others are left as they are and left
+    out of the answer. Several steps are locked in id order.
+    """
+    ids = list(step_ids)
+    if not ids:
+        return []
+    sources = statuses_into(to) & within if within is not None else statuses_into(to)
+    params: dict[str, Any] = {
+        "to": to.value,
+        "sources": [status.value for status in sources],
+        "ids": ids,
+        "attempt": attempt,
+    }
+    assigned = _assignments(dict(sets or {}), params)
     if to not in ACTIVE_STEP_STATUSES:
-        step.lease_expires_at = None
-    emit(session, step, event_type, data, queue=queue)
+        assigned += ", lease_expires_at = NULL"
+    fence = " AND attempts = %(attempt)s" if attempt is not None else ""
+    if condition is not None:
+        fence += f" AND {condition}"
+    if len(ids) == 1:
+        target = "id = %(id)s AND status = ANY(%(sources)s)" + fence
+        params["id"] = ids[0]
+    else:
+        target = (
+            "id IN (SELECT id FROM steps WHERE id = ANY(%(ids)s) AND status = ANY(%(sources)s)"
+            + fence
+            + " ORDER BY id FOR UPDATE)"
+        )
+    rows = tx.all(
+        f"UPDATE steps SET status = %(to)s, updated_at = now(){assigned}"
+        f" WHERE {target} RETURNING {STEP_COLUMNS}",
+        params,
+    )
+    rows.sort(key=lambda row: (row.step_index or 0, row.id))
+    emit(tx, rows, event_type, data, queue=queue)
+    return rows
 
 
-def lock(session: Session, step_id: str, *, workflow: bool = True) -> Step | None:
-    """The step, row-locked. A workflow's step locks its workflow first: every path
-    that changes a workflow and its steps takes the locks in that order."""
+def apply_one(tx: Tx, step: Any, to: StepStatus, event_type: EventType, data: Data, **kw) -> Any:
+    """`apply` to one step the caller holds locked; InvalidState if the table refuses it."""
+    if not step_may_become(step.status, to):
+        raise InvalidState(f"step {step.id} is {step.status}; it cannot become {to}")
+    rows = apply(tx, [step.id], to, event_type, data, **kw)
+    if not rows:
+        raise InvalidState(f"step {step.id} is no longer {step.status}")
+    return rows[0]
+
+
+# --- locks ---------------------------------------------------------------------------------
+
+
+def lock_workflow(tx: Tx, workflow_id: str | None) -> None:
+    """Lock a workflow's row (the first lock of every change to it and its steps)."""
+    if workflow_id is not None:
+        tx.execute("SELECT 1 FROM workflows WHERE id = %s FOR UPDATE", [workflow_id])
+
+
+def lock_workflow_of(tx: Tx, step_id: str) -> str | None:
+    """Lock the workflow of a step (one statement) and return its id; None outside one."""
+    row = tx.one(
+        "SELECT w.id FROM steps s JOIN workflows w ON w.id = s.workflow_id"
+        " WHERE s.id = %s FOR UPDATE OF w",
+        [step_id],
+    )
+    return row.id if row is not None else None
+
+
+def lock(tx: Tx, step_id: str, *, workflow: bool = True) -> Any:
+    """The step's row, locked (its workflow's first, see the lock order); None if unknown."""
     if workflow:
-        workflow_id = session.scalar(select(Step.workflow_id).where(Step.id == step_id))
-        if workflow_id is not None:
-            session.execute(select(Workflow.id).where(Workflow.id == workflow_id).with_for_update())
-    return session.get(Step, step_id, with_for_update=True, populate_existing=True)
+        lock_workflow_of(tx, step_id)
+    return tx.one(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = %s FOR UPDATE", [step_id])
+
+
+def read(tx: Tx, step_id: str) -> Any:
+    """The step's row, not locked; None if unknown."""
+    return tx.one(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = %s", [step_id])
 
 
 # --- entering the lifecycle ----------------------------------------------------------------
 
+_INSERT_COLUMNS = (
+    ("id", "varchar"),
+    ("customer_id", "varchar"),
+    ("service", "varchar"),
+    ("queue", "varchar"),
+    ("status", "varchar"),
+    ("priority", "int"),
+    ("payload", "jsonb"),
+    ("requirements", "jsonb"),
+    ("max_retries", "int"),
+    ("timeout_s", "float8"),
+    ("workflow_id", "varchar"),
+    ("step_index", "int"),
+    ("depends_on", "jsonb"),
+    ("remaining_deps", "int"),
+    ("webhook_url", "text"),
+    ("webhook_events", "jsonb"),
+    ("correlation_id", "varchar"),
+    ("metadata", "jsonb"),
+    ("created_at", "timestamptz"),
+    ("queued_at", "timestamptz"),
+    ("expires_at", "timestamptz"),
+)
+_INSERT = (
+    f"INSERT INTO steps ({', '.join(name for name, _ in _INSERT_COLUMNS)},"
+    " attempts, progress, updated_at)"
+    " SELECT u.*, 0, 0, u.created_at FROM unnest("
+    + ", ".join(f"%s::{kind}[]" for _, kind in _INSERT_COLUMNS)
+    + f") AS u({', '.join(name for name, _ in _INSERT_COLUMNS)}) RETURNING {STEP_COLUMNS}"
+)
 
-def new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) -> Step:
-    """A new pending step's row (not yet added to a session)."""
+
+def new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) -> dict[str, Any]:
+    """A new pending step's column values (for `insert`)."""
     created = now()
     requirements = spec.requirements.model_dump(exclude_none=True)
-    return Step(
-        id=new_id(),
-        customer_id=customer_id,
-        service=spec.service,
-        queue=routing.route_for(spec.service, requirements, customer_id).queue,
-        status=S.PENDING,
-        priority=spec.priority,
-        payload=spec.payload,
-        requirements=requirements,
-        max_retries=spec.max_retries,
-        timeout_s=float(spec.timeout_s),
-        depends_on=[],
-        webhook_url=spec.webhook_url,
-        webhook_events=spec.webhook_events,
-        correlation_id=correlation_id,
-        meta=spec.metadata,
-        attempts=0,
-        progress=0.0,
-        created_at=created,
-        updated_at=created,
-        queued_at=created,
-        expires_at=created + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None,
-    )
+    return {
+        "id": new_id(),
+        "customer_id": customer_id,
+        "service": spec.service,
+        "queue": routing.route_for(spec.service, requirements, customer_id).queue,
+        "status": S.PENDING.value,
+        "priority": spec.priority,
+        "payload": spec.payload,
+        "requirements": requirements,
+        "max_retries": spec.max_retries,
+        "timeout_s": float(spec.timeout_s),
+        "workflow_id": None,
+        "step_index": None,
+        "depends_on": [],
+        "remaining_deps": 0,
+        "webhook_url": spec.webhook_url,
+        "webhook_events": spec.webhook_events,
+        "correlation_id": correlation_id,
+        "metadata": spec.metadata,
+        "created_at": created,
+        "queued_at": created,
+        "expires_at": created + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None,
+    }
 
 
-def submitted(session: Session, step: Step) -> None:
-    """Record a new (flushed) step's `step_submitted`; a pending one's task is sent with it."""
+def insert(tx: Tx, steps: list[dict[str, Any]]) -> list[Any]:
+    """Insert new steps (values from `new_step`), one statement; their rows, in order,
+    each with its `step_submitted` (a pending one's task is sent with it)."""
+    columns = [
+        [Jsonb(step[name]) if kind == "jsonb" else step[name] for step in steps]
+        for name, kind in _INSERT_COLUMNS
+    ]
+    rows = tx.all(_INSERT, columns)
+    order = {step["id"]: index for index, step in enumerate(steps)}
+    rows.sort(key=lambda row: order[row.id])
+    recorded = [
+        event_of(
+            row,
+            EventType.STEP_SUBMITTED,
+            _submitted_data(row),
+            _queue_spec(tx, row) if row.status == S.PENDING else None,
+        )
+        for row in rows
+    ]
+    outbox.record_all(tx, recorded)
+    return rows
+
+
+def _submitted_data(step: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "service": step.service,
         "priority": step.priority,
@@ -150,80 +333,110 @@ def submitted(session: Session, step: Step) -> None:
     }
     if step.workflow_id is not None:
         data["step_index"] = step.step_index
-    emit(session, step, EventType.STEP_SUBMITTED, data, queue=step.status == S.PENDING)
+    return data
 
 
-# --- transitions (the caller holds the step's locks) --------------------------------------
+# --- transitions ---------------------------------------------------------------------------
 
 
-def finish_attempt(session: Session, step: Step, outcome: str, error: StepError | None) -> None:
-    """Close the step's current attempt in the audit trail."""
-    session.execute(
-        update(Attempt)
-        .where(
-            Attempt.step_id == step.id,
-            Attempt.attempt == step.attempts,
-            Attempt.finished_at.is_(None),
-        )
-        .values(outcome=outcome, error=error.to_json() if error else None, finished_at=now())
+def finish_attempts(
+    tx: Tx, attempts: Iterable[tuple[str, int]], outcome: str, error: StepError | None
+) -> None:
+    """Close these (step id, attempt) attempts in the audit trail (already closed: no-op)."""
+    pairs = list(attempts)
+    if not pairs:
+        return
+    tx.execute(
+        "UPDATE step_attempts SET outcome = %s, error = %s, finished_at = now()"
+        " FROM unnest(%s::varchar[], %s::int[]) AS f(step_id, attempt)"
+        " WHERE step_attempts.step_id = f.step_id AND step_attempts.attempt = f.attempt"
+        " AND step_attempts.finished_at IS NULL",
+        [
+            outcome,
+            Jsonb(error.to_json()) if error else None,
+            [step_id for step_id, _ in pairs],
+            [attempt for _, attempt in pairs],
+        ],
     )
 
 
-def release(session: Session, step: Step) -> None:
-    """A waiting step's dependencies are all done: queue it."""
-    step.queued_at = now()
-    apply(
-        session,
-        step,
+def release(tx: Tx, step_ids: Iterable[str]) -> list[Any]:
+    """Waiting steps whose dependencies are all done: queue them (their tasks go with it)."""
+    return apply(
+        tx,
+        step_ids,
         S.PENDING,
         EventType.STEP_QUEUED,
         {"status": S.PENDING.value, "reason": "dependencies completed"},
+        sets={"queued_at": NOW},
+        within=frozenset({S.WAITING}),
         queue=True,
     )
 
 
-def skip(session: Session, step: Step, reason: str) -> None:
-    """A waiting step will never run: a step it depends on did not complete."""
-    step.completed_at = now()
-    step.cancel_reason = reason
-    apply(session, step, S.SKIPPED, EventType.STEP_SKIPPED, {"reason": reason})
-
-
-def cancel(session: Session, step: Step, reason: str) -> None:
-    """Cancel an unfinished step. Its workflow is not advanced here (see steps.client.cancel)."""
-    finish_attempt(session, step, "cancelled", None)
-    step.cancel_reason = reason
-    step.completed_at = now()
-    apply(session, step, S.CANCELLED, EventType.STEP_CANCELLED, {"reason": reason})
-
-
-def expire(session: Session, step: Step) -> None:
-    """Fail a pending step whose queue deadline passed; it never starts. Its workflow
-    is not advanced here (see steps.recovery.expire and steps.attempts.begin)."""
-    step.error = StepError(
-        code=EXPIRED,
-        message="the step did not start before its queue deadline (expires_in_s)",
-        type="timeout",
-        retryable=False,
-    ).to_json()
-    step.completed_at = now()
-    apply(
-        session,
-        step,
-        S.FAILED,
-        EventType.STEP_FAILED,
-        {"error": step.error, "attempts": step.attempts},
+def skip(tx: Tx, step_ids: Iterable[str], reason: str) -> list[Any]:
+    """Waiting steps that will never run: a step they depend on did not complete."""
+    return apply(
+        tx,
+        step_ids,
+        S.SKIPPED,
+        EventType.STEP_SKIPPED,
+        {"reason": reason},
+        sets={"completed_at": NOW, "cancel_reason": reason},
+        within=frozenset({S.WAITING}),
     )
 
 
-def queue_retry(session: Session, step: Step, error: StepError, at: datetime) -> None:
-    """Back to pending for another attempt, sent to the broker to run from `at`."""
-    step.queued_at = at
-    apply(
-        session,
+def cancel(tx: Tx, step_ids: Iterable[str], reason: str) -> list[Any]:
+    """Cancel unfinished steps (a running one's attempt ends `cancelled`). Their workflow is
+    not advanced here (see steps.client.cancel)."""
+    rows = apply(
+        tx,
+        step_ids,
+        S.CANCELLED,
+        EventType.STEP_CANCELLED,
+        {"reason": reason},
+        sets={"completed_at": NOW, "cancel_reason": reason},
+    )
+    finish_attempts(tx, ((row.id, row.attempts) for row in rows), "cancelled", None)
+    return rows
+
+
+EXPIRED_ERROR = StepError(
+    code=EXPIRED,
+    message="the step did not start before its queue deadline (expires_in_s)",
+    type="timeout",
+    retryable=False,
+)
+
+
+def expire(tx: Tx, step_id: str) -> Any:
+    """Fail a pending step whose queue deadline passed (it never starts); its row, or None
+    when it is not pending and overdue. Its workflow is not advanced here (see
+    steps.attempts.expire)."""
+    error = EXPIRED_ERROR.to_json()
+    moved = apply(
+        tx,
+        [step_id],
+        S.FAILED,
+        EventType.STEP_FAILED,
+        lambda step: {"error": error, "attempts": step.attempts},
+        sets={"error": error, "completed_at": NOW},
+        within=frozenset({S.PENDING}),
+        condition="expires_at <= now()",
+    )
+    return moved[0] if moved else None
+
+
+def queue_retry(tx: Tx, step: Any, error: StepError, at: datetime, **sets: Any) -> Any:
+    """Back to pending for another attempt (the caller holds the step), sent to the broker
+    to run from `at`; `sets`: other columns to change with it."""
+    return apply_one(
+        tx,
         step,
         S.PENDING,
         EventType.STEP_RETRYING,
         {"error": error.to_json(), "attempt": step.attempts, "retry_at": iso(at)},
+        sets={"queued_at": at, "error": error.to_json(), **sets},
         queue=True,
     )

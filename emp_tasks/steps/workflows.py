@@ -22,8 +22,8 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from psycopg.types.json import Jsonb
+from sqlalchemy import func, select
 
 from emp_tasks.auth import Principal
 from emp_tasks.core.config import get_settings
@@ -41,12 +41,23 @@ from emp_tasks.core.times import TIMEFRAMES, iso
 from emp_tasks.specs import WorkflowCreate
 from emp_tasks.steps import transitions
 from emp_tasks.store import db, idempotency, outbox
-from emp_tasks.store.models import Step, Workflow
+from emp_tasks.store.db import Tx
+from emp_tasks.store.models import Workflow
 from emp_tasks.webhooks import endpoints as webhooks
 
 logger = logging.getLogger(__name__)
 
 W = WorkflowStatus
+
+WORKFLOW_COLUMNS = (
+    "id, customer_id, name, description, status, failure_policy, priority, total_steps,"
+    " completed_steps, failed_steps, failed_step_index, error, cancel_reason, webhook_url,"
+    " webhook_events, metadata AS meta, correlation_id, created_at, updated_at, started_at,"
+    " completed_at"
+)
+"""Every column of a workflow, named as the ORM names them (`metadata` is `meta`)."""
+
+_UNFINISHED = [status.value for status in UNFINISHED_STEP_STATUSES]
 
 
 def _now() -> datetime:
@@ -57,29 +68,43 @@ def aggregate(workflow_id: str) -> str:
     return f"workflow:{workflow_id}"
 
 
-def _emit(
-    session: Session, workflow: Workflow, event_type: EventType, data: dict[str, Any]
-) -> None:
+def _emit(tx: Tx, workflow: Any, event_type: EventType, data: dict[str, Any]) -> None:
     outbox.record(
-        session,
+        tx,
         event_type,
         aggregate=aggregate(workflow.id),
         data=data,
         correlation_id=workflow.correlation_id,
         workflow_id=workflow.id,
         customer_id=workflow.customer_id,
+        webhook=webhooks.own_webhook_wants(
+            workflow.webhook_url,
+            workflow.webhook_events,
+            event_type,
+            webhooks.TERMINAL_WORKFLOW_EVENTS,
+        ),
+    )
+
+
+def _update(tx: Tx, workflow_id: str, assignments: str, params: list[Any] | None = None) -> Any:
+    """Change the workflow's row (`assignments`: SQL of this module); its row after."""
+    return tx.one(
+        f"UPDATE workflows SET updated_at = now(), {assignments} WHERE id = %s"
+        f" RETURNING {WORKFLOW_COLUMNS}",
+        [*(params or []), workflow_id],
     )
 
 
 # --- step_details: the one per-step view of a workflow --------------------------------------
 
 
-def step_details(session: Session, workflow_id: str) -> list[dict[str, Any]]:
+def step_details(tx: Tx, workflow_id: str) -> list[dict[str, Any]]:
     """The canonical per-step view of a workflow (API.md, "step_detail")."""
-    rows = list(
-        session.scalars(
-            select(Step).where(Step.workflow_id == workflow_id).order_by(Step.step_index)
-        )
+    rows = tx.all(
+        "SELECT step_index, id, service, status, progress, attempts, depends_on, result,"
+        " error, started_at, completed_at, worker_id FROM steps WHERE workflow_id = %s"
+        " ORDER BY step_index",
+        [workflow_id],
     )
     index_of = {row.id: row.step_index for row in rows}
     return [
@@ -105,8 +130,11 @@ def step_details(session: Session, workflow_id: str) -> list[dict[str, Any]]:
 # --- client side ---------------------------------------------------------------------------
 
 
-def _visible(session: Session, workflow_id: str, principal: Principal, lock: bool = False):
-    workflow = session.get(Workflow, workflow_id, with_for_update=lock, populate_existing=lock)
+def _visible(tx: Tx, workflow_id: str, principal: Principal, lock: bool = False) -> Any:
+    workflow = tx.one(
+        f"SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = %s" + (" FOR UPDATE" if lock else ""),
+        [workflow_id],
+    )
     if workflow is None or not principal.may_see(workflow.customer_id):
         raise NotFound("workflow", workflow_id)
     return workflow
@@ -118,7 +146,7 @@ def submit(
     *,
     correlation_id: str | None = None,
     idempotency_key: str | None = None,
-) -> tuple[Workflow, list[str], bool]:
+) -> tuple[Any, list[str], bool]:
     """Accept a workflow; its steps without dependencies are queued at once."""
     limit = get_settings().max_workflow_steps
     if len(spec.steps) > limit:
@@ -128,38 +156,38 @@ def submit(
     for index, step_spec in enumerate(spec.steps):
         webhooks.check_target(f"steps.{index}.webhook_url", step_spec.webhook_url)
 
-    def load(session: Session, workflow_id: str) -> tuple[Workflow, list[str]]:
-        return session.get(Workflow, workflow_id), _step_ids(session, workflow_id)
+    def load(tx: Tx, workflow_id: str) -> tuple[Any, list[str]]:
+        return _visible(tx, workflow_id, principal), _step_ids(tx, workflow_id)
 
-    def create(session: Session) -> tuple[tuple[Workflow, list[str]], str]:
-        now = _now()
-        workflow = Workflow(
-            id=new_id(),
-            customer_id=customer_id,
-            name=spec.name,
-            description=spec.description,
-            status=W.PENDING,
-            failure_policy=spec.failure_policy,
-            priority=spec.priority if spec.priority is not None else 50,
-            total_steps=len(spec.steps),
-            completed_steps=0,
-            failed_steps=0,
-            webhook_url=spec.webhook_url,
-            webhook_events=spec.webhook_events,
-            meta=spec.metadata,
-            correlation_id=correlation_id,
-            created_at=now,
-            updated_at=now,
+    def create(tx: Tx) -> tuple[tuple[Any, list[str]], str]:
+        workflow = tx.one(
+            "INSERT INTO workflows (id, customer_id, name, description, status, failure_policy,"
+            " priority, total_steps, completed_steps, failed_steps, webhook_url, webhook_events,"
+            " metadata, correlation_id)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 0, 0, %s, %s, %s, %s)"
+            f" RETURNING {WORKFLOW_COLUMNS}",
+            [
+                new_id(),
+                customer_id,
+                spec.name,
+                spec.description,
+                W.PENDING.value,
+                spec.failure_policy,
+                spec.priority if spec.priority is not None else 50,
+                len(spec.steps),
+                spec.webhook_url,
+                Jsonb(spec.webhook_events) if spec.webhook_events is not None else None,
+                Jsonb(spec.metadata),
+                correlation_id,
+            ],
         )
-        session.add(workflow)
-        session.flush()
         _emit(
-            session,
+            tx,
             workflow,
             EventType.WORKFLOW_SUBMITTED,
             {"name": workflow.name, "total_steps": workflow.total_steps},
         )
-        created = _create_steps(session, workflow, spec)
+        created = _create_steps(tx, workflow, spec)
         return (workflow, [step.id for step in created]), workflow.id
 
     (workflow, step_ids), was_created = idempotency.create_once(
@@ -168,42 +196,35 @@ def submit(
     return workflow, step_ids, was_created
 
 
-def _create_steps(session: Session, workflow: Workflow, spec: WorkflowCreate) -> list[Step]:
+def _create_steps(tx: Tx, workflow: Any, spec: WorkflowCreate) -> list[Any]:
     """Add a workflow's steps: those without dependencies pending (queued), others waiting."""
     ids = [new_id() for _ in spec.steps]
-    created = []
+    values = []
     for index, step_spec in enumerate(spec.steps):
         step = transitions.new_step(step_spec, workflow.customer_id, workflow.correlation_id)
-        step.id = ids[index]
-        step.workflow_id = workflow.id
-        step.step_index = index
-        step.priority = spec.step_priority(index)
-        step.depends_on = [ids[dependency] for dependency in step_spec.depends_on]
-        step.remaining_deps = len(step.depends_on)
-        if step.depends_on:
-            step.status = StepStatus.WAITING
-            step.queued_at = None
-        created.append(step)
-    session.add_all(created)
-    session.flush()
-    for step in created:
-        transitions.submitted(session, step)
-    return created
+        step["id"] = ids[index]
+        step["workflow_id"] = workflow.id
+        step["step_index"] = index
+        step["priority"] = spec.step_priority(index)
+        step["depends_on"] = [ids[dependency] for dependency in step_spec.depends_on]
+        step["remaining_deps"] = len(step["depends_on"])
+        if step["depends_on"]:
+            step["status"] = StepStatus.WAITING.value
+            step["queued_at"] = None
+        values.append(step)
+    return transitions.insert(tx, values)
 
 
-def _step_ids(session: Session, workflow_id: str) -> list[str]:
-    return list(
-        session.scalars(
-            select(Step.id).where(Step.workflow_id == workflow_id).order_by(Step.step_index)
-        )
-    )
+def _step_ids(tx: Tx, workflow_id: str) -> list[str]:
+    rows = tx.all("SELECT id FROM steps WHERE workflow_id = %s ORDER BY step_index", [workflow_id])
+    return [row.id for row in rows]
 
 
-def status(workflow_id: str, principal: Principal) -> tuple[Workflow, list[dict[str, Any]]]:
+def status(workflow_id: str, principal: Principal) -> tuple[Any, list[dict[str, Any]]]:
     """The workflow and its step_details, read in one transaction."""
-    with db.transaction() as session:
-        workflow = _visible(session, workflow_id, principal)
-        return workflow, step_details(session, workflow_id)
+    with db.tx() as tx:
+        workflow = _visible(tx, workflow_id, principal)
+        return workflow, step_details(tx, workflow_id)
 
 
 def list_workflows(
@@ -239,68 +260,75 @@ def stats(principal: Principal, timeframe: str) -> dict[str, Any]:
     return counts
 
 
-def cancel(workflow_id: str, principal: Principal, reason: str | None = None) -> Workflow:
+def cancel(workflow_id: str, principal: Principal, reason: str | None = None) -> Any:
     """Cancel a workflow: its running and not yet started steps are cancelled."""
     reason = reason or "workflow cancelled by client"
-    with db.transaction() as session:
-        workflow = _visible(session, workflow_id, principal, lock=True)
+    with db.tx() as tx:
+        workflow = _visible(tx, workflow_id, principal, lock=True)
         if WorkflowStatus(workflow.status) in TERMINAL_WORKFLOW_STATUSES:
             raise InvalidState(f"workflow {workflow_id} is {workflow.status}; it cannot cancel")
-        for step in _unfinished(session, workflow.id):
-            transitions.cancel(session, step, reason)
-        workflow.status = W.CANCELLED
-        workflow.cancel_reason = reason
-        workflow.completed_at = workflow.updated_at = _now()
+        transitions.cancel(tx, _unfinished(tx, workflow.id), reason)
+        workflow = _update(
+            tx,
+            workflow.id,
+            "status = %s, cancel_reason = %s, completed_at = now()",
+            [W.CANCELLED.value, reason],
+        )
         _emit(
-            session,
+            tx,
             workflow,
             EventType.WORKFLOW_CANCELLED,
-            {"step_details": step_details(session, workflow.id), "reason": reason},
+            {"step_details": step_details(tx, workflow.id), "reason": reason},
         )
         return workflow
 
 
-def _unfinished(session: Session, workflow_id: str) -> list[Step]:
-    return list(
-        session.scalars(
-            select(Step)
-            .where(Step.workflow_id == workflow_id, Step.status.in_(UNFINISHED_STEP_STATUSES))
-            .order_by(Step.id)  # the lock order every multi-step locker uses
-            .with_for_update()
-        )
+def _unfinished(tx: Tx, workflow_id: str, statuses: list[str] | None = None) -> list[str]:
+    """The workflow's steps in these statuses (unfinished ones by default), in id order."""
+    rows = tx.all(
+        "SELECT id FROM steps WHERE workflow_id = %s AND status = ANY(%s) ORDER BY id",
+        [workflow_id, statuses or _UNFINISHED],
     )
+    return [row.id for row in rows]
 
 
 # --- progress (step commands call these in the step's transaction, workflow row locked) ----
 
 
-def on_step_started(session: Session, step: Step) -> None:
+def on_step_started(tx: Tx, step: Any) -> None:
     """The workflow's first step to start makes it running (later ones change nothing).
 
-    A conditional UPDATE rather than a lock: once the workflow runs, the row does not
-    match and no step start waits for it.
+    Only a pending workflow's row is touched, and only if nobody holds it: starting a
+    step holds the step's lock, and waiting here for the workflow's (which every other
+    path takes first) could close a circle. A start that skips it leaves the change to
+    the next step start or the step's completion.
     """
-    now = _now()
-    session.execute(
-        update(Workflow)
-        .where(Workflow.id == step.workflow_id, Workflow.status == W.PENDING)
-        .values(status=W.RUNNING, started_at=now, updated_at=now)
+    tx.execute(
+        "UPDATE workflows SET status = %s, started_at = now(), updated_at = now()"
+        " WHERE id = (SELECT id FROM workflows WHERE id = %s AND status = %s"
+        " FOR UPDATE SKIP LOCKED)",
+        [W.RUNNING.value, step.workflow_id, W.PENDING.value],
     )
 
 
-def on_step_finished(session: Session, step: Step) -> None:
-    """Advance the workflow after one of its steps reached a terminal status (a step
-    outside any workflow changes nothing)."""
+def on_step_finished(tx: Tx, step: Any) -> None:
+    """Advance the workflow after one of its steps (its row, just changed) reached a
+    terminal status (a step outside any workflow changes nothing)."""
     if step.workflow_id is None:
         return
-    workflow = session.get(Workflow, step.workflow_id)
-    if workflow is None:
-        return
-    workflow.updated_at = _now()
     if step.status == StepStatus.COMPLETED:
-        workflow.completed_steps += 1
+        workflow = _update(
+            tx,
+            step.workflow_id,
+            "completed_steps = completed_steps + 1,"
+            " status = CASE WHEN status = %s THEN %s ELSE status END,"
+            " started_at = COALESCE(started_at, now())",
+            [W.PENDING.value, W.RUNNING.value],
+        )
+        if workflow is None:
+            return
         _emit(
-            session,
+            tx,
             workflow,
             EventType.WORKFLOW_STEP_COMPLETED,
             {
@@ -310,95 +338,89 @@ def on_step_finished(session: Session, step: Step) -> None:
                 "total_steps": workflow.total_steps,
             },
         )
-        _release_dependents(session, step)
-    elif step.status in (StepStatus.FAILED, StepStatus.CANCELLED):
-        if step.status == StepStatus.FAILED:
-            workflow.failed_steps += 1
-        if workflow.failed_step_index is None:
-            workflow.failed_step_index = step.step_index
-            workflow.error = (
-                step.error
-                or StepError(
-                    code="STEP_CANCELLED",
-                    message=f"step {step.step_index} was cancelled",
-                    type="cancelled",
-                    retryable=False,
-                ).to_json()
-            )
-        _skip_dependents(session, step)
-        if (
-            workflow.failure_policy == "fail_fast"
-            and workflow.status not in TERMINAL_WORKFLOW_STATUSES
-        ):
-            reason = f"workflow failed fast: step {step.step_index} {step.status}"
-            for other in _unfinished(session, workflow.id):
-                if other.status in NOT_STARTED_STEP_STATUSES:
-                    transitions.cancel(session, other, reason)
-            _finish(session, workflow, W.FAILED)
-            return
-    _finish_if_done(session, workflow)
-
-
-def _release_dependents(session: Session, step: Step) -> None:
-    dependents = session.scalars(
-        select(Step)
-        .where(
-            Step.workflow_id == step.workflow_id,
-            Step.status == StepStatus.WAITING,
-            Step.depends_on.contains([step.id]),
-        )
-        .order_by(Step.step_index)
-        .with_for_update()
+        _release_dependents(tx, step)
+        _finish_if_done(tx, workflow)
+        return
+    if step.status not in (StepStatus.FAILED, StepStatus.CANCELLED):
+        return
+    error = (
+        step.error
+        or StepError(
+            code="STEP_CANCELLED",
+            message=f"step {step.step_index} was cancelled",
+            type="cancelled",
+            retryable=False,
+        ).to_json()
     )
-    for dependent in dependents:
-        dependent.remaining_deps -= 1
-        if dependent.remaining_deps <= 0:
-            transitions.release(session, dependent)
+    workflow = _update(
+        tx,
+        step.workflow_id,
+        "failed_steps = failed_steps + %s,"
+        " error = CASE WHEN failed_step_index IS NULL THEN %s ELSE error END,"
+        " failed_step_index = COALESCE(failed_step_index, %s)",
+        [1 if step.status == StepStatus.FAILED else 0, Jsonb(error), step.step_index],
+    )
+    if workflow is None:
+        return
+    _skip_dependents(tx, step)
+    if workflow.failure_policy == "fail_fast" and workflow.status not in TERMINAL_WORKFLOW_STATUSES:
+        reason = f"workflow failed fast: step {step.step_index} {step.status}"
+        not_started = [status.value for status in NOT_STARTED_STEP_STATUSES]
+        transitions.cancel(tx, _unfinished(tx, workflow.id, not_started), reason)
+        _finish(tx, workflow, W.FAILED)
+        return
+    _finish_if_done(tx, workflow)
 
 
-def _skip_dependents(session: Session, step: Step) -> None:
+def _release_dependents(tx: Tx, step: Any) -> None:
+    """One fewer dependency to wait for, for each step waiting on `step`; queue those
+    left with none."""
+    counted = tx.all(
+        "UPDATE steps SET remaining_deps = remaining_deps - 1, updated_at = now()"
+        " WHERE id IN (SELECT id FROM steps WHERE workflow_id = %s AND status = %s"
+        " AND depends_on @> %s ORDER BY id FOR UPDATE)"
+        " RETURNING id, remaining_deps",
+        [step.workflow_id, StepStatus.WAITING.value, Jsonb([step.id])],
+    )
+    transitions.release(tx, [row.id for row in counted if row.remaining_deps <= 0])
+
+
+def _skip_dependents(tx: Tx, step: Any) -> None:
     """Every step that depends on `step`, directly or not, can no longer run."""
-    frontier = [step]
+    reason = f"step {step.step_index} {step.status}"
+    frontier = [step.id]
     while frontier:
-        current = frontier.pop()
-        dependents = list(
-            session.scalars(
-                select(Step)
-                .where(
-                    Step.workflow_id == current.workflow_id,
-                    Step.status == StepStatus.WAITING,
-                    Step.depends_on.contains([current.id]),
-                )
-                .with_for_update()
-            )
+        waiting = tx.all(
+            "SELECT id FROM steps WHERE workflow_id = %s AND status = %s AND depends_on ?| %s"
+            " ORDER BY id",
+            [step.workflow_id, StepStatus.WAITING.value, frontier],
         )
-        for dependent in dependents:
-            transitions.skip(session, dependent, f"step {step.step_index} {step.status}")
-            frontier.append(dependent)
+        frontier = [row.id for row in transitions.skip(tx, [row.id for row in waiting], reason)]
 
 
-def _finish_if_done(session: Session, workflow: Workflow) -> None:
+def _finish_if_done(tx: Tx, workflow: Any) -> None:
     if workflow.status in TERMINAL_WORKFLOW_STATUSES:
         return
-    unfinished = session.scalar(
-        select(Step.id)
-        .where(Step.workflow_id == workflow.id, Step.status.in_(UNFINISHED_STEP_STATUSES))
-        .limit(1)
-    )
-    if unfinished is not None:
+    if workflow.completed_steps == workflow.total_steps:
+        _finish(tx, workflow, W.COMPLETED)
         return
-    done = workflow.completed_steps == workflow.total_steps
-    _finish(session, workflow, W.COMPLETED if done else W.FAILED)
+    if workflow.failed_step_index is None:
+        return  # nothing failed, was cancelled or skipped: what did not complete is unfinished
+    unfinished = tx.one(
+        "SELECT 1 FROM steps WHERE workflow_id = %s AND status = ANY(%s) LIMIT 1",
+        [workflow.id, _UNFINISHED],
+    )
+    if unfinished is None:
+        _finish(tx, workflow, W.FAILED)
 
 
-def _finish(session: Session, workflow: Workflow, outcome: WorkflowStatus) -> None:
-    workflow.status = outcome
-    workflow.completed_at = workflow.updated_at = _now()
-    details = step_details(session, workflow.id)
+def _finish(tx: Tx, workflow: Any, outcome: WorkflowStatus) -> None:
+    workflow = _update(tx, workflow.id, "status = %s, completed_at = now()", [outcome.value])
+    details = step_details(tx, workflow.id)
     if outcome == W.COMPLETED:
         started = workflow.started_at or workflow.created_at
         _emit(
-            session,
+            tx,
             workflow,
             EventType.WORKFLOW_COMPLETED,
             {
@@ -410,7 +432,7 @@ def _finish(session: Session, workflow: Workflow, outcome: WorkflowStatus) -> No
         )
         return
     _emit(
-        session,
+        tx,
         workflow,
         EventType.WORKFLOW_FAILED,
         {

@@ -1,13 +1,32 @@
-"""Database access: one engine per process, short transactions, migrations through Alembic."""
+"""Database access: one engine per process, short transactions, migrations through Alembic.
+
+Two ways into a transaction, on the same connection pool:
+
+- `tx()` yields a `Tx`: SQL statements on the pooled psycopg connection itself, rows
+  as named tuples. The step lifecycle (every write on its hot path) uses it: a
+  transition is a handful of statements, and SQLAlchemy's per-statement and ORM work
+  would cost more CPU than PostgreSQL spends on them.
+- `transaction()` yields an ORM `Session`, for reads and for the tables whose writes
+  are rare (the fleet, webhook endpoints). `Tx.of(session)` runs `Tx` statements in a
+  session's own transaction, so a fleet change and the step transitions it causes
+  commit together.
+
+Connections are not pinged before each transaction (a round trip each time); a
+connection the server closed (a restart) fails its first statement, is thrown
+away, and that statement is tried once more on a fresh one.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import psycopg
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,10 +60,14 @@ def engine(url: str | None = None) -> Engine:
     if url not in _engines:
         _engines[url] = create_engine(
             sqlalchemy_url(url),
+            # Sized for the threads that use the database at once; no overflow, so a
+            # burst waits for a pooled connection instead of opening and closing new ones.
             pool_size=int(os.environ.get("EMP_DB_POOL_SIZE", "10")),
-            max_overflow=20,
-            pool_pre_ping=True,
+            max_overflow=int(os.environ.get("EMP_DB_POOL_OVERFLOW", "0")),
+            pool_timeout=30,
+            pool_pre_ping=False,
             pool_recycle=1800,
+            pool_use_lifo=True,
             # A failed statement's parameters are customers' payloads and webhook
             # secrets: keep them out of exception text, and so out of every log.
             hide_parameters=True,
@@ -66,6 +89,106 @@ def after_commit(session: Session, key: str, callback: Callable[[Session], None]
     session.info.setdefault(AFTER_COMMIT, {}).setdefault(key, callback)
 
 
+class Tx:
+    """One open transaction: SQL statements on its psycopg connection, rows as named
+    tuples, and work to run once it has committed (see `after_commit`)."""
+
+    def __init__(
+        self,
+        connection: psycopg.Connection,
+        info: dict[str, Any],
+        on_commit: Callable[[str, Callable[[], None]], None],
+        reconnect: Callable[[], psycopg.Connection] | None = None,
+    ) -> None:
+        self.connection = connection
+        self.info = info
+        """Scratch space for this transaction (e.g. the aggregates whose events it recorded)."""
+        self._on_commit = on_commit
+        self._reconnect = reconnect
+        self._statements = 0
+
+    @classmethod
+    def of(cls, session: Session) -> Tx:
+        """Statements in the ORM session's own transaction (its after-commit work too)."""
+        connection = session.connection().connection.driver_connection
+        assert isinstance(connection, psycopg.Connection)
+
+        def on_commit(key: str, callback: Callable[[], None]) -> None:
+            after_commit(session, key, lambda _session: callback())
+
+        return cls(connection, session.info, on_commit)
+
+    def execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        cursor = self.connection.cursor(row_factory=namedtuple_row)
+        try:
+            cursor.execute(sql, params, prepare=None)
+        except psycopg.OperationalError:
+            # A pooled connection the server closed since its last use: nothing of this
+            # transaction ran yet, so its first statement is safe to send again elsewhere.
+            if self._statements or self._reconnect is None or not self.connection.broken:
+                raise
+            self.connection = self._reconnect()
+            cursor = self.connection.cursor(row_factory=namedtuple_row)
+            cursor.execute(sql, params)
+        self._statements += 1
+        return cursor
+
+    def one(self, sql: str, params: Any = None) -> Any:
+        """The statement's first row, or None."""
+        return self.execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: Any = None) -> list[Any]:
+        return self.execute(sql, params).fetchall()
+
+    def after_commit(self, key: str, callback: Callable[[], None]) -> None:
+        """Run `callback` once (per key) after this transaction commits, never on rollback."""
+        self._on_commit(key, callback)
+
+
+@contextmanager
+def tx(url: str | None = None) -> Iterator[Tx]:
+    """A transaction on a pooled psycopg connection: commits on success, rolls back on
+    any exception, then runs its after-commit work (see `after_commit`)."""
+    pool = engine(url).pool
+    holder = {"fairy": pool.connect()}
+    callbacks: dict[str, Callable[[], None]] = {}
+
+    def reconnect() -> psycopg.Connection:
+        holder["fairy"].invalidate()
+        holder["fairy"] = pool.connect()
+        return holder["fairy"].driver_connection
+
+    try:
+        transaction = Tx(
+            holder["fairy"].driver_connection,
+            {},
+            lambda key, callback: callbacks.setdefault(key, callback),
+            reconnect,
+        )
+        try:
+            yield transaction
+            transaction.connection.commit()
+        except BaseException:
+            if transaction.connection.broken:
+                holder["fairy"].invalidate()
+            else:
+                transaction.connection.rollback()
+            raise
+    finally:
+        holder["fairy"].close()
+    _run_after_commit(callbacks.items())
+
+
+def _run_after_commit(callbacks: Iterable[tuple[str, Callable[[], None]]]) -> None:
+    for key, callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            logger.exception(
+                "After-commit work failed", extra={"action": "after_commit", "key": key}
+            )
+
+
 @contextmanager
 def transaction(url: str | None = None) -> Iterator[Session]:
     """A session whose work commits on success and rolls back on any exception."""
@@ -74,13 +197,8 @@ def transaction(url: str | None = None) -> Iterator[Session]:
     with _sessionmakers[url]() as session:
         with session.begin():
             yield session
-        for key, callback in session.info.pop(AFTER_COMMIT, {}).items():
-            try:
-                callback(session)
-            except Exception:
-                logger.exception(
-                    "After-commit work failed", extra={"action": "after_commit", "key": key}
-                )
+        callbacks = session.info.pop(AFTER_COMMIT, {})
+        _run_after_commit((key, lambda c=c: c(session)) for key, c in callbacks.items())
 
 
 def forget(url: str) -> None:

@@ -1,71 +1,75 @@
 """Sending a step's task to the broker, and noticing when the broker lost its data.
 
-Tasks go straight onto their queue's Redis list through the default (nameless)
-exchange. Routing through a named exchange would depend on kombu's binding
-tables in Redis, and a publish to an exchange whose bindings a Redis restart
-erased is silently dropped.
+A task is its raw message (emp_tasks.store.broker.task_message) pushed onto its
+queue's Redis list for its priority level: what `apply_async` through the default
+(nameless) exchange would do, without its cost. Routing through a named exchange
+would depend on kombu's binding tables in Redis, and a publish to an exchange whose
+bindings a Redis restart erased is silently dropped.
 
-A step is dispatched when the event that queued it is published (see outbox):
-the dispatch instruction (emp_tasks.core.dispatch_instruction) travels in the
-outbox row, so a process that dies between commit and send leaves the task to the
-relay's sweeper, not to chance.
+A step is dispatched when the event that queued it is published (see outbox): the
+dispatch instruction (emp_tasks.core.dispatch_instruction) travels in the outbox
+row, and the publisher pushes the task in the same Redis script as the event, so a
+process that dies between commit and send leaves both to the relay's sweeper, not to
+chance. `send` is for what no event queues: a worker handing a task back, the relay
+re-sending every pending step after the broker lost its data.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import uuid
 from datetime import UTC, datetime
 
-from celery import Signature, group
-from kombu import Exchange, Queue
+import redis
 
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.store import redisdb
-from emp_tasks.store.broker import RUN_STEP, app
+from emp_tasks.store.broker import task_message
 
 logger = logging.getLogger(__name__)
 
 EPOCH_KEY = "emp:broker-epoch"
-_DEFAULT_EXCHANGE = Exchange("")
 
 
-def _signature(dispatch: DispatchInstruction) -> Signature:
-    """The step's task, addressed to its queue's list; a future `not_before` is a countdown.
+def message(dispatch: DispatchInstruction, task_id: str) -> tuple[str, str]:
+    """The list and message of the step's task; a `not_before` still ahead is its ETA."""
+    eta = dispatch.not_before
+    if eta is not None and eta <= datetime.now(UTC):
+        eta = None
+    return task_message(dispatch.step_id, dispatch.queue, dispatch.priority, task_id, eta)
 
-    The task is named, not imported (the sender does not load the worker's task code),
-    so its `ignore_result` is repeated here to keep the message's header as the task sets it.
-    """
-    countdown = None
-    if dispatch.not_before:
-        delay = (dispatch.not_before - datetime.now(UTC)).total_seconds()
-        countdown = delay if delay > 0 else None
-    name = dispatch.queue
-    return app.signature(
-        RUN_STEP,
-        args=[dispatch.step_id],
-        queue=Queue(name, _DEFAULT_EXCHANGE, routing_key=name),
-        exchange="",
-        routing_key=name,
-        priority=dispatch.priority,
-        countdown=countdown,
-        ignore_result=True,
-        immutable=True,
-    )
+
+def broker_client() -> redis.Redis:
+    """The broker's Redis (EMP_BROKER_URL, the events' Redis unless set)."""
+    return redisdb.client(_broker_url())
+
+
+def same_redis_as_events() -> bool:
+    """Whether tasks and events live in one Redis (then one script publishes both)."""
+    settings = get_settings()
+    return (settings.broker_url or settings.redis_url) == settings.redis_url
+
+
+def push(messages: list[tuple[str, str]]) -> None:
+    """LPUSH each (list, message) onto the broker, in one round trip."""
+    if not messages:
+        return
+    pipe = broker_client().pipeline(transaction=False)
+    for key, body in messages:
+        pipe.lpush(key, body)
+    pipe.execute()
 
 
 def send(dispatch: DispatchInstruction) -> None:
     """Put one step's task on its queue."""
-    _signature(dispatch).apply_async()
+    send_many([dispatch])
 
 
 def send_many(dispatches: list[DispatchInstruction]) -> None:
-    """Send steps that became ready together (a workflow's fan-out) as one Celery group."""
-    if len(dispatches) == 1:
-        send(dispatches[0])
-    elif dispatches:
-        group(_signature(each) for each in dispatches).apply_async()
+    """Put these steps' tasks on their queues, in one round trip."""
+    push([message(each, str(uuid.uuid4())) for each in dispatches])
 
 
 def broker_lost_data() -> bool:
@@ -74,7 +78,7 @@ def broker_lost_data() -> bool:
     The epoch key lives beside the queues; when it is gone, so may be any queued
     task. The first caller to notice sets a new epoch and gets True.
     """
-    client = redisdb.client(_broker_url())
+    client = broker_client()
     if client.exists(EPOCH_KEY):
         return False
     created = client.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
@@ -83,7 +87,7 @@ def broker_lost_data() -> bool:
 
 def mark_epoch() -> None:
     """Record the current broker epoch (at relay start: nothing is lost yet)."""
-    redisdb.client(_broker_url()).set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+    broker_client().set(EPOCH_KEY, secrets.token_hex(8), nx=True)
 
 
 def _broker_url() -> str | None:

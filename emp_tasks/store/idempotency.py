@@ -5,60 +5,45 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
-
 from emp_tasks.core.errors import InvalidState
 from emp_tasks.store import db
-from emp_tasks.store.models import IdempotencyKey
 
 T = TypeVar("T")
 
 WINDOW_HOURS = 24
+_FRESH = f"now() - interval '{WINDOW_HOURS} hours'"
 
 
 class KeyTaken(Exception):
     """A concurrent request claimed the key first; the caller retries its lookup."""
 
 
-def _fresh():
-    return func.now() - func.make_interval(0, 0, 0, 0, WINDOW_HOURS)
-
-
-def find(session: Session, customer_id: str, key: str, resource_type: str) -> str | None:
+def find(tx: db.Tx, customer_id: str, key: str, resource_type: str) -> str | None:
     """The id of the resource this key created within the window, if any."""
-    return session.scalar(
-        select(IdempotencyKey.resource_id).where(
-            IdempotencyKey.customer_id == customer_id,
-            IdempotencyKey.key == key,
-            IdempotencyKey.resource_type == resource_type,
-            IdempotencyKey.created_at > _fresh(),
-        )
+    row = tx.one(
+        "SELECT resource_id FROM idempotency_keys WHERE customer_id = %s AND key = %s"
+        f" AND resource_type = %s AND created_at > {_FRESH}",
+        [customer_id, key, resource_type],
     )
+    return row.resource_id if row is not None else None
 
 
-def claim(
-    session: Session, customer_id: str, key: str, resource_type: str, resource_id: str
-) -> None:
+def claim(tx: db.Tx, customer_id: str, key: str, resource_type: str, resource_id: str) -> None:
     """Bind the key to the new resource in the caller's transaction, or raise KeyTaken.
 
     An expired binding is replaced. A concurrent claim of the same key waits on
     the unique index until the first transaction ends, then sees it taken.
     """
-    statement = insert(IdempotencyKey).values(
-        customer_id=customer_id, key=key, resource_type=resource_type, resource_id=resource_id
+    row = tx.one(
+        "INSERT INTO idempotency_keys (customer_id, key, resource_type, resource_id)"
+        " VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (customer_id, key) DO UPDATE SET resource_type = excluded.resource_type,"
+        " resource_id = excluded.resource_id, created_at = now()"
+        f" WHERE idempotency_keys.created_at <= {_FRESH}"
+        " RETURNING key",
+        [customer_id, key, resource_type, resource_id],
     )
-    statement = statement.on_conflict_do_update(
-        index_elements=[IdempotencyKey.customer_id, IdempotencyKey.key],
-        set_={
-            "resource_type": statement.excluded.resource_type,
-            "resource_id": statement.excluded.resource_id,
-            "created_at": func.now(),
-        },
-        where=IdempotencyKey.created_at <= _fresh(),
-    ).returning(IdempotencyKey.key)
-    if session.scalar(statement) is None:
+    if row is None:
         raise KeyTaken(key)
 
 
@@ -66,8 +51,8 @@ def create_once(
     customer_id: str,
     key: str | None,
     resource_type: str,
-    load: Callable[[Session, str], T],
-    create: Callable[[Session], tuple[T, str]],
+    load: Callable[[db.Tx, str], T],
+    create: Callable[[db.Tx], tuple[T, str]],
 ) -> tuple[T, bool]:
     """Run `create` in a transaction unless `key` already names a resource (then `load` it).
 
@@ -76,14 +61,14 @@ def create_once(
     """
     for _ in range(2):
         try:
-            with db.transaction() as session:
+            with db.tx() as tx:
                 if key:
-                    existing = find(session, customer_id, key, resource_type)
+                    existing = find(tx, customer_id, key, resource_type)
                     if existing:
-                        return load(session, existing), False
-                result, resource_id = create(session)
+                        return load(tx, existing), False
+                result, resource_id = create(tx)
                 if key:
-                    claim(session, customer_id, key, resource_type, resource_id)
+                    claim(tx, customer_id, key, resource_type, resource_id)
                 return result, True
         except KeyTaken:
             continue

@@ -225,6 +225,11 @@ class Event(Base):
     dispatch: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     """Set on events that queue a step (`step_submitted`, `step_retrying`): the relay
     sends the step's Celery task when it publishes the event."""
+    webhook: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=text("false")
+    )
+    """The step's or workflow's own `webhook_url` wants this event: published with the
+    stream entry's `webhook` field, so the webhooks process skips the rest unread."""
 
     __table_args__ = (
         Index(

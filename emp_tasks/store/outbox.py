@@ -4,67 +4,109 @@ An event is written in the same transaction as its change (`record`), so no
 event exists without a commit and no commit without its event. Committed events
 are published to the `emp:events` stream and channel in commit order per
 aggregate (`publish_aggregates`). Publishing an event that queues a step also
-sends the step's Celery task, so the task is as durable as the event (see
-emp_tasks.store.dispatch).
+pushes the step's Celery task, in the same Redis script as the event's XADD
+(emp_tasks.store.broker.task_message), so a step's task is sent if and only if its
+event is published.
 
-Fast path: right after a transaction commits, its process publishes the events
-of the aggregates it touched (`publish_after_commit`). Crash path: the relay's
-sweeper (emp_tasks.relay) publishes whatever a dead or failed fast path left
-behind, through the same `publish_aggregates`.
+Fast path: after a transaction that recorded events commits, its process's
+publisher (`Publisher`, a thread of its own) is told which aggregates to publish;
+it publishes whatever has accumulated since its last round in one transaction
+and one Redis script, so no request or worker thread waits for Redis, and many
+commits share one publish. Crash path: the relay's sweeper (emp_tasks.relay)
+publishes whatever a dead or failed fast path left behind, through the same
+`publish_aggregates`.
 
 Both paths lock an aggregate's unpublished rows oldest first and publish them in
 that order, so whichever path runs first, a step's events reach the stream in
-the order their transactions committed.
-A crash after XADD and before the outbox row is marked published repeats the
-event on the stream; consumers de-duplicate by event id.
+the order their transactions committed. A row stays unpublished until its XADD
+has happened: a crash after the script and before the rows are marked published
+repeats the events (and their tasks) with the same ids; consumers de-duplicate
+by event id, and a repeated task finds its step no longer pending.
+
+Ephemeral events (`publish_now`: progress reports) skip the outbox: they go to
+the stream and channel at once, from the reporting thread.
+
+Each stream entry has the fields `type`, `event` (the envelope) and `webhook`: `1`
+when the step's or workflow's own `webhook_url` wants the event, else `0`, so the
+webhooks process can pass over what nobody wants without reading it.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import logging
+import os
+import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, text
-from sqlalchemy.orm import Session
+from psycopg.types.json import Jsonb
 
-from emp_tasks.core.config import get_settings
+from emp_tasks.core.config import Settings, get_settings, scoped
 from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.core.events import CHANNEL, STREAM, Envelope, EventType
 from emp_tasks.store import db, dispatch, redisdb
-from emp_tasks.store.models import Event
+
+logger = logging.getLogger(__name__)
 
 PENDING_AGGREGATES = "emp_pending_aggregates"
+BATCH_AGGREGATES = 500
+"""Aggregates one publish round takes at most; the rest wait for the next round."""
 
-# XADD each event, then PUBLISH it with its stream id, in one round trip.
-# KEYS: stream, channel. ARGV: maxlen, Redis database index, then (type, envelope JSON)
-# pairs. Pub/sub channels span a server's databases while streams do not, so each
-# published event names its database: a subscriber skips other deployments' events.
+# Per event, in one round trip: XADD it, PUBLISH it with its stream id, and LPUSH the
+# task it queues. KEYS: stream, channel, then the broker lists of the tasks.
+# ARGV: maxlen, Redis database index, then per event: type, envelope JSON, webhook flag
+# ('0' or '1'), index of its task's list in KEYS (0: no task), the task's message.
+# Pub/sub channels span a server's databases while streams do not, so each published
+# event names its database: a subscriber skips other deployments' events.
 _PUSH_SCRIPT = """
 local ids = {}
-for i = 3, #ARGV, 2 do
+for i = 3, #ARGV, 5 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
-                        'type', ARGV[i], 'event', ARGV[i + 1])
+                        'type', ARGV[i], 'event', ARGV[i + 1], 'webhook', ARGV[i + 2])
   redis.call('PUBLISH', KEYS[2], '{"stream_id":"' .. id .. '","db":' .. ARGV[2] .. ','
              .. string.sub(ARGV[i + 1], 2))
+  local list = tonumber(ARGV[i + 3])
+  if list > 0 then
+    redis.call('LPUSH', KEYS[list], ARGV[i + 4])
+  end
   ids[#ids + 1] = id
 end
 return ids
 """
 
-_SELECT_UNPUBLISHED = text(
-    "SELECT seq, type, envelope::text, dispatch FROM events"
-    " WHERE aggregate = ANY(:names) AND published_at IS NULL"
+_INSERT = (
+    "INSERT INTO events (id, type, aggregate, step_id, workflow_id, customer_id, envelope,"
+    " dispatch, webhook)"
+    " SELECT * FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[],"
+    " %s::varchar[], %s::varchar[], %s::jsonb[], %s::jsonb[], %s::boolean[])"
+)
+_SELECT_UNPUBLISHED = (
+    "SELECT seq, id, type, envelope::text AS envelope, dispatch, webhook FROM events"
+    " WHERE aggregate = ANY(%s) AND published_at IS NULL"
     " ORDER BY seq FOR UPDATE"
 )
-_MARK_PUBLISHED = text(
+_MARK_PUBLISHED = (
     "UPDATE events SET published_at = now(), stream_id = d.stream_id"
-    " FROM unnest(CAST(:seqs AS bigint[]), CAST(:stream_ids AS text[])) AS d(seq, stream_id)"
+    " FROM unnest(%s::bigint[], %s::text[]) AS d(seq, stream_id)"
     " WHERE events.seq = d.seq"
 )
 
 
-def record(
-    session: Session,
+@dataclass(frozen=True)
+class Recorded:
+    """An event to write into the outbox: its envelope, its aggregate (the unit of
+    ordering), the task it queues, and whether the resource's own webhook wants it."""
+
+    envelope: Envelope
+    aggregate: str
+    dispatch: DispatchInstruction | None = None
+    webhook: bool = False
+
+
+def event(
     event_type: EventType,
     *,
     aggregate: str,
@@ -76,16 +118,10 @@ def record(
     worker_id: str | None = None,
     customer_id: str | None = None,
     dispatch: DispatchInstruction | None = None,
-) -> Envelope:
-    """Add the event to the outbox in the caller's transaction and return its envelope.
-
-    `dispatch` (emp_tasks.core.dispatch_instruction) makes the publisher send the
-    step's task when it publishes this event.
-
-    The aggregate is remembered on the session so that the transaction's
-    after-commit hook can publish it at once (the fast path).
-    """
-    event = Envelope.new(
+    webhook: bool = False,
+) -> Recorded:
+    """A new event (a fresh id, the time now) for `record_all`."""
+    envelope = Envelope.new(
         event_type,
         data=data,
         correlation_id=correlation_id,
@@ -95,29 +131,98 @@ def record(
         worker_id=worker_id,
         customer_id=customer_id,
     )
-    session.add(
-        Event(
-            id=event.id,
-            type=event.type,
-            aggregate=aggregate,
-            step_id=step_id,
-            workflow_id=workflow_id,
-            customer_id=customer_id,
-            envelope=event.to_json(),
-            dispatch=dispatch.to_json() if dispatch else None,
+    return Recorded(envelope, aggregate, dispatch, webhook)
+
+
+def record(tx: db.Tx, event_type: EventType, **fields: Any) -> Envelope:
+    """Add one event (see `event` for its fields) in the caller's transaction."""
+    recorded = event(event_type, **fields)
+    record_all(tx, [recorded])
+    return recorded.envelope
+
+
+def record_all(tx: db.Tx, events: Iterable[Recorded]) -> None:
+    """Add these events, in this order, in the caller's transaction (one statement).
+
+    `dispatch` makes the publisher push the step's task when it publishes the event.
+    The aggregates are remembered on the transaction, so that once it commits this
+    process's publisher publishes them at once (the fast path).
+    """
+    events = list(events)
+    if not events:
+        return
+    columns: list[list[Any]] = [[] for _ in range(9)]
+    for each in events:
+        envelope = each.envelope
+        values = (
+            envelope.id,
+            envelope.type,
+            each.aggregate,
+            envelope.step_id,
+            envelope.workflow_id,
+            envelope.customer_id,
+            Jsonb(envelope.to_json()),
+            Jsonb(each.dispatch.to_json()) if each.dispatch else None,
+            each.webhook,
         )
-    )
-    session.info.setdefault(PENDING_AGGREGATES, set()).add(aggregate)
-    db.after_commit(session, "publish_events", publish_after_commit)
-    return event
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    tx.execute(_INSERT, columns)
+    pending = tx.info.setdefault(PENDING_AGGREGATES, set())
+    pending.update(each.aggregate for each in events)
+    info = tx.info
+    tx.after_commit("publish_events", lambda: _committed(info))
 
 
-def for_step(session: Session, step_id: str) -> list[dict[str, Any]]:
+def _committed(info: dict[str, Any]) -> None:
+    aggregates = info.pop(PENDING_AGGREGATES, set())
+    settings = get_settings()
+    if aggregates and settings.events_fast_path:
+        publisher(settings).notify(aggregates)
+
+
+def for_step(tx: db.Tx, step_id: str) -> list[dict[str, Any]]:
     """The step's events from the outbox, in commit order, with their stream ids."""
-    rows = session.execute(
-        select(Event.envelope, Event.stream_id).where(Event.step_id == step_id).order_by(Event.seq)
+    rows = tx.all(
+        "SELECT envelope, stream_id FROM events WHERE step_id = %s ORDER BY seq", [step_id]
     )
-    return [{**envelope, "stream_id": stream_id} for envelope, stream_id in rows]
+    return [{**row.envelope, "stream_id": row.stream_id} for row in rows]
+
+
+# --- publishing ----------------------------------------------------------------------------
+
+
+def _script_arguments(
+    events: list[tuple[str, str, bool, tuple[str, str] | None]],
+) -> tuple[list[str], list[str | int], list[tuple[str, str]]]:
+    """KEYS and ARGV of the push script for (type, envelope JSON, webhook flag, task);
+    and the tasks, when they go to a broker of their own instead."""
+    together = dispatch.same_redis_as_events()
+    keys: list[str] = [STREAM, CHANNEL]
+    arguments: list[str | int] = [get_settings().events_maxlen, redisdb.database_index()]
+    apart: list[tuple[str, str]] = []
+    for event_type, envelope, webhook, task in events:
+        index, body = 0, ""
+        if task is not None and together:
+            keys.append(task[0])
+            index, body = len(keys), task[1]
+        elif task is not None:
+            apart.append(task)
+        arguments += [event_type, envelope, "1" if webhook else "0", index, body]
+    return keys, arguments, apart
+
+
+def _push(events: list[tuple[str, str, bool, tuple[str, str] | None]]) -> list[str]:
+    """Publish the events (and push their tasks) in order; return their stream ids.
+
+    With the broker on another Redis, its tasks are pushed right after the events: a
+    crash in between repeats both, which is harmless.
+    """
+    keys, arguments, apart = _script_arguments(events)
+    script = redisdb.client().register_script(_PUSH_SCRIPT)
+    stream_ids = script(keys=keys, args=arguments)
+    dispatch.push(apart)
+    return list(stream_ids)
 
 
 def publish_aggregates(aggregates: Iterable[str]) -> int:
@@ -129,25 +234,118 @@ def publish_aggregates(aggregates: Iterable[str]) -> int:
     names = sorted(set(aggregates))
     if not names:
         return 0
-    with db.engine().begin() as connection:
-        rows = connection.execute(_SELECT_UNPUBLISHED, {"names": names}).all()
+    with db.tx() as tx:
+        rows = tx.all(_SELECT_UNPUBLISHED, [names])
         if not rows:
             return 0
-        arguments: list[str | int] = [get_settings().events_maxlen, redisdb.database_index()]
-        for row in rows:
-            arguments += [row.type, row.envelope]
-        push = redisdb.client().register_script(_PUSH_SCRIPT)
-        stream_ids = push(keys=[STREAM, CHANNEL], args=arguments)
-        dispatch.send_many([DispatchInstruction.from_row(row) for row in rows if row.dispatch])
-        connection.execute(
-            _MARK_PUBLISHED,
-            {"seqs": [row.seq for row in rows], "stream_ids": list(stream_ids)},
+        stream_ids = _push(
+            [
+                (
+                    row.type,
+                    row.envelope,
+                    row.webhook,
+                    dispatch.message(DispatchInstruction.from_row(row), row.id)
+                    if row.dispatch
+                    else None,
+                )
+                for row in rows
+            ]
         )
+        tx.execute(_MARK_PUBLISHED, [[row.seq for row in rows], stream_ids])
     return len(rows)
 
 
-def publish_after_commit(session: Session) -> None:
-    """The fast path, run by `db.transaction` after a commit that recorded events."""
-    aggregates = session.info.pop(PENDING_AGGREGATES, set())
-    if aggregates and get_settings().events_fast_path:
-        publish_aggregates(aggregates)
+def publish_now(envelope: Envelope, *, webhook: bool = False) -> str:
+    """Publish an event that is not recorded (ephemeral: a progress report); its stream id."""
+    text = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False)
+    return _push([(envelope.type, text, webhook, None)])[0]
+
+
+class Publisher:
+    """The process's fast path: a thread that publishes committed events in batches.
+
+    `notify` hands it the aggregates a commit touched and returns at once; the thread
+    publishes everything handed over since its last round together. A round that fails
+    (Redis or the database down) is left to the relay's sweeper.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pending: set[str] = set()
+        self._notified = 0
+        self._done = 0
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def notify(self, aggregates: Iterable[str]) -> None:
+        with self._condition:
+            self._pending.update(aggregates)
+            self._notified += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="emp-event-publisher", daemon=True
+                )
+                self._thread.start()
+            self._condition.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every notification so far was published (or tried); False on timeout."""
+        with self._condition:
+            target = self._notified
+            return self._condition.wait_for(lambda: self._done >= target, timeout)
+
+    def _take(self) -> tuple[list[str], int]:
+        with self._condition:
+            self._condition.wait_for(lambda: bool(self._pending))
+            names = sorted(self._pending)[:BATCH_AGGREGATES]
+            self._pending.difference_update(names)
+            return names, self._notified if not self._pending else self._done
+
+    def _run(self) -> None:
+        while True:
+            names, reached = self._take()
+            try:
+                with scoped(self.settings):
+                    publish_aggregates(names)
+            except Exception:
+                logger.warning(
+                    "Publishing events failed; the relay will sweep them",
+                    exc_info=True,
+                    extra={"action": "publish_failed", "aggregates": len(names)},
+                )
+            with self._condition:
+                self._done = max(self._done, reached)
+                self._condition.notify_all()
+
+
+_publishers: dict[tuple[str | None, str | None], Publisher] = {}
+_publishers_lock = threading.Lock()
+FLUSH_AT_EXIT_S = 5.0
+
+
+def publisher(settings: Settings | None = None) -> Publisher:
+    """The publisher of this process for these settings' database and Redis."""
+    settings = settings or get_settings()
+    key = (settings.database_url, settings.redis_url)
+    with _publishers_lock:
+        found = _publishers.get(key)
+        if found is None:
+            found = _publishers[key] = Publisher(settings)
+        return found
+
+
+def flush(timeout: float = FLUSH_AT_EXIT_S) -> bool:
+    """Wait until this process's publishers have published what they were handed."""
+    with _publishers_lock:
+        running = list(_publishers.values())
+    return all(each.flush(timeout) for each in running)
+
+
+def _forget_after_fork() -> None:
+    global _publishers_lock
+    _publishers.clear()
+    _publishers_lock = threading.Lock()
+
+
+atexit.register(flush)
+os.register_at_fork(after_in_child=_forget_after_fork)

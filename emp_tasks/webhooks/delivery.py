@@ -35,6 +35,7 @@ import redis
 import requests
 from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from emp_tasks import metrics
@@ -68,9 +69,16 @@ def _now() -> datetime:
 # --- recording -----------------------------------------------------------------------------
 
 
-def record(session: Session, envelopes: list[dict[str, Any]]) -> int:
-    """Create the deliveries these events need (none twice); return how many were new."""
-    lookup = webhooks.Lookup.read(session, envelopes)
+def record(
+    session: Session,
+    envelopes: list[dict[str, Any]],
+    active: webhooks.ActiveEndpoints | None = None,
+) -> int:
+    """Create the deliveries these events need (none twice); return how many were new.
+
+    `active`: the registry as this process keeps it (else the endpoints are read here).
+    """
+    lookup = webhooks.Lookup.read(session, envelopes, active)
     created = 0
     for envelope in envelopes:
         for target in webhooks.targets_for(lookup, envelope):
@@ -161,7 +169,9 @@ def send_test(endpoint_id: str, principal: Principal) -> LoggedDelivery:
         delivery = session.scalar(
             select(WebhookDelivery).where(WebhookDelivery.event_id == envelope["id"])
         )
-        return LoggedDelivery(delivery, [])
+        logged = LoggedDelivery(delivery, [])
+    wake_senders()
+    return logged
 
 
 def replay(endpoint_id: str, delivery_id: str, principal: Principal) -> LoggedDelivery:
@@ -176,7 +186,17 @@ def replay(endpoint_id: str, delivery_id: str, principal: Principal) -> LoggedDe
         delivery.status = D.PENDING
         delivery.next_attempt_at = _now()
         delivery.updated_at = _now()
-        return LoggedDelivery(delivery, _attempts(session, [delivery.id])[delivery.id])
+        logged = LoggedDelivery(delivery, _attempts(session, [delivery.id])[delivery.id])
+    wake_senders()
+    return logged
+
+
+WAKE_CHANNEL = "emp:webhooks:wake"
+"""Pub/sub: a delivery is due now (a test or a replay); idle senders look at once."""
+
+
+def wake_senders() -> None:
+    redisdb.client().publish(WAKE_CHANNEL, "due")
 
 
 # --- sending -------------------------------------------------------------------------------
@@ -343,6 +363,13 @@ def _next_delay(attempt: int, retry_after: float | None) -> float | None:
 
 def finish(item: Claimed, response: Response) -> DeliveryStatus:
     """Record the attempt and decide what becomes of the delivery; return its status."""
+    status = _finish(item, response)
+    if response.status_code == 410 and item.endpoint_id:
+        webhooks.changed()  # disabled: no webhooks process matches events to it any more
+    return status
+
+
+def _finish(item: Claimed, response: Response) -> DeliveryStatus:
     now = _now()
     with db.transaction() as session:
         session.add(
@@ -405,8 +432,42 @@ def ensure_group(client: redis.Redis) -> None:
             raise
 
 
+READ_COUNT = 500
+"""Stream entries one read takes at most."""
+IDLE_WAIT_MAX_S = 30.0
+"""Longest an idle sender sleeps without a wake-up (a lost wake-up costs at most this)."""
+BUSY_WAIT_S = 0.25
+MIN_WAIT_S = 0.05
+
+_NEXT_DUE = text(
+    f"""
+    SELECT min(t) FROM (
+      SELECT min(next_attempt_at) AS t FROM webhook_deliveries
+      WHERE status IN ('{D.PENDING}', '{D.RETRYING}')
+      UNION ALL
+      SELECT min(claimed_until) FROM webhook_deliveries WHERE status = '{D.DELIVERING}'
+    ) due
+    """
+)
+
+
+def seconds_until_due() -> float | None:
+    """Until the next delivery is due (0: now), None when nothing is scheduled."""
+    with db.engine().begin() as connection:
+        due = connection.execute(_NEXT_DUE).scalar()
+    return None if due is None else max(0.0, (due - _now()).total_seconds())
+
+
 class WebhookProcess:
-    """Consumer loop in the calling thread, sender loop in another, requests in a pool."""
+    """Consumer loop in the calling thread, sender loop in another, requests in a pool.
+
+    What it costs when nobody wants an event: the consumer keeps the active endpoints in
+    memory (reloaded when the registry's version in Redis changes) and passes over every
+    stream entry that no endpoint's event types name and that is not flagged for the
+    resource's own webhook, without parsing it or opening a transaction. The sender sleeps
+    until the next delivery is due, and is woken when the consumer records deliveries, an
+    attempt ends, or a test or replay is queued (the `emp:webhooks:wake` channel).
+    """
 
     def __init__(self) -> None:
         settings = get_settings()
@@ -418,9 +479,11 @@ class WebhookProcess:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        self.endpoints = webhooks.ActiveEndpoints()
 
     def run(self) -> None:
         threading.Thread(target=self._send_forever, name="emp-webhook-sender", daemon=True).start()
+        threading.Thread(target=self._listen, name="emp-webhook-wake", daemon=True).start()
         logger.info("Webhooks started", extra={"action": "webhooks_start", "consumer": self.name})
         last_claim = 0.0
         group_ready = False
@@ -433,7 +496,9 @@ class WebhookProcess:
                 if time.monotonic() - last_claim > CLAIM_IDLE_MS / 2000:
                     last_claim = time.monotonic()
                     self._consume_abandoned(client)
-                batches = client.xreadgroup(GROUP, self.name, {STREAM: ">"}, count=200, block=1000)
+                batches = client.xreadgroup(
+                    GROUP, self.name, {STREAM: ">"}, count=READ_COUNT, block=1000
+                )
                 for _, entries in batches or []:
                     self._consume(client, entries)
             except redis.ResponseError as exc:
@@ -446,6 +511,7 @@ class WebhookProcess:
             except Exception:
                 logger.exception("Webhook consumer failed", extra={"action": "webhooks_consume"})
                 group_ready = False
+                self.endpoints.forget()
                 time.sleep(1)
 
     def _consume_abandoned(self, client: redis.Redis) -> None:
@@ -459,27 +525,73 @@ class WebhookProcess:
             if start == "0-0" or not entries:
                 return
 
+    def _wanted(self, entries: list) -> list[dict[str, Any]]:
+        """The envelopes some target may want: flagged for the resource's own webhook, or of
+        a type some active endpoint takes (entries from before the flag: looked at)."""
+        active = self.endpoints.current()
+        wanted = []
+        for _, fields in entries:
+            if not fields or "event" not in fields:
+                continue
+            if fields.get("webhook") == "0" and not active.may_want(fields.get("type", "")):
+                continue
+            wanted.append(json.loads(fields["event"]))
+        return wanted
+
     def _consume(self, client: redis.Redis, entries: list) -> None:
         ids = [stream_id for stream_id, _ in entries]
-        envelopes = [
-            json.loads(fields["event"]) for _, fields in entries if fields and "event" in fields
-        ]
-        with db.transaction() as session:
-            created = record(session, envelopes)
+        wanted = self._wanted(entries)
+        created = 0
+        if wanted:
+            try:
+                with db.transaction() as session:
+                    created = record(session, wanted, self.endpoints)
+            except IntegrityError:
+                # An endpoint deleted since this process last loaded the registry.
+                self.endpoints.forget()
+                with db.transaction() as session:
+                    created = record(session, wanted, self.endpoints.current())
         client.xack(STREAM, GROUP, *ids)
         if created:
             self.wake.set()
 
+    def _listen(self) -> None:
+        """Wake the sender when a delivery is queued elsewhere (a test, a replay)."""
+        while not self.stopping.is_set():
+            try:
+                pubsub = redisdb.client().pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(WAKE_CHANNEL)
+                self.wake.set()  # anything queued while not subscribed
+                while not self.stopping.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self.wake.set()
+            except Exception:
+                logger.warning(
+                    "Webhook wake-up channel lost; retrying",
+                    exc_info=True,
+                    extra={"action": "webhooks_wake_failed"},
+                )
+                self.stopping.wait(1.0)
+
     def _send_forever(self) -> None:
         settings = get_settings()
         while not self.stopping.is_set():
-            self.wake.wait(0.25)
-            self.wake.clear()
+            wait = IDLE_WAIT_MAX_S
             try:
                 self._send_due(settings.webhook_concurrency, settings.webhook_per_target)
+                with self.lock:
+                    busy = bool(self.in_flight)
+                # Busy: look again soon (a target's cap may hold due deliveries back). Idle:
+                # sleep until the next one is due, never less than a moment (another process
+                # may hold what is due now).
+                due = BUSY_WAIT_S if busy else seconds_until_due()
+                if due is not None:
+                    wait = max(MIN_WAIT_S, min(wait, due))
             except Exception:
                 logger.exception("Webhook sender failed", extra={"action": "webhooks_send"})
-                time.sleep(1)
+                wait = 1.0
+            self.wake.wait(wait)
+            self.wake.clear()
 
     def _send_due(self, concurrency: int, per_target: int) -> None:
         while True:

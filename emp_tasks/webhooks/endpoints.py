@@ -8,7 +8,9 @@ Delivery itself (signing, sending, retries) is emp_tasks.webhooks.delivery.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+import threading
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,10 +21,11 @@ from emp_tasks.auth import Principal
 from emp_tasks.core import signing
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.errors import NotFound, ValidationFailed
-from emp_tasks.core.events import legacy_name
+from emp_tasks.core.events import EventType, legacy_name
 from emp_tasks.core.ids import new_id
+from emp_tasks.core.status import StepStatus
 from emp_tasks.specs import WebhookCreate, WebhookUpdate
-from emp_tasks.store import db
+from emp_tasks.store import db, redisdb
 from emp_tasks.store.models import Step, WebhookEndpoint, Workflow
 from emp_tasks.webhooks import targets
 
@@ -83,6 +86,7 @@ def create(spec: WebhookCreate, principal: Principal) -> WebhookEndpoint:
     )
     with db.transaction() as session:
         session.add(endpoint)
+    changed()
     return endpoint
 
 
@@ -118,12 +122,80 @@ def update(endpoint_id: str, spec: WebhookUpdate, principal: Principal) -> Webho
         if changes.get("active"):
             endpoint.disabled_reason = None
         endpoint.updated_at = datetime.now(UTC)
-        return endpoint
+    changed()
+    return endpoint
 
 
 def delete(endpoint_id: str, principal: Principal) -> None:
     with db.transaction() as session:
         session.delete(visible(session, endpoint_id, principal))
+    changed()
+
+
+# --- the registry as the webhooks process sees it -------------------------------------------
+
+VERSION_KEY = "emp:webhooks:endpoints-version"
+"""A new random value each time an endpoint is created, changed, disabled or deleted."""
+
+
+def changed() -> None:
+    """An endpoint changed (call after its commit): every webhooks process reloads its view."""
+    redisdb.client().set(VERSION_KEY, secrets.token_hex(8))
+
+
+@dataclass
+class ActiveEndpoints:
+    """Every active endpoint by customer, as the webhooks process keeps them between changes.
+
+    `current()` asks Redis (one GET) whether the registry changed since the last load, and
+    reloads it (one query) if so: the process matches most events without touching the
+    database, and skips those nobody can want unread (`may_want`).
+    """
+
+    by_customer: dict[str, list[WebhookEndpoint]] = field(default_factory=dict)
+    event_types: frozenset[str] = frozenset()
+    """Every event type some endpoint takes (by its name or its legacy name)."""
+    any_type: bool = False
+    """Some endpoint takes every event (`*`)."""
+    version: str | None = None
+    loaded: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def current(self) -> ActiveEndpoints:
+        version = redisdb.client().get(VERSION_KEY)
+        with self._lock:
+            if self.loaded and version == self.version:
+                return self
+            self._load(version)
+        return self
+
+    def forget(self) -> None:
+        """Reload on the next `current()` (e.g. a delivery found an endpoint deleted)."""
+        with self._lock:
+            self.loaded = False
+
+    def _load(self, version: str | None) -> None:
+        with db.transaction() as session:
+            rows = list(
+                session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.active.is_(True)))
+            )
+            session.expunge_all()
+        by_customer: dict[str, list[WebhookEndpoint]] = {}
+        types: set[str] = set()
+        for row in rows:
+            by_customer.setdefault(row.customer_id, []).append(row)
+            types.update(row.events)
+        self.by_customer = by_customer
+        self.any_type = "*" in types
+        self.event_types = frozenset(
+            {str(t) for t in EventType if t in types or legacy_name(t) in types}
+        )
+        self.version = version
+        self.loaded = True
+
+    def may_want(self, event_type: str) -> bool:
+        """Whether any active endpoint takes this event type at all."""
+        return self.any_type or event_type in self.event_types
 
 
 # --- matching ------------------------------------------------------------------------------
@@ -166,8 +238,13 @@ class Lookup:
     endpoints: dict[str, list[WebhookEndpoint]]
 
     @classmethod
-    def read(cls, session: Session, envelopes: list[dict[str, Any]]) -> Lookup:
-        """Three queries for the whole batch."""
+    def read(
+        cls,
+        session: Session,
+        envelopes: list[dict[str, Any]],
+        active: ActiveEndpoints | None = None,
+    ) -> Lookup:
+        """At most three queries for the whole batch (two with the `active` endpoints)."""
         step_ids = {e["step_id"] for e in envelopes if e.get("step_id")}
         workflow_ids = {e["workflow_id"] for e in envelopes if e.get("workflow_id")}
         customers = {e["customer_id"] for e in envelopes if e.get("customer_id")}
@@ -175,9 +252,14 @@ class Lookup:
             {
                 row.id: row
                 for row in session.execute(
-                    select(Step.id, Step.service, Step.webhook_url, Step.webhook_events).where(
-                        Step.id.in_(step_ids)
-                    )
+                    select(
+                        Step.id,
+                        Step.service,
+                        Step.webhook_url,
+                        Step.webhook_events,
+                        Step.status,
+                        Step.attempts,
+                    ).where(Step.id.in_(step_ids))
                 )
             }
             if step_ids
@@ -196,7 +278,9 @@ class Lookup:
             else {}
         )
         endpoints: dict[str, list[WebhookEndpoint]] = {c: [] for c in customers}
-        if customers:
+        if active is not None:
+            endpoints = {c: active.by_customer.get(c, []) for c in customers}
+        elif customers:
             for endpoint in session.scalars(
                 select(WebhookEndpoint).where(
                     WebhookEndpoint.customer_id.in_(customers),
@@ -207,6 +291,20 @@ class Lookup:
         return cls(steps, workflows, endpoints)
 
 
+def _current(step: Any, progress: dict[str, Any]) -> bool:
+    """Whether a progress report is of the step's running attempt (the step is its row)."""
+    attempt = (progress.get("data") or {}).get("attempt")
+    return step.status == StepStatus.RUNNING and step.attempts == attempt
+
+
+def own_webhook_wants(
+    url: str | None, events: list[str] | None, event_type: str, defaults: tuple[str, ...]
+) -> bool:
+    """Whether a step's or workflow's own `webhook_url` receives this event type: its
+    `webhook_events`, or the terminal events by default."""
+    return bool(url) and event_type in (events or defaults)
+
+
 def targets_for(lookup: Lookup, envelope: dict[str, Any]) -> list[Target]:
     """Every target that must receive this event."""
     found: list[Target] = []
@@ -214,18 +312,28 @@ def targets_for(lookup: Lookup, envelope: dict[str, Any]) -> list[Target]:
     step_id, workflow_id = envelope.get("step_id"), envelope.get("workflow_id")
     if step_id:
         step = lookup.steps.get(step_id)
+        if (
+            step is not None
+            and envelope["type"] == EventType.STEP_PROGRESS
+            and not _current(step, envelope)
+        ):
+            return []  # a late report of an attempt that is over, or of a finished step
         if step is not None:
             service = step.service
-            wanted = step.webhook_events or TERMINAL_STEP_EVENTS
-            if step.webhook_url and envelope["type"] in wanted:
+            if own_webhook_wants(
+                step.webhook_url, step.webhook_events, envelope["type"], TERMINAL_STEP_EVENTS
+            ):
                 found.append(Target(f"url:{step.webhook_url}", step.webhook_url, None, False))
     elif workflow_id and envelope["type"].startswith("workflow_"):
         workflow = lookup.workflows.get(workflow_id)
-        if workflow is not None and workflow.webhook_url:
-            wanted = workflow.webhook_events or TERMINAL_WORKFLOW_EVENTS
-            if envelope["type"] in wanted:
-                key = f"url:{workflow.webhook_url}"
-                found.append(Target(key, workflow.webhook_url, None, False))
+        if workflow is not None and own_webhook_wants(
+            workflow.webhook_url,
+            workflow.webhook_events,
+            envelope["type"],
+            TERMINAL_WORKFLOW_EVENTS,
+        ):
+            key = f"url:{workflow.webhook_url}"
+            found.append(Target(key, workflow.webhook_url, None, False))
     for endpoint in lookup.endpoints.get(envelope.get("customer_id") or "", []):
         if _endpoint_wants(endpoint, envelope, service):
             found.append(

@@ -95,22 +95,17 @@ def _run_attempt(run: StepRun) -> str:
     step_id = run.step_id
     connector = connectors.get(run.service)
     if connector is None:
-        outcome = attempts.fail(
-            step_id,
-            run.attempt,
-            StepFailure(
-                f"worker {settings.worker_id} has no connector for service {run.service!r}",
-                type=FailureType.SYSTEM,
-                code="NO_CONNECTOR",
-            ).as_error(),
+        failure = StepFailure(
+            f"worker {settings.worker_id} has no connector for service {run.service!r}",
+            type=FailureType.SYSTEM,
+            code="NO_CONNECTOR",
         )
-        return str(outcome.status)
+        return _fail(run, failure)
     stop = _StopSignal(run)
+    progress = attempts.Progress(run)
 
-    def report_progress(
-        progress: float, stage: str | None = None, message: str | None = None
-    ) -> None:
-        if not attempts.report_progress(step_id, run.attempt, progress, stage, message):
+    def report_progress(value: float, stage: str | None = None, message: str | None = None) -> None:
+        if not progress.report(value, stage, message):
             stop.superseded = True
 
     log = {"step_id": step_id, "attempt": run.attempt, "service": run.service}
@@ -119,13 +114,13 @@ def _run_attempt(run: StepRun) -> str:
         result: Any = connector.run(run, run.inputs, report_progress, stop)
     except StepInterrupted:
         if stop.timed_out:
-            return _fail(run, _timeout_failure(run))
+            return _fail(run, _timeout_failure(run), progress=progress)
         logger.info(
             "Step stopped: cancelled or superseded", extra={"action": "step_stopped", **log}
         )
         return "stopped"
     except StepFailure as failure:
-        return _fail(run, failure)
+        return _fail(run, failure, progress=progress)
     except Exception as exc:
         logger.exception("Connector crashed", extra={"action": "step_crashed", **log})
         return _fail(
@@ -136,11 +131,12 @@ def _run_attempt(run: StepRun) -> str:
                 code="CONNECTOR_ERROR",
             ),
             detail=traceback.format_exc(limit=5),
+            progress=progress,
         )
     if stop.timed_out:
-        return _fail(run, _timeout_failure(run))
+        return _fail(run, _timeout_failure(run), progress=progress)
     duration_ms = int((time.monotonic() - stop.started) * 1000)
-    if attempts.complete(step_id, run.attempt, result, duration_ms):
+    if attempts.complete(step_id, run.attempt, result, duration_ms, workflow_id=run.workflow_id):
         return "completed"
     return "superseded"
 
@@ -153,6 +149,17 @@ def _timeout_failure(run: StepRun) -> StepFailure:
     )
 
 
-def _fail(run: StepRun, failure: StepFailure, detail: str | None = None) -> str:
-    outcome = attempts.fail(run.step_id, run.attempt, failure.as_error(detail or None))
+def _fail(
+    run: StepRun,
+    failure: StepFailure,
+    detail: str | None = None,
+    progress: attempts.Progress | None = None,
+) -> str:
+    outcome = attempts.fail(
+        run.step_id,
+        run.attempt,
+        failure.as_error(detail or None),
+        workflow_id=run.workflow_id,
+        progress=progress,
+    )
     return "superseded" if outcome.status is None else str(outcome.status)

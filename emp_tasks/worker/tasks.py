@@ -8,11 +8,12 @@ the presence consumer step; every worker loads it (`emp worker`, celeryconfig's
 
 from __future__ import annotations
 
+import psycopg
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
-from emp_tasks.store import db, redisdb
+from emp_tasks.store import db, outbox, redisdb
 from emp_tasks.store.broker import RUN_STEP, app
 from emp_tasks.worker import execution, presence
 
@@ -23,7 +24,7 @@ from emp_tasks.worker import execution, presence
     ignore_result=True,
     # The database or Redis was briefly unreachable: send the task again rather than
     # acknowledge it and leave a pending step without one.
-    autoretry_for=(OperationalError, RedisConnectionError),
+    autoretry_for=(OperationalError, psycopg.OperationalError, RedisConnectionError),
     retry_backoff=1,
     retry_backoff_max=30,
     max_retries=None,
@@ -48,6 +49,7 @@ def _announce(**_: object) -> None:
 def _retire(**_: object) -> None:
     if presence.current() is not None:
         presence.current().stop()
+    outbox.flush()  # what this worker committed is published before it goes
 
 
 app.steps["consumer"].add(presence.QueueSync)

@@ -137,14 +137,21 @@ def test_a_finished_step_leaves_its_status_only_for_a_client_retry():
 def test_refused_transition_raises_invalid_state_and_leaves_the_step_unchanged():
     step = Step(id="step-1", status=S.COMPLETED)
     with pytest.raises(InvalidState, match="step step-1 is completed; it cannot become pending"):
-        transitions.apply(None, step, S.PENDING, EventType.STEP_RETRYING, {})  # type: ignore[arg-type]
+        transitions.apply_one(None, step, S.PENDING, EventType.STEP_RETRYING, {})  # type: ignore[arg-type]
     assert step.status == S.COMPLETED
 
 
 def test_a_waiting_step_cannot_be_taken_by_a_worker():
     step = Step(id="step-2", status=S.WAITING)
     with pytest.raises(InvalidState):
-        transitions.apply(None, step, S.ASSIGNED, EventType.STEP_ASSIGNED, {})  # type: ignore[arg-type]
+        transitions.apply_one(None, step, S.ASSIGNED, EventType.STEP_ASSIGNED, {})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("target", list(StepStatus))
+def test_the_statuses_a_transition_updates_from_are_the_tables(target):
+    """The UPDATE of a transition moves only rows whose status the table lets become it."""
+    expected = {source for source, to in ALLOWED if to == target}
+    assert transitions.statuses_into(target) == expected
 
 
 # --- named sets ----------------------------------------------------------------------------

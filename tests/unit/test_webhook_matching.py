@@ -17,7 +17,9 @@ LATER_MS = int((REGISTERED + timedelta(hours=1)).timestamp() * 1000)
 
 
 def event(event_type: str, **fields) -> dict:
-    """An event as the webhooks process reads it from `emp:events`."""
+    """An event as the webhooks process reads it from `emp:events` (a progress report names
+    its attempt, the first unless told)."""
+    data = {"progress": 50.0, "attempt": 1} if event_type == "step_progress" else {}
     return {
         "id": "evt-1",
         "type": event_type,
@@ -29,7 +31,7 @@ def event(event_type: str, **fields) -> dict:
         "machine_id": None,
         "worker_id": None,
         "customer_id": "acme",
-        "data": {},
+        "data": data,
         **fields,
     }
 
@@ -46,10 +48,22 @@ def endpoint(endpoint_id: str = "ep-1", events=("*",), **fields) -> WebhookEndpo
     return WebhookEndpoint(id=endpoint_id, events=list(events), **values)
 
 
-def step_row(step_id="s-1", service="sdxl", webhook_url=None, webhook_events=None):
+def step_row(
+    step_id="s-1",
+    service="sdxl",
+    webhook_url=None,
+    webhook_events=None,
+    status="running",
+    attempts=1,
+):
     """A step as Lookup.read selects it."""
     return SimpleNamespace(
-        id=step_id, service=service, webhook_url=webhook_url, webhook_events=webhook_events
+        id=step_id,
+        service=service,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
+        status=status,
+        attempts=attempts,
     )
 
 
@@ -261,3 +275,45 @@ def test_other_targets_get_step_names_and_no_job_id():
     body = body_for(event("step_completed", step_id="s-1"), False)
     assert body["type"] == "step_completed"
     assert "job_id" not in body["data"]
+
+
+def progress_event(attempt: int) -> dict:
+    return {
+        "id": f"ev-progress-{attempt}",
+        "type": "step_progress",
+        "timestamp": 1_900_000_000_000,
+        "step_id": "s-1",
+        "customer_id": "alice",
+        "data": {"progress": 50.0, "stage": None, "message": None, "attempt": attempt},
+    }
+
+
+def test_progress_of_the_running_attempt_goes_to_its_targets():
+    found = lookup(
+        steps=[
+            step_row(
+                webhook_url="https://hooks.example.com/own",
+                webhook_events=["step_progress"],
+                attempts=2,
+            )
+        ]
+    )
+    assert [t.url for t in targets_for(found, progress_event(2))] == [
+        "https://hooks.example.com/own"
+    ]
+
+
+def test_progress_of_a_superseded_attempt_goes_nowhere():
+    own = step_row(
+        webhook_url="https://hooks.example.com/own", webhook_events=["step_progress"], attempts=2
+    )
+    assert targets_for(lookup(steps=[own]), progress_event(1)) == []
+
+
+def test_progress_of_a_finished_step_goes_nowhere():
+    done = step_row(
+        webhook_url="https://hooks.example.com/own",
+        webhook_events=["step_progress"],
+        status="completed",
+    )
+    assert targets_for(lookup(steps=[done]), progress_event(1)) == []

@@ -1,0 +1,246 @@
+"""Publishing: the task pushed with its event, a publisher dying between XADD and marking
+the rows, and the ordering rule of progress reports as the consumers apply it."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from kombu import Exchange, Queue
+from sqlalchemy import select
+
+from emp_tasks.core.events import STREAM, Envelope, EventType, step_aggregate
+from emp_tasks.core.ids import new_id
+from emp_tasks.store import broker, db, outbox, redisdb
+from emp_tasks.store.models import Event, WebhookDelivery
+from emp_tasks.webhooks import delivery
+from tests import test_webhooks
+from tests.conftest import headers, stream_events, wait_for, wait_for_status
+from tests.test_steps_api import UNSERVED
+from tests.test_ws import Client
+
+# The webhook tests' receiver and `webhooks` process fixtures, used here too.
+receiver = test_webhooks.receiver
+start_webhooks = test_webhooks.start_webhooks
+
+
+def submit(client, service: str = "simulation", payload: dict | None = None, **fields) -> str:
+    body = {"service": service, "payload": payload or {}, **fields}
+    response = client.post("/api/steps", json=body, headers=headers())
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["step_id"]
+
+
+# --- the task's message --------------------------------------------------------------------
+
+
+def test_the_raw_task_message_is_the_one_apply_async_queues(services):
+    """What the publish script pushes is what Celery's own `apply_async` would queue."""
+    queue = f"emp.raw-check.{new_id()[:8]}"
+    signature = broker.app.signature(
+        broker.RUN_STEP,
+        args=["step-raw"],
+        queue=Queue(queue, Exchange(""), routing_key=queue),
+        exchange="",
+        routing_key=queue,
+        priority=3,
+        ignore_result=True,
+        immutable=True,
+    )
+    with broker.app.connection_for_write(services["redis_url"]) as connection:
+        signature.apply_async(connection=connection, task_id="task-raw")
+    key, raw = broker.task_message("step-raw", queue, 3, "task-raw")
+    client = redisdb.client()
+    assert client.llen(key) == 1, "apply_async queued on another list"
+    theirs, ours = json.loads(client.rpop(key)), json.loads(raw)
+
+    def body(message: dict) -> list:
+        return json.loads(base64.b64decode(message["body"]))
+
+    assert body(ours) == body(theirs)
+    assert set(ours) == set(theirs)
+    assert {k: v for k, v in ours.items() if k not in ("body", "headers", "properties")} == {
+        k: v for k, v in theirs.items() if k not in ("body", "headers", "properties")
+    }
+    assert set(ours["headers"]) == set(theirs["headers"])
+    for name, value in theirs["headers"].items():
+        if name != "origin":  # the sending process's name
+            assert ours["headers"][name] == value, name
+    assert set(ours["properties"]) == set(theirs["properties"])
+    for name in ("correlation_id", "delivery_mode", "delivery_info", "priority", "body_encoding"):
+        assert ours["properties"][name] == theirs["properties"][name], name
+
+
+def test_a_task_pushed_with_its_event_is_run_by_a_real_worker(
+    client, start_worker, override_settings
+):
+    start_worker("raw-sim", "raw-1")
+    override_settings(events_fast_path=False)
+    step_id = submit(client, "raw-sim")
+    queue = client.get(f"/api/steps/{step_id}", headers=headers()).get_json()["step"]["queue"]
+    outbox.publish_aggregates([step_aggregate(step_id)])  # the script: XADD, PUBLISH, LPUSH
+    step = wait_for_status(client, step_id, {"completed"})
+    assert step["queue"] == queue and step["attempts"] == 1
+    assert [e["type"] for e in stream_events(step_id)][0] == "step_submitted"
+
+
+# --- a publisher that dies between XADD and marking the rows -------------------------------
+
+
+@pytest.fixture
+def refuse_marking():
+    """Make marking one step's events published fail, as a publisher killed after its Redis
+    script and before its commit would leave them: published, still unmarked."""
+    created: list[str] = []
+
+    def refuse(step_id: str) -> None:
+        name = f"emp_test_refuse_{len(created)}"
+        with db.tx() as tx:
+            tx.execute(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN RAISE EXCEPTION 'publisher died'; END $$"
+            )
+            tx.execute(
+                f"CREATE TRIGGER {name} BEFORE UPDATE OF published_at ON events FOR EACH ROW"
+                f" WHEN (NEW.step_id = '{step_id}') EXECUTE FUNCTION {name}()"
+            )
+        created.append(name)
+
+    yield refuse
+    with db.tx() as tx:
+        for name in created:
+            tx.execute(f"DROP TRIGGER IF EXISTS {name} ON events")
+            tx.execute(f"DROP FUNCTION IF EXISTS {name}()")
+
+
+def test_a_publisher_dying_after_its_script_repeats_the_event_with_the_same_id(
+    client, override_settings, refuse_marking
+):
+    override_settings(events_fast_path=False)
+    step_id = submit(client, UNSERVED)
+    refuse_marking(step_id)
+    with pytest.raises(Exception, match="publisher died"):
+        outbox.publish_aggregates([step_aggregate(step_id)])
+    with db.transaction() as session:
+        row = session.execute(
+            select(Event.id, Event.published_at).where(Event.step_id == step_id)
+        ).one()
+    assert row.published_at is None  # the rows stay unpublished: nothing is lost
+    first = stream_events(step_id)
+    assert [e["id"] for e in first] == [row.id]
+
+    with db.tx() as tx:  # the publisher comes back
+        tx.execute("DROP TRIGGER emp_test_refuse_0 ON events")
+    outbox.publish_aggregates([step_aggregate(step_id)])
+    again = stream_events(step_id)
+    assert len(again) >= 2 and {e["id"] for e in again} == {row.id}  # repeated, same id
+
+    def marked() -> bool:
+        with db.transaction() as session:
+            return session.scalar(select(Event.published_at).where(Event.id == row.id))
+
+    wait_for(marked)
+    queue = client.get(f"/api/steps/{step_id}", headers=headers()).get_json()["step"]["queue"]
+    messages = [json.loads(m) for m in redisdb.client().lrange(broker.queue_list(queue, 5), 0, -1)]
+    mine = [m for m in messages if json.loads(base64.b64decode(m["body"]))[0] == [step_id]]
+    assert len(mine) >= 2 and {m["headers"]["id"] for m in mine} == {row.id}
+    client.post(f"/api/steps/{step_id}/cancel", headers=headers())
+
+
+# --- progress of an attempt that is over ---------------------------------------------------
+
+
+def late_report(step: dict, attempt: int) -> Envelope:
+    """What a worker still running a superseded attempt, or one that missed the end of its
+    step, would publish."""
+    envelope = Envelope.new(
+        EventType.STEP_PROGRESS,
+        data={"progress": 99.0, "stage": "late", "message": "too late", "attempt": attempt},
+        correlation_id=step["correlation_id"],
+        step_id=step["id"],
+        customer_id=step["customer_id"],
+        worker_id=step["worker_id"],
+        machine_id=step["machine_id"],
+    )
+    outbox.publish_now(envelope, webhook=True)
+    return envelope
+
+
+RETRIED = {"fail": "retryable", "fail_attempts": 1, "progress_steps": 2, "duration_s": 0.2}
+"""Fails its first attempt after two reports, then completes after two more."""
+
+
+def late_reports(client, step_id: str) -> list[str]:
+    """A report of the superseded first attempt and one of the finished second: their ids."""
+    step = wait_for_status(client, step_id, {"completed"})
+    assert step["attempts"] == 2
+    wait_for(lambda: "step_completed" in [e["type"] for e in stream_events(step_id)])
+    return [late_report(step, 1).id, late_report(step, 2).id]
+
+
+def test_websocket_clients_never_see_progress_of_an_attempt_that_is_over(client, live_api, system):
+    watcher = Client(live_api, who="admin")
+    try:
+        watcher.send(type="subscribe", all=True)
+        watcher.reply("subscribed")
+        before = redisdb.client().xrevrange(STREAM, count=1)[0][0]
+        step_id = submit(client, payload=RETRIED)
+        late = late_reports(client, step_id)
+        marker = submit(client)  # events after the late ones: once it has them, the hub is past
+        watcher.pump(
+            lambda got: any(
+                m["type"] == "step_completed" and m.get("step_id") == marker for m in got
+            )
+        )
+    finally:
+        watcher.close()
+    live = [e["id"] for e in watcher.events() if e.get("step_id") == step_id]
+    real = [e for e in stream_events(step_id) if e["id"] not in late]
+    assert live == [e["id"] for e in real]
+    assert [e["data"]["attempt"] for e in real if e["type"] == "step_progress"] == [1, 1, 2, 2]
+
+    resumed = Client(live_api, who="admin", query=f"&after={before}")
+    try:
+        resumed.pump(lambda got: "resumed" in [m["type"] for m in got])
+    finally:
+        resumed.close()
+    assert [e["id"] for e in resumed.events() if e.get("step_id") == step_id] == live
+
+
+def test_webhooks_never_deliver_progress_of_an_attempt_that_is_over(
+    client, system, receiver, start_webhooks
+):
+    start_webhooks()
+    test_webhooks.register(client, receiver.url + "/endpoint", events=["step_progress"])
+    step_id = submit(
+        client,
+        payload=RETRIED,
+        webhook_url=receiver.url + "/own",
+        webhook_events=["step_progress", "step_completed"],
+    )
+    late = late_reports(client, step_id)
+    marker = submit(client, webhook_url=receiver.url + "/marker")
+    wait_for_status(client, marker, {"completed"})
+    wait_for(lambda: [r for r in receiver.received if r.path == "/hook/marker"], timeout_s=30)
+
+    def consumed() -> bool:
+        group = {g["name"]: g for g in redisdb.client().xinfo_groups(STREAM)}[delivery.GROUP]
+        return group["pending"] == 0
+
+    wait_for(consumed)
+    with db.transaction() as session:
+        recorded = session.scalars(
+            select(WebhookDelivery.event_id).where(WebhookDelivery.event_id.in_(late))
+        ).all()
+    assert recorded == []
+    by_path: dict[str, list[int]] = {}
+    for received in receiver.of_type("step_progress"):
+        body = json.loads(received.body)
+        if body["data"]["step_id"] == step_id:
+            by_path.setdefault(received.path, []).append(body["data"]["attempt"])
+    assert {path: sorted(attempts) for path, attempts in by_path.items()} == {
+        "/hook/own": [1, 1, 2, 2],
+        "/hook/endpoint": [1, 1, 2, 2],
+    }
+    assert not {json.loads(r.body)["id"] for r in receiver.received} & set(late)
