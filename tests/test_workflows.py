@@ -329,9 +329,14 @@ def test_worker_killed_during_a_fan_in_completes_the_workflow_once(client, start
     join = body["step_ids"][3]
     wait_for(lambda: any(e["type"] == "step_completed" for e in stream_events(step_id=join)))
     assert [e["type"] for e in stream_events(step_id=join)].count("step_queued") == 1
-    types = [e["type"] for e in workflow_events(workflow_id)]
+    # A publisher killed between its script and marking the rows published repeats an entry
+    # with the same event id (the documented duplicate); distinct ids are the events recorded.
+    recorded = {e["id"]: e for e in workflow_events(workflow_id)}.values()
+    types = [e["type"] for e in recorded]
     assert types.count("workflow_completed") == 1
     assert types.count("workflow_step_completed") == 4
+    completed = [e for e in recorded if e["type"] == "workflow_step_completed"]
+    assert len({e["data"]["step_id"] for e in completed}) == 4
 
 
 def test_fan_out_and_fan_in_of_a_thousand_steps_completes(client, system):
