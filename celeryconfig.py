@@ -12,6 +12,8 @@ from emp_tasks.core.priority import BROKER_PRIORITY_LEVELS
 _settings = get_settings()
 
 broker_url = _settings.broker_url
+# kombu's Redis transport, keeping one client for its bookkeeping (emp_tasks.worker.transport).
+broker_transport = "emp_tasks.worker.transport:Transport"
 broker_connection_retry_on_startup = True
 # The Redis transport polls every priority level of every consumed queue in one
 # BRPOP, highest level first across all queues; among queues at the same level,
