@@ -244,3 +244,28 @@ def test_webhooks_never_deliver_progress_of_an_attempt_that_is_over(
         "/hook/endpoint": [1, 1, 2, 2],
     }
     assert not {json.loads(r.body)["id"] for r in receiver.received} & set(late)
+
+
+def test_with_a_broker_of_its_own_the_task_is_pushed_there_after_its_event(
+    client, services, override_settings
+):
+    """EMP_BROKER_URL on another Redis database: the events' script cannot push the task, so
+    the publisher pushes it onto the broker right after the script."""
+    base, _, index = services["redis_url"].rpartition("/")
+    other = f"{base}/{(int(index or 0) + 8) % 16}"
+    override_settings(events_fast_path=False, broker_url=other)
+    step_id = submit(client, UNSERVED)
+    queue = client.get(f"/api/steps/{step_id}", headers=headers()).get_json()["step"]["queue"]
+    broker_redis = redisdb.client(other)
+    key = broker.queue_list(queue, 5)
+    try:
+        outbox.publish_aggregates([step_aggregate(step_id)])
+        pushed = [json.loads(m) for m in broker_redis.lrange(key, 0, -1)]
+        assert [json.loads(base64.b64decode(m["body"]))[0] for m in pushed] == [[step_id]]
+        elsewhere = [json.loads(m) for m in redisdb.client().lrange(key, 0, -1)]
+        assert step_id not in {json.loads(base64.b64decode(m["body"]))[0][0] for m in elsewhere}
+        assert [e["type"] for e in stream_events(step_id)] == ["step_submitted"]
+        assert pushed[0]["headers"]["id"] == stream_events(step_id)[0]["id"]
+    finally:
+        broker_redis.delete(key)
+        client.post(f"/api/steps/{step_id}/cancel", headers=headers())

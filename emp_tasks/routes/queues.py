@@ -51,11 +51,13 @@ def nudge_workers(reason: str) -> None:
     redisdb.client().publish(FLEET_CHANNEL, reason)
 
 
-def ensure(tx: db.Tx, route: Route) -> None:
-    """Record the route if it is new (in the caller's transaction); nudge workers after commit."""
+def ensure(tx: db.Tx, step: Any) -> None:
+    """Record the step's route if it is new (in the caller's transaction); nudge workers
+    after commit."""
     with _known_lock:
-        if route.queue in _known:
+        if step.queue in _known:
             return
+    route = route_of(step)
     created = tx.one(
         "INSERT INTO routes (queue, service, customer_id, requirements) VALUES (%s, %s, %s, %s)"
         " ON CONFLICT DO NOTHING RETURNING queue",
@@ -87,9 +89,20 @@ def all_routes(session: Session) -> list[Route]:
     return [Route(row.queue, row.service, row.customer_id, row.requirements) for row in rows]
 
 
+_ROUTES_KEPT = 10_000
+_routes: dict[str, Route] = {}
+
+
 def route_of(step: Any) -> Route:
-    """The route of a step (its row: service, requirements, customer)."""
-    return routing.route_for(step.service, step.requirements, step.customer_id)
+    """The route of a step (its row: service, requirements, customer), kept by queue name
+    (a queue is one route: its name is the route's digest)."""
+    route = _routes.get(step.queue)
+    if route is None:
+        route = routing.route_for(step.service, step.requirements, step.customer_id)
+        if len(_routes) >= _ROUTES_KEPT:
+            _routes.clear()
+        _routes[route.queue] = route
+    return route
 
 
 # --- steps nobody can serve ----------------------------------------------------------------

@@ -141,9 +141,13 @@ def begin(
             if unmet:
                 raise NotServable(unmet, transitions.task_spec(step))  # rolls the start back
         if step is not None:
-            attempt = {"attempt": step.attempts}
-            transitions.emit(tx, [step], EventType.STEP_ASSIGNED, _assigned_data(step))
-            transitions.emit(tx, [step], EventType.STEP_STARTED, attempt)
+            assigned = transitions.event_of(
+                step, EventType.STEP_ASSIGNED, _assigned_data(step), None
+            )
+            started = transitions.event_of(
+                step, EventType.STEP_STARTED, {"attempt": step.attempts}, None
+            )
+            outbox.record_all(tx, [assigned, started])
             if step.workflow_id is not None:
                 workflows.on_step_started(tx, step)
     if step is None:

@@ -124,7 +124,7 @@ def emit(
 
 def _queue_spec(tx: Tx, step: Any) -> DispatchInstruction:
     """Record the step's route (if new) and say how to send its task."""
-    queues.ensure(tx, queues.route_of(step))
+    queues.ensure(tx, step)
     return task_spec(step, step.queued_at)
 
 
@@ -261,16 +261,14 @@ _INSERT_COLUMNS = (
     ("correlation_id", "varchar"),
     ("metadata", "jsonb"),
     ("created_at", "timestamptz"),
+    ("updated_at", "timestamptz"),
     ("queued_at", "timestamptz"),
     ("expires_at", "timestamptz"),
 )
 _INSERT = (
-    f"INSERT INTO steps ({', '.join(name for name, _ in _INSERT_COLUMNS)},"
-    " attempts, progress, updated_at)"
-    " SELECT u.*, 0, 0, u.created_at FROM unnest("
-    + ", ".join(f"%s::{kind}[]" for _, kind in _INSERT_COLUMNS)
-    + f") AS u({', '.join(name for name, _ in _INSERT_COLUMNS)}) RETURNING {STEP_COLUMNS}"
+    f"INSERT INTO steps ({', '.join(name for name, _ in _INSERT_COLUMNS)}, attempts, progress)"
 )
+_INSERT_ROW = "(" + ", ".join(f"%s::{kind}" for _, kind in _INSERT_COLUMNS) + ", 0, 0)"
 
 
 def new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) -> dict[str, Any]:
@@ -297,6 +295,7 @@ def new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) -> 
         "correlation_id": correlation_id,
         "metadata": spec.metadata,
         "created_at": created,
+        "updated_at": created,
         "queued_at": created,
         "expires_at": created + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None,
     }
@@ -305,11 +304,11 @@ def new_step(spec: StepCreate, customer_id: str, correlation_id: str | None) -> 
 def insert(tx: Tx, steps: list[dict[str, Any]]) -> list[Any]:
     """Insert new steps (values from `new_step`), one statement; their rows, in order,
     each with its `step_submitted` (a pending one's task is sent with it)."""
-    columns = [
-        [Jsonb(step[name]) if kind == "jsonb" else step[name] for step in steps]
-        for name, kind in _INSERT_COLUMNS
+    values = [
+        [Jsonb(step[name]) if kind == "jsonb" else step[name] for name, kind in _INSERT_COLUMNS]
+        for step in steps
     ]
-    rows = tx.all(_INSERT, columns)
+    rows = tx.insert(_INSERT, _INSERT_ROW, values, f"RETURNING {STEP_COLUMNS}")
     order = {step["id"]: index for index, step in enumerate(steps)}
     rows.sort(key=lambda row: order[row.id])
     recorded = [
@@ -360,18 +359,36 @@ def finish_attempts(
     )
 
 
-def release(tx: Tx, step_ids: Iterable[str]) -> list[Any]:
-    """Waiting steps whose dependencies are all done: queue them (their tasks go with it)."""
-    return apply(
+assert S.WAITING in statuses_into(S.PENDING)
+_COUNT_DOWN = f"""
+UPDATE steps SET remaining_deps = remaining_deps - 1, updated_at = now(),
+  status = CASE WHEN remaining_deps <= 1 THEN '{S.PENDING.value}' ELSE status END,
+  queued_at = CASE WHEN remaining_deps <= 1 THEN now() ELSE queued_at END
+WHERE id IN (
+  SELECT id FROM steps WHERE workflow_id = %s AND status = '{S.WAITING.value}' AND depends_on @> %s
+  ORDER BY id FOR UPDATE
+)
+RETURNING {STEP_COLUMNS}
+"""
+
+
+def count_down(tx: Tx, workflow_id: str, dependency_id: str) -> list[Any]:
+    """A dependency completed: one fewer to wait for, for each step waiting on it; those
+    left with none are queued (waiting to pending, their tasks sent with the event), in
+    the same statement. Returns the queued steps' rows."""
+    counted = tx.all(_COUNT_DOWN, [workflow_id, Jsonb([dependency_id])])
+    released = sorted(
+        (row for row in counted if row.status == S.PENDING),
+        key=lambda row: (row.step_index or 0, row.id),
+    )
+    emit(
         tx,
-        step_ids,
-        S.PENDING,
+        released,
         EventType.STEP_QUEUED,
         {"status": S.PENDING.value, "reason": "dependencies completed"},
-        sets={"queued_at": NOW},
-        within=frozenset({S.WAITING}),
         queue=True,
     )
+    return released
 
 
 def skip(tx: Tx, step_ids: Iterable[str], reason: str) -> list[Any]:

@@ -338,7 +338,7 @@ def on_step_finished(tx: Tx, step: Any) -> None:
                 "total_steps": workflow.total_steps,
             },
         )
-        _release_dependents(tx, step)
+        transitions.count_down(tx, step.workflow_id, step.id)
         _finish_if_done(tx, workflow)
         return
     if step.status not in (StepStatus.FAILED, StepStatus.CANCELLED):
@@ -370,19 +370,6 @@ def on_step_finished(tx: Tx, step: Any) -> None:
         _finish(tx, workflow, W.FAILED)
         return
     _finish_if_done(tx, workflow)
-
-
-def _release_dependents(tx: Tx, step: Any) -> None:
-    """One fewer dependency to wait for, for each step waiting on `step`; queue those
-    left with none."""
-    counted = tx.all(
-        "UPDATE steps SET remaining_deps = remaining_deps - 1, updated_at = now()"
-        " WHERE id IN (SELECT id FROM steps WHERE workflow_id = %s AND status = %s"
-        " AND depends_on @> %s ORDER BY id FOR UPDATE)"
-        " RETURNING id, remaining_deps",
-        [step.workflow_id, StepStatus.WAITING.value, Jsonb([step.id])],
-    )
-    transitions.release(tx, [row.id for row in counted if row.remaining_deps <= 0])
 
 
 def _skip_dependents(tx: Tx, step: Any) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,9 @@ def after_commit(session: Session, key: str, callback: Callable[[Session], None]
     session.info.setdefault(AFTER_COMMIT, {}).setdefault(key, callback)
 
 
+INSERT_CHUNK = 500
+
+
 class Tx:
     """One open transaction: SQL statements on its psycopg connection, rows as named
     tuples, and work to run once it has committed (see `after_commit`)."""
@@ -99,13 +102,18 @@ class Tx:
         info: dict[str, Any],
         on_commit: Callable[[str, Callable[[], None]], None],
         reconnect: Callable[[], psycopg.Connection] | None = None,
+        *,
+        deferring: bool = False,
     ) -> None:
         self.connection = connection
         self.info = info
         """Scratch space for this transaction (e.g. the aggregates whose events it recorded)."""
+        self.deferring = deferring
+        """Whether work may wait for `before_commit` (not in an ORM session's transaction)."""
         self._on_commit = on_commit
         self._reconnect = reconnect
         self._statements = 0
+        self._before_commit: dict[str, Callable[[], None]] = {}
 
     @classmethod
     def of(cls, session: Session) -> Tx:
@@ -140,6 +148,36 @@ class Tx:
     def all(self, sql: str, params: Any = None) -> list[Any]:
         return self.execute(sql, params).fetchall()
 
+    def insert(
+        self, head: str, template: str, rows: list[Sequence[Any]], tail: str = ""
+    ) -> list[Any]:
+        """`head VALUES template, template, … tail` for these rows, in chunks of
+        INSERT_CHUNK rows; the rows the statements return, in order.
+
+        Plain VALUES rather than arrays to unnest: psycopg dumps each array by looking at
+        its elements, which costs more than the insert itself for the few rows of a step.
+        """
+        returned: list[Any] = []
+        for start in range(0, len(rows), INSERT_CHUNK):
+            chunk = rows[start : start + INSERT_CHUNK]
+            values = ", ".join([template] * len(chunk))
+            params = [value for row in chunk for value in row]
+            cursor = self.execute(f"{head} VALUES {values} {tail}", params)
+            if cursor.description is not None:
+                returned.extend(cursor.fetchall())
+        return returned
+
+    def before_commit(self, key: str, callback: Callable[[], None]) -> None:
+        """Run `callback` once (per key) as this transaction's last statements (only when
+        `deferring`): e.g. one INSERT of every event it recorded, instead of one each."""
+        assert self.deferring
+        self._before_commit.setdefault(key, callback)
+
+    def _finish(self) -> None:
+        while self._before_commit:
+            key = next(iter(self._before_commit))
+            self._before_commit.pop(key)()
+
     def after_commit(self, key: str, callback: Callable[[], None]) -> None:
         """Run `callback` once (per key) after this transaction commits, never on rollback."""
         self._on_commit(key, callback)
@@ -164,9 +202,11 @@ def tx(url: str | None = None) -> Iterator[Tx]:
             {},
             lambda key, callback: callbacks.setdefault(key, callback),
             reconnect,
+            deferring=True,
         )
         try:
             yield transaction
+            transaction._finish()
             transaction.connection.commit()
         except BaseException:
             if transaction.connection.broken:

@@ -42,8 +42,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from psycopg.types.json import Jsonb
-
 from emp_tasks.core.config import Settings, get_settings, scoped
 from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.core.events import CHANNEL, STREAM, Envelope, EventType
@@ -52,6 +50,13 @@ from emp_tasks.store import db, dispatch, redisdb
 logger = logging.getLogger(__name__)
 
 PENDING_AGGREGATES = "emp_pending_aggregates"
+URGENT = "emp_urgent_events"
+RECORDED = "emp_recorded_events"
+LINGERING = frozenset({EventType.STEP_ASSIGNED, EventType.STEP_STARTED})
+"""Events that may wait a moment for company: a step's start, which its completion (or
+first progress report) usually follows within milliseconds, so both go in one round."""
+LINGER_S = 0.01
+"""How long a round of only LINGERING events waits for more before it is published."""
 BATCH_AGGREGATES = 500
 """Aggregates one publish round takes at most; the rest wait for the next round."""
 
@@ -80,9 +85,8 @@ return ids
 _INSERT = (
     "INSERT INTO events (id, type, aggregate, step_id, workflow_id, customer_id, envelope,"
     " dispatch, webhook)"
-    " SELECT * FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[],"
-    " %s::varchar[], %s::varchar[], %s::jsonb[], %s::jsonb[], %s::boolean[])"
 )
+_INSERT_ROW = "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s)"
 _SELECT_UNPUBLISHED = (
     "SELECT seq, id, type, envelope::text AS envelope, dispatch, webhook FROM events"
     " WHERE aggregate = ANY(%s) AND published_at IS NULL"
@@ -142,43 +146,59 @@ def record(tx: db.Tx, event_type: EventType, **fields: Any) -> Envelope:
 
 
 def record_all(tx: db.Tx, events: Iterable[Recorded]) -> None:
-    """Add these events, in this order, in the caller's transaction (one statement).
+    """Add these events, in this order, in the caller's transaction.
 
-    `dispatch` makes the publisher push the step's task when it publishes the event.
-    The aggregates are remembered on the transaction, so that once it commits this
-    process's publisher publishes them at once (the fast path).
+    They are written as the transaction's last statement, all in one INSERT (at once in
+    an ORM session's transaction). `dispatch` makes the publisher push the step's task
+    when it publishes the event. The aggregates are remembered on the transaction, so
+    that once it commits this process's publisher publishes them at once (the fast path).
     """
     events = list(events)
     if not events:
         return
-    columns: list[list[Any]] = [[] for _ in range(9)]
-    for each in events:
-        envelope = each.envelope
-        values = (
-            envelope.id,
-            envelope.type,
-            each.aggregate,
-            envelope.step_id,
-            envelope.workflow_id,
-            envelope.customer_id,
-            Jsonb(envelope.to_json()),
-            Jsonb(each.dispatch.to_json()) if each.dispatch else None,
-            each.webhook,
-        )
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    tx.execute(_INSERT, columns)
+    if tx.deferring:
+        tx.info.setdefault(RECORDED, []).extend(events)
+        info = tx.info
+        tx.before_commit("record_events", lambda: _insert(tx, info.pop(RECORDED)))
+    else:
+        _insert(tx, events)
     pending = tx.info.setdefault(PENDING_AGGREGATES, set())
     pending.update(each.aggregate for each in events)
+    if any(each.dispatch or each.envelope.type not in LINGERING for each in events):
+        tx.info[URGENT] = True
     info = tx.info
     tx.after_commit("publish_events", lambda: _committed(info))
 
 
+def _insert(tx: db.Tx, events: list[Recorded]) -> None:
+    """One INSERT of these events; their `seq` follows their order."""
+    rows = [
+        (
+            each.envelope.id,
+            each.envelope.type,
+            each.aggregate,
+            each.envelope.step_id,
+            each.envelope.workflow_id,
+            each.envelope.customer_id,
+            _json(each.envelope.to_json()),
+            _json(each.dispatch.to_json()) if each.dispatch else None,
+            each.webhook,
+        )
+        for each in events
+    ]
+    tx.insert(_INSERT, _INSERT_ROW, rows)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def _committed(info: dict[str, Any]) -> None:
     aggregates = info.pop(PENDING_AGGREGATES, set())
+    urgent = info.pop(URGENT, False)
     settings = get_settings()
     if aggregates and settings.events_fast_path:
-        publisher(settings).notify(aggregates)
+        publisher(settings).notify(aggregates, urgent=urgent)
 
 
 def for_step(tx: db.Tx, step_id: str) -> list[dict[str, Any]]:
@@ -265,21 +285,26 @@ class Publisher:
     """The process's fast path: a thread that publishes committed events in batches.
 
     `notify` hands it the aggregates a commit touched and returns at once; the thread
-    publishes everything handed over since its last round together. A round that fails
+    publishes everything handed over since its last round together (a round of nothing but
+    LINGERING events waits up to LINGER_S for company first). A round that fails
     (Redis or the database down) is left to the relay's sweeper.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._pending: set[str] = set()
+        self._urgent = False
         self._notified = 0
         self._done = 0
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def notify(self, aggregates: Iterable[str]) -> None:
+    def notify(self, aggregates: Iterable[str], *, urgent: bool = True) -> None:
+        """Publish these aggregates' events soon: at once when `urgent` (events that queue a
+        task or end something), else within LINGER_S, with whatever comes meanwhile."""
         with self._condition:
             self._pending.update(aggregates)
+            self._urgent = self._urgent or urgent
             self._notified += 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -292,13 +317,17 @@ class Publisher:
         """Wait until every notification so far was published (or tried); False on timeout."""
         with self._condition:
             target = self._notified
+            self._urgent = True
+            self._condition.notify_all()
             return self._condition.wait_for(lambda: self._done >= target, timeout)
 
     def _take(self) -> tuple[list[str], int]:
         with self._condition:
             self._condition.wait_for(lambda: bool(self._pending))
+            self._condition.wait_for(lambda: self._urgent, LINGER_S)
             names = sorted(self._pending)[:BATCH_AGGREGATES]
             self._pending.difference_update(names)
+            self._urgent = bool(self._pending)  # a backlog goes on at once
             return names, self._notified if not self._pending else self._done
 
     def _run(self) -> None:

@@ -434,6 +434,8 @@ def ensure_group(client: redis.Redis) -> None:
 
 READ_COUNT = 500
 """Stream entries one read takes at most."""
+READ_LINGER_S = 0.02
+"""After a short read, how long to let events accumulate before the next one."""
 IDLE_WAIT_MAX_S = 30.0
 """Longest an idle sender sleeps without a wake-up (a lost wake-up costs at most this)."""
 BUSY_WAIT_S = 0.25
@@ -499,8 +501,13 @@ class WebhookProcess:
                 batches = client.xreadgroup(
                     GROUP, self.name, {STREAM: ">"}, count=READ_COUNT, block=1000
                 )
+                read = 0
                 for _, entries in batches or []:
                     self._consume(client, entries)
+                    read += len(entries)
+                if 0 < read < READ_COUNT:
+                    # Let the next read take a batch rather than the one event just added.
+                    self.stopping.wait(READ_LINGER_S)
             except redis.ResponseError as exc:
                 group_ready = False  # NOGROUP: the stream was deleted (Redis flushed)
                 if "NOGROUP" not in str(exc):
