@@ -24,10 +24,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import allow_header_conformance, positive_data_acceptance
 
 from bench import scratch
-from emp_tasks.core import config
+from emp_tasks.core import config, targets
 from emp_tasks.store import redisdb
 from emp_tasks.store.db import ROOT
-from emp_tasks.webhooks import targets
 from tests.conftest import ARTIFACTS, KEYS
 from web import (  # noqa: F401 - importing the route modules declares every route
     dashboard,

@@ -16,10 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from sqlalchemy import delete, select, text
 
+from emp_tasks.core import targets
 from emp_tasks.core.status import DeliveryStatus
 from emp_tasks.store import db
 from emp_tasks.store.models import WebhookEndpoint
-from emp_tasks.webhooks import delivery, targets
+from emp_tasks.webhooks import delivery
 from tests.conftest import WEBHOOK_SECRET, free_port, headers
 from tests.receiver import Receiver
 from tests.test_steps_api import assert_error

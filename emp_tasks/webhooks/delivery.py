@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from emp_tasks import metrics
 from emp_tasks.auth import Principal
-from emp_tasks.core import signing
+from emp_tasks.core import signing, targets
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.errors import InvalidState, NotFound
 from emp_tasks.core.events import STREAM
@@ -50,7 +50,6 @@ from emp_tasks.core.times import iso
 from emp_tasks.store import db, redisdb
 from emp_tasks.store.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from emp_tasks.webhooks import endpoints as webhooks
-from emp_tasks.webhooks import targets
 
 logger = logging.getLogger(__name__)
 

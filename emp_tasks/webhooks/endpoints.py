@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from emp_tasks.auth import Principal
-from emp_tasks.core import signing
+from emp_tasks.core import signing, targets
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.errors import NotFound, ValidationFailed
 from emp_tasks.core.events import EventType, legacy_name
@@ -27,7 +27,6 @@ from emp_tasks.core.status import StepStatus
 from emp_tasks.specs import WebhookCreate, WebhookUpdate
 from emp_tasks.store import db, redisdb
 from emp_tasks.store.models import Step, WebhookEndpoint, Workflow
-from emp_tasks.webhooks import targets
 
 TERMINAL_STEP_EVENTS = ("step_completed", "step_failed", "step_cancelled")
 TERMINAL_WORKFLOW_EVENTS = ("workflow_completed", "workflow_failed", "workflow_cancelled")

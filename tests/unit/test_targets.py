@@ -1,4 +1,4 @@
-"""Which URLs webhooks may reach (emp_tasks.webhooks.targets): the rules alone, no services.
+"""Which URLs webhooks may reach (emp_tasks.core.targets): the rules alone, no services.
 
 The URL strategies here are also used by tests/test_ssrf.py, which sends the same
 classes of URL through the API.
@@ -23,7 +23,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emp_tasks.webhooks import targets
+from emp_tasks.core import targets
 
 PUBLIC_IP = "93.184.215.14"
 PUBLIC_LITERALS = ("8.8.8.8", "1.1.1.1", PUBLIC_IP, "9.9.9.9", "208.67.222.222")
