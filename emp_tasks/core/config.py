@@ -139,6 +139,12 @@ def parse_api_keys(raw: str) -> tuple[ApiKeySpec, ...]:
     return tuple(specs)
 
 
+DEFAULT_WEB_WORKERS = min(4, 2 * (os.cpu_count() or 1))
+"""gunicorn processes: measured on 2 cores (make bench), 4 processes answered one client's
+submit in 4.4 ms at p50 against 7.2 ms with 2 and 8.5 ms with 1, and carried the most
+steps/s; capped at 4 so that each process's database pool stays affordable."""
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str | None
@@ -169,7 +175,7 @@ class Settings:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     machine_id: str = field(default_factory=socket.gethostname)
     worker_concurrency: int = 1
-    web_workers: int = 2
+    web_workers: int = DEFAULT_WEB_WORKERS
     web_threads: int = 32
     ws_ping_interval_s: float = 25.0
     ws_max_per_key: int = 16
@@ -215,7 +221,7 @@ class Settings:
             worker_id=env.get("EMP_WORKER_ID") or defaults.worker_id,
             machine_id=env.get("EMP_MACHINE_ID") or defaults.machine_id,
             worker_concurrency=_int(env, "EMP_WORKER_CONCURRENCY", 1, 1),
-            web_workers=_int(env, "EMP_WEB_WORKERS", 2, 1),
+            web_workers=_int(env, "EMP_WEB_WORKERS", DEFAULT_WEB_WORKERS, 1),
             web_threads=_int(env, "EMP_WEB_THREADS", 32, 1),
             ws_ping_interval_s=_float(env, "EMP_WS_PING_INTERVAL_S", 25.0),
             ws_max_per_key=_int(env, "EMP_WS_MAX_PER_KEY", 16, 1),
