@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from emp_tasks.core import references
 from emp_tasks.core.events import EventType
 from emp_tasks.core.status import DeliveryStatus, StepStatus, WorkerStatus, WorkflowStatus
 
@@ -231,6 +232,35 @@ class WorkflowStepSpec(StepCreate):
         return value
 
 
+def _reference_errors(index: int, step: WorkflowStepSpec) -> list[Any]:
+    """A step's payload may refer only to its own dependencies (emp_tasks.core.references)."""
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    try:
+        found = references.find(step.payload)
+    except references.MalformedReference as malformed:
+        return [
+            InitErrorDetails(
+                type=PydanticCustomError("reference_syntax", str(malformed)),
+                loc=("steps", index, "payload", *malformed.where),
+                input=None,
+            )
+        ]
+    return [
+        InitErrorDetails(
+            type=PydanticCustomError(
+                "reference_not_a_dependency",
+                "refers to step {step}, which is not in this step's depends_on {depends_on}",
+                {"step": reference.step_index, "depends_on": step.depends_on},
+            ),
+            loc=("steps", index, "payload", *reference.where),
+            input=reference.text,
+        )
+        for reference in found
+        if reference.step_index not in step.depends_on
+    ]
+
+
 WORKFLOW_EVENT_NAMES = sorted(e.value for e in EventType if e.value.startswith("workflow_"))
 
 
@@ -277,6 +307,7 @@ class WorkflowCreate(BaseModel):
                             input=dependency,
                         )
                     )
+            errors.extend(_reference_errors(index, step))
         if errors:
             raise ValidationError.from_exception_data("WorkflowCreate", errors)
         return self

@@ -29,7 +29,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from emp_tasks.core import events
+from emp_tasks.core import events, references
 from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.core.errors import InvalidState, StepError
 from emp_tasks.core.events import EventType
@@ -372,15 +372,23 @@ RETURNING {STEP_COLUMNS}
 """
 
 
-def count_down(tx: Tx, workflow_id: str, dependency_id: str) -> list[Any]:
+def count_down(tx: Tx, workflow_id: str, dependency_id: str) -> tuple[list[Any], list[Any]]:
     """A dependency completed: one fewer to wait for, for each step waiting on it; those
     left with none are queued (waiting to pending, their tasks sent with the event), in
-    the same statement. Returns the queued steps' rows."""
+    the same statement. A released step's references to its dependencies' results are
+    resolved into its payload first; one whose reference finds nothing fails instead
+    (`REFERENCE_NOT_FOUND`). Returns (queued rows, failed rows)."""
     counted = tx.all(_COUNT_DOWN, [workflow_id, Jsonb([dependency_id])])
     released = sorted(
         (row for row in counted if row.status == S.PENDING),
         key=lambda row: (row.step_index or 0, row.id),
     )
+    referring = [row for row in released if references.has_any(row.payload)]
+    failed: list[Any] = []
+    if referring:
+        resolved, failed = _resolve_references(tx, referring)
+        released = [resolved.get(row.id, row) for row in released if row.id not in failed]
+        failed = list(failed.values())
     emit(
         tx,
         released,
@@ -388,7 +396,47 @@ def count_down(tx: Tx, workflow_id: str, dependency_id: str) -> list[Any]:
         {"status": S.PENDING.value, "reason": "dependencies completed"},
         queue=True,
     )
-    return released
+    return released, failed
+
+
+def _resolve_references(tx: Tx, steps: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Resolve released steps' payloads against the results of their dependencies: the
+    steps with their payloads written ({id: row}), and those failed ({id: row})."""
+    dependencies = sorted({dependency for row in steps for dependency in row.depends_on or []})
+    results = {
+        row.step_index: row.result
+        for row in tx.all(
+            "SELECT step_index, result FROM steps WHERE id = ANY(%s) AND status = %s",
+            [dependencies, S.COMPLETED.value],
+        )
+    }
+    resolved: dict[str, Any] = {}
+    failed: dict[str, Any] = {}
+    for row in steps:
+        try:
+            payload = references.resolve(row.payload, results)
+        except references.ReferenceNotFound as missing:
+            error = StepError(
+                code=REFERENCE_NOT_FOUND, message=str(missing), type="validation", retryable=False
+            ).to_json()
+            failed.update(
+                (moved.id, moved)
+                for moved in apply(
+                    tx,
+                    [row.id],
+                    S.FAILED,
+                    EventType.STEP_FAILED,
+                    {"error": error, "attempts": row.attempts},
+                    sets={"error": error, "completed_at": NOW},
+                    within=frozenset({S.PENDING}),
+                )
+            )
+            continue
+        resolved[row.id] = tx.one(
+            f"UPDATE steps SET payload = %s WHERE id = %s RETURNING {STEP_COLUMNS}",
+            [Jsonb(payload), row.id],
+        )
+    return resolved, failed
 
 
 def skip(tx: Tx, step_ids: Iterable[str], reason: str) -> list[Any]:
@@ -418,6 +466,9 @@ def cancel(tx: Tx, step_ids: Iterable[str], reason: str) -> list[Any]:
     finish_attempts(tx, ((row.id, row.attempts) for row in rows), "cancelled", None)
     return rows
 
+
+REFERENCE_NOT_FOUND = "REFERENCE_NOT_FOUND"
+"""The code of a step whose payload refers to something its dependency's result lacks."""
 
 EXPIRED_ERROR = StepError(
     code=EXPIRED,

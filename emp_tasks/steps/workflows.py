@@ -338,8 +338,11 @@ def on_step_finished(tx: Tx, step: Any) -> None:
                 "total_steps": workflow.total_steps,
             },
         )
-        transitions.count_down(tx, step.workflow_id, step.id)
-        _finish_if_done(tx, workflow)
+        _, unresolvable = transitions.count_down(tx, step.workflow_id, step.id)
+        for failed in unresolvable:
+            on_step_finished(tx, failed)  # its failure policy decides, and finishes if done
+        if not unresolvable:
+            _finish_if_done(tx, workflow)
         return
     if step.status not in (StepStatus.FAILED, StepStatus.CANCELLED):
         return
