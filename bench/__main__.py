@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "endpoint calling apply_async (300; 0 skips the row)",
     )
     parser.add_argument(
+        "--output-steps",
+        type=int,
+        default=30,
+        help="steps run one at a time with one 1 MB output, and as many with none, "
+        "created to completed (30; 0 skips the rows)",
+    )
+    parser.add_argument(
         "--no-prefork", action="store_true", help="skip the prefork bare Celery baseline"
     )
     parser.add_argument(
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "status_requests": args.status_requests,
         "progress_steps": args.progress_steps,
+        "output_steps": args.output_steps,
         "single_submits": args.single_submits,
         "timeout_s": args.timeout,
         "workflows": shapes,
@@ -297,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         "submitting one step at a time; bare Celery column: a minimal Flask endpoint under "
         "gunicorn's threaded worker that only calls apply_async (bench.flask_peer). Progress "
         "rows: the same measure with each step reporting progress 4 times; bare Celery: a task "
-        "calling update_state 4 times."
+        "calling update_state 4 times. Output rows (EMP Tasks only): simulation steps run one "
+        "at a time, each submitted when the last completed, timed from the row's created_at to "
+        "its completed_at; one with a 590 x 590 noise PNG (about 1 MB) stored in the output "
+        "store the scratch run uses, one with no file."
     )
     if shapes:
         print(

@@ -77,6 +77,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+OUTPUTS_ROOT = Path(".emp") / "bench" / "outputs"  # bench.scratch removes a run's folder
+
+
 def process_env(run: Scratch, port: int) -> dict[str, str]:
     """This process's environment (so EMP_* tuning passes through) with the bench's settings."""
     settings = {
@@ -91,6 +94,8 @@ def process_env(run: Scratch, port: int) -> dict[str, str]:
         "EMP_WORKER_ID": f"bench-worker-{os.getpid()}",
         "EMP_LOG_LEVEL": "WARNING",
         "EMP_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on 127.0.0.1
+        # Outputs of this run (the output rows) in a folder of their own, gone with it
+        "EMP_STORAGE_URL": (OUTPUTS_ROOT / run.database_name).resolve().as_uri(),
         "PYTHONUNBUFFERED": "1",
     }
     return {**os.environ, **settings}
@@ -302,6 +307,38 @@ def _single_client(system: _System, clients: _Clients, count: int) -> tuple[list
     return [ms for step_id, ms, _ in outcomes if step_id], errors
 
 
+OUTPUT_BODY = {"service": "simulation", "payload": {"images": 1, "width": 590, "height": 590}}
+"""One noise PNG of 590 x 590 pixels: about 1 MB, stored before the step completes."""
+NO_OUTPUT_BODY = {"service": "simulation", "payload": {}}
+
+
+def _one_at_a_time(
+    system: _System, clients: _Clients, count: int, body: dict[str, Any]
+) -> tuple[list[float], list[str]]:
+    """Submit `count` steps one after another, each after the last completed; return each
+    one's created_at to completed_at (ms), as PostgreSQL recorded them."""
+    deadline = Deadline(REQUEST_TIMEOUT_S + 2 * count)
+    latencies: list[float] = []
+    errors: list[str] = []
+    for _ in range(count):
+        step_id, _, error = _submit_one(clients, deadline, body)
+        if step_id is None:
+            errors.append(error or "no step id")
+            continue
+        while not deadline.expired:
+            with db.transaction() as session:
+                row = session.get(Step, step_id)
+            if row is not None and row.status in TERMINAL_STEP_STATUSES:
+                break
+            system.check_alive()
+            time.sleep(0.01)
+        if row is None or row.status != StepStatus.COMPLETED:
+            errors.append(f"step {step_id}: {row.status if row else 'missing'} ({row.error})")
+            continue
+        latencies.append((row.completed_at - row.created_at).total_seconds() * 1000)
+    return latencies, errors
+
+
 def _measure(
     system: _System, clients: _Clients, meter: CpuMeter, options: dict[str, Any], result: Result
 ) -> None:
@@ -318,6 +355,12 @@ def _measure(
         result.single_submit_ms, errors = _single_client(system, clients, options["single_submits"])
         if errors:
             result.errors.append(f"{len(errors)} single-client submits failed: {errors[0]}")
+    if options.get("output_steps"):
+        count = options["output_steps"]
+        result.no_output_ms, errors = _one_at_a_time(system, clients, count, NO_OUTPUT_BODY)
+        result.output_ms, more = _one_at_a_time(system, clients, count, OUTPUT_BODY)
+        if errors or more:
+            result.errors.append(f"{len(errors + more)} output steps failed: {(errors + more)[0]}")
     if options.get("progress_steps") and result.completed == steps:
         progress = result.progress = Result(name=result.name, requested=options["progress_steps"])
         _steps_phase(system, clients, meter, progress, threads, options["timeout_s"], PROGRESS_BODY)

@@ -110,6 +110,25 @@ def _single_submit_row(ours: Result, baselines: list[Result]) -> list[list[str]]
     return [cells]
 
 
+def _output_rows(ours: Result, baselines: list[Result]) -> list[list[str]]:
+    """A step with one 1 MB output beside the same step with none (EMP Tasks only)."""
+    if not ours.output_ms:
+        return []
+    rows = []
+    for label, values in (
+        ("one step at a time, no output: created to completed p50 / p99 (ms)", ours.no_output_ms),
+        (
+            "one step at a time, one 1 MB output: created to completed p50 / p99 (ms)",
+            ours.output_ms,
+        ),
+    ):
+        cells = [label, _latency(values)]
+        for _ in baselines:
+            cells += [DASH, ""]
+        rows.append(cells)
+    return rows
+
+
 def _workflow_rows(ours: Result, baselines: list[Result], shape: Shape) -> list[list[str]]:
     """steps/s (with ratios), seconds, and for a chain ms per hop, of one workflow shape."""
 
@@ -204,6 +223,7 @@ def table(
     rows += _single_submit_row(ours, baselines)
     rows += _cpu_rows(ours, baselines)
     rows += _progress_rows(ours, baselines)
+    rows += _output_rows(ours, baselines)
     for shape in shapes:
         rows += _workflow_rows(ours, baselines, shape)
     rows += [_webhook_row(ours, baselines, row) for row in webhooks]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -52,6 +53,7 @@ class Scratch:
 
     def drop(self) -> None:
         db.forget(self.database_url)
+        shutil.rmtree(Path(".emp") / "bench" / "outputs" / self.database_name, ignore_errors=True)
         with psycopg.connect(self.server_database_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{self.database_name}" WITH (FORCE)')
         for key in self.lock.scan_iter("*"):

@@ -154,6 +154,9 @@ class Result:
     progress: Result | None = None
     # one client submitting one step at a time (ms per call); bare Celery: the Flask peer
     single_submit_ms: list[float] = field(default_factory=list)
+    # one step at a time, created_at to completed_at (ms): with one 1 MB output, and with none
+    output_ms: list[float] = field(default_factory=list)
+    no_output_ms: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -4,23 +4,36 @@ The fast path publishes a transaction's events right after it commits
 (emp_tasks.store.outbox). The sweeper here (`sweep`, run by the `relay` process)
 publishes whatever a dead or failed fast path left behind, through the same
 `outbox.publish_aggregates`, so events keep their commit order whichever path
-publishes them. The relay also records the broker epoch at start and runs
-`reconcile` less often than it sweeps.
+publishes them. The relay also records the broker epoch at start, runs
+`reconcile` less often than it sweeps, and, with EMP_OUTPUT_RETENTION_DAYS set, deletes
+outputs older than that once an hour (`expire_outputs`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from emp_tasks import reconcile
+from emp_tasks import reconcile, storage
 from emp_tasks.core.config import get_settings
+from emp_tasks.core.times import now
 from emp_tasks.store import db, dispatch, outbox
 from emp_tasks.store.models import Event
 
 logger = logging.getLogger(__name__)
+
+RETENTION_INTERVAL_S = 3600.0
+
+
+def expire_outputs() -> int:
+    """Delete stored outputs older than EMP_OUTPUT_RETENTION_DAYS; return how many."""
+    days = get_settings().output_retention_days
+    if days is None:
+        return 0
+    return storage.get().delete_older_than(now() - timedelta(days=days))
 
 
 def sweep(min_age_s: float = 0.5, batch: int = 200) -> int:
@@ -61,6 +74,7 @@ def run_forever(interval_s: float | None = None) -> None:
     except Exception:
         logger.exception("Broker epoch not recorded", extra={"action": "relay_epoch_failed"})
     next_reconcile = 0.0
+    next_retention = 0.0
     while True:
         try:
             count = sweep()
@@ -76,4 +90,15 @@ def run_forever(interval_s: float | None = None) -> None:
                     logger.info("Reconciled", extra={"action": "reconcile", **vars(report)})
             except Exception:
                 logger.exception("Reconcile failed", extra={"action": "reconcile_failed"})
+        if settings.output_retention_days is not None and time.monotonic() >= next_retention:
+            next_retention = time.monotonic() + RETENTION_INTERVAL_S
+            try:
+                deleted = expire_outputs()
+                logger.info(
+                    "Old outputs deleted", extra={"action": "outputs_expired", "count": deleted}
+                )
+            except Exception:
+                logger.exception(
+                    "Output retention failed", extra={"action": "outputs_expire_failed"}
+                )
         time.sleep(interval)

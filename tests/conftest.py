@@ -92,6 +92,7 @@ def services() -> Iterator[dict[str, str]]:
         "EMP_WEBHOOK_RETRY_SCHEDULE": "0.2,0.3,0.5,1,1,2,2,4",
         "EMP_WEBHOOK_TIMEOUT_S": "3",
         "EMP_LOG_LEVEL": "INFO",
+        "EMP_STORAGE_URL": (ROOT / ".emp" / "test" / "outputs").as_uri(),
     }
     saved = {key: os.environ.get(key) for key in overrides}
     os.environ.update(overrides)
@@ -107,6 +108,36 @@ def services() -> Iterator[dict[str, str]]:
                 os.environ[key] = value
         redisdb.reset_clients()
         run.drop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3-protocol server (moto's server mode) on 127.0.0.1 with one bucket; the
+    settings a process needs to store outputs there."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "EMP_STORAGE_URL": "s3://emp-test-outputs/generated",
+        "EMP_STORAGE_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "emp-test",
+        "AWS_SECRET_ACCESS_KEY": "emp-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    boto3.client(
+        "s3",
+        endpoint_url=env["EMP_STORAGE_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    ).create_bucket(Bucket="emp-test-outputs")
+    try:
+        yield env
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -270,6 +301,19 @@ def client(app):
 
 
 # --- observing the system ------------------------------------------------------------------
+
+
+def fetch_output(client, url: str) -> bytes:
+    """The bytes behind an output's URL: the file store's through the app under test (its
+    links name EMP_PUBLIC_URL, where no server listens in tests), any other over HTTP."""
+    base = config.get_settings().api_base_url + "/outputs/"
+    if url.startswith(base):
+        response = client.get(url.removeprefix(config.get_settings().api_base_url))
+        assert response.status_code == 200, response.get_json()
+        return response.data
+    response = requests.get(url, timeout=10)
+    assert response.status_code == 200, response.text[:300]
+    return response.content
 
 
 def stream_events(step_id: str | None = None, workflow_id: str | None = None) -> list[dict]:

@@ -84,6 +84,15 @@ def txt2img(
     }
 
 
+def upscale(image: str, scale_by: float = 2.0) -> dict[str, Any]:
+    """An upscale graph in ComfyUI's API format: load an image, scale it, save it."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "scale_by": scale_by}},
+        "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "up", "images": ["2", 0]}},
+    }
+
+
 @dataclass
 class Received:
     method: str
@@ -126,6 +135,8 @@ class FakeComfyUI:
     silent: bool = False
     received: list[Received] = field(default_factory=list)
     history: dict[str, dict[str, Any]] = field(default_factory=dict)
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    """Input images received by `POST /upload/image`, by the name it answered."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Condition()
@@ -255,9 +266,25 @@ class FakeComfyUI:
 
         @app.get("/view")
         def view() -> Response:
-            if request.args.get("filename") not in self._files:
+            name = request.args.get("filename")
+            if request.args.get("type") == "input" and name in self.uploads:
+                return Response(self.uploads[name], content_type="image/png")
+            if name not in self._files:
                 return Response(status=404)
             return Response(PNG, content_type="image/png")
+
+        @app.post("/upload/image")
+        def upload_image() -> tuple[Response, int] | Response:
+            image = request.files.get("image")
+            if image is None or not image.filename:
+                return Response("no image", status=400), 400
+            name = image.filename
+            data = image.read()
+            if name in self.uploads and request.form.get("overwrite") != "true":
+                stem, _, ext = name.rpartition(".")
+                name = f"{stem} (1).{ext}"
+            self.uploads[name] = data
+            return jsonify({"name": name, "subfolder": "", "type": "input"})
 
         @app.get("/system_stats")
         def system_stats() -> Response:
@@ -337,6 +364,21 @@ class FakeComfyUI:
             return invalid("prompt_no_outputs", "Prompt has no outputs")
         node_errors = {}
         for node_id, node in graph.items():
+            image = node.get("inputs", {}).get("image")
+            if node["class_type"] == "LoadImage" and image not in self.uploads:
+                node_errors[node_id] = {
+                    "errors": [
+                        {
+                            "type": "custom_validation_failed",
+                            "message": "Failed to validate prompt for output",
+                            "details": f"Invalid image file: {image}",
+                            "extra_info": {},
+                        }
+                    ],
+                    "dependent_outputs": outputs,
+                    "class_type": node["class_type"],
+                }
+                continue
             ckpt = node.get("inputs", {}).get("ckpt_name")
             if node["class_type"] == "CheckpointLoaderSimple" and ckpt not in self.checkpoints:
                 node_errors[node_id] = {
@@ -410,6 +452,10 @@ class FakeComfyUI:
             "VAEDecode": node("VAEDecode", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
             "SaveImage": node("SaveImage", {"images": ["IMAGE"]}, [], out=True),
             "PreviewImage": node("PreviewImage", {"images": ["IMAGE"]}, [], out=True),
+            "LoadImage": node("LoadImage", {"image": [sorted(self.uploads)]}, ["IMAGE", "MASK"]),
+            "ImageScaleBy": node(
+                "ImageScaleBy", {"image": ["IMAGE"], "scale_by": ["FLOAT", {}]}, ["IMAGE"]
+            ),
             "FailNode": node("FailNode", {"exception_type": ["STRING", {}]}, ["IMAGE"]),
         }
 

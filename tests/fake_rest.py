@@ -14,6 +14,7 @@ Every request is recorded in `received`.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import uuid
@@ -22,6 +23,8 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.serving import make_server
+
+FILE_BYTES = b"\x89PNG\r\n\x1a\n fake render"
 
 
 @dataclass
@@ -91,6 +94,30 @@ class FakeRest:
                     "echo": body,
                 }
             )
+
+        @app.post("/v1/render")
+        def render() -> Response:
+            """A backend that answers with files: a PNG body, or JSON naming files."""
+            body = request.get_json(silent=True) or {}
+            if body.get("answer") == "binary":
+                return Response(FILE_BYTES, content_type="image/png")
+            return jsonify(
+                {
+                    "outputs": [
+                        f"{self.url}/files/one.png",
+                        {
+                            "b64_json": base64.b64encode(FILE_BYTES).decode(),
+                            "content_type": "image/png",
+                        },
+                        {"url": f"{self.url}/files/two.png", "content_type": "image/png"},
+                    ],
+                    "seed": 5,
+                }
+            )
+
+        @app.get("/files/<name>")
+        def files(name: str) -> Response:
+            return Response(FILE_BYTES + name.encode(), content_type="image/png")
 
         @app.post("/v1/jobs")
         def create_job() -> tuple[Response, int]:

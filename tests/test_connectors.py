@@ -18,7 +18,13 @@ import pytest
 import requests
 
 from emp_tasks.connectors import comfyui
-from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted, StepRun
+from emp_tasks.connectors.base import (
+    FailureType,
+    OutputFile,
+    StepFailure,
+    StepInterrupted,
+    StepRun,
+)
 from emp_tasks.connectors.comfyui import ComfyUIConnector
 from emp_tasks.connectors.http import HttpConnector
 from emp_tasks.core.config import ConfigError
@@ -26,6 +32,7 @@ from tests.conftest import (
     ARTIFACTS,
     LEASE_S,
     RunningSystem,
+    fetch_output,
     free_port,
     headers,
     process_env,
@@ -35,7 +42,7 @@ from tests.conftest import (
     worker_status,
 )
 from tests.fake_comfyui import PNG, FakeComfyUI, txt2img
-from tests.fake_rest import FakeRest
+from tests.fake_rest import FILE_BYTES, FakeRest
 
 
 @pytest.fixture
@@ -106,9 +113,22 @@ def seeded(seed: int, **kwargs: Any) -> dict[str, Any]:
 # --- comfyui: results ----------------------------------------------------------------------
 
 
-def test_comfyui_graph_completes_with_image_urls_on_the_public_url(comfy):
+def test_comfyui_outputs_are_files_streamed_from_view_for_the_worker_to_store(comfy):
+    result = Attempt().run(ComfyUIConnector("comfy", {"url": comfy.url}), {"workflow": txt2img()})
+    (output,) = result["outputs"]
+    assert isinstance(output, OutputFile)
+    assert output.content_type == "image/png" and output.node_id == "9"
+    with output.open() as stream:
+        assert stream.read() == PNG
+    (image,) = result["images"]
+    assert "url" not in image and "base64" not in image
+    assert comfy.calls("GET", "/view")[-1].path == "/view"
+
+
+def test_comfyui_url_outputs_link_to_view_on_the_public_url(comfy):
     connector = ComfyUIConnector(
-        "comfy", {"url": comfy.url, "public_url": "https://images.example.com/comfy/"}
+        "comfy",
+        {"url": comfy.url, "public_url": "https://images.example.com/comfy/", "outputs": "url"},
     )
     result = Attempt().run(connector, {"workflow": txt2img(batch_size=2)})
     assert [image["node_id"] for image in result["images"]] == ["9", "9"]
@@ -117,7 +137,8 @@ def test_comfyui_graph_completes_with_image_urls_on_the_public_url(comfy):
     assert first["url"] == (
         f"https://images.example.com/comfy/view?filename={first['filename']}&subfolder=&type=output"
     )
-    assert result["outputs"]["9"]["images"][0]["filename"] == first["filename"]
+    assert result["node_outputs"]["9"]["images"][0]["filename"] == first["filename"]
+    assert "outputs" not in result
     assert comfy.history[result["prompt_id"]]["status"]["status_str"] == "success"
     direct = requests.get(first["url"].replace("https://images.example.com/comfy", comfy.url))
     assert direct.content == PNG
@@ -400,6 +421,33 @@ def test_http_sync_result_field_picks_part_of_the_answer(rest):
     assert rest.received[0].headers["X-Api-Key"] == "k-1"
 
 
+def stored(result: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The files a connector handed over, read as the worker would read them."""
+    files = []
+    for output in result["outputs"]:
+        assert isinstance(output, OutputFile)
+        with output.open() as stream:
+            files.append((output.content_type, stream.read()))
+    return files
+
+
+def test_http_binary_answer_is_the_steps_one_output(rest):
+    result = Attempt().run(
+        HttpConnector("gen", {"url": f"{rest.url}/v1/render"}), {"answer": "binary"}
+    )
+    assert stored(result) == [("image/png", FILE_BYTES)]
+
+
+def test_http_outputs_named_by_url_or_base64_are_handed_over_as_files(rest):
+    result = Attempt().run(HttpConnector("gen", {"url": f"{rest.url}/v1/render"}), {})
+    assert stored(result) == [
+        ("image/png", FILE_BYTES + b"one.png"),
+        ("image/png", FILE_BYTES),
+        ("image/png", FILE_BYTES + b"two.png"),
+    ]
+    assert result["seed"] == 5
+
+
 def async_options(rest: FakeRest, **extra: Any) -> dict[str, Any]:
     return {
         "url": f"{rest.url}/v1/jobs",
@@ -608,9 +656,11 @@ def test_worker_runs_a_comfyui_graph_with_sampler_progress(client, connector_wor
     step_id = submit(client, "comfy-e2e", {"workflow": seeded(101, steps=40)})
     step = finished(client, step_id)
     assert step["status"] == "completed", step["error"]
-    (image,) = step["result"]["images"]
-    assert image["url"].startswith(f"{shared_comfy.url}/view?filename=")
-    assert requests.get(image["url"], timeout=5).content == PNG
+    (output,) = step["result"]["outputs"]
+    assert output["node_id"] == "9" and output["content_type"] == "image/png"
+    assert output["key"].endswith(f"/{step_id}/1/0.png")
+    assert output["size_bytes"] == len(PNG)
+    assert fetch_output(client, output["url"]) == PNG
     wait_for(lambda: "step_completed" in event_types(step_id))
     progress = [e["data"] for e in stream_events(step_id) if e["type"] == "step_progress"]
     percents = [data["progress"] for data in progress]

@@ -221,7 +221,10 @@ def test_step_progress_is_live_and_cancel_works(page, live_api, system):
 def test_step_detail_shows_attempts_and_events(page, live_api, system):
     response = requests.post(
         live_api + "/api/steps",
-        json={"service": "simulation", "payload": {"duration_s": 0.3, "progress_steps": 1}},
+        json={
+            "service": "simulation",
+            "payload": {"duration_s": 0.3, "progress_steps": 1, "images": 1},
+        },
         headers=headers("admin"),
         timeout=10,
     )
@@ -250,6 +253,18 @@ def test_step_detail_shows_attempts_and_events(page, live_api, system):
         ),
         "the detail does not show the step's id and its completed attempt",
     )
+    output = requests.get(
+        f"{live_api}/api/steps/{step_id}", headers=headers("admin"), timeout=10
+    ).json()["step"]["result"]["outputs"][0]
+    thumbnail = wait(
+        page,
+        lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid=detail-outputs] img"),
+        "the detail shows no thumbnail of the step's output",
+    )[0]
+    assert thumbnail.get_attribute("src") == output["url"]
+    link = page.find_element(By.CSS_SELECTOR, "[data-testid=detail-outputs] a")
+    assert link.get_attribute("href") == output["url"]
+    assert "image/png" in page.find_element(By.CSS_SELECTOR, "[data-output='0']").text
 
 
 def test_without_the_socket_the_page_polls(page, live_api, system):

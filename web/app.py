@@ -19,6 +19,7 @@ from web import (
     inbound,
     jobs,
     metrics,
+    outputs,
     steps,
     webhooks,
     workflows,
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         ws.bp,
         metrics.bp,
         dashboard.bp,
+        outputs.bp,
     ):
         app.register_blueprint(blueprint)
     ws.configure(app)

@@ -14,13 +14,16 @@ bp = Blueprint("dashboard", __name__)
 
 
 def _content_security_policy() -> str:
-    """Everything from this origin only; the socket is the same host over ws/wss."""
+    """Everything from this origin only (but output images); the socket is the same host
+    over ws/wss."""
     host = request.host
     return "; ".join(
         (
             "default-src 'self'",
             f"connect-src 'self' ws://{host} wss://{host}",
-            "img-src 'self' data:",
+            # Output thumbnails: the file store's links are this origin, an object store's
+            # (presigned or CDN) another; images run no script.
+            "img-src 'self' data: https: http:",
             "object-src 'none'",
             "base-uri 'none'",
             "frame-ancestors 'none'",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from emp_tasks.core.errors import StepError
 
@@ -117,6 +119,29 @@ class StepRun:
         return self.subjects.workflow_id if self.subjects is not None else None
 
 
+@dataclass(frozen=True)
+class OutputFile:
+    """A file a connector made, handed to the worker to store (never base64 in a result).
+
+    A connector puts these in its result's `outputs` list; before the step completes the
+    worker streams each into storage and replaces it with its entry (`url`, `key`,
+    `content_type`, `size_bytes`, `sha256`, `width`, `height`, `node_id`). `open` is
+    called once and yields a binary stream (an HTTP response's, a file's); a failure
+    to read raises StepFailure like any other step of the attempt.
+    """
+
+    open: Callable[[], AbstractContextManager[IO[bytes]]]
+    content_type: str = "application/octet-stream"
+    node_id: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+    @classmethod
+    def of_bytes(cls, data: bytes, content_type: str, **facts: Any) -> OutputFile:
+        """A file already in memory (a small generated image, a decoded base64 field)."""
+        return cls(lambda: nullcontext(io.BytesIO(data)), content_type, **facts)
+
+
 ProgressReporter = Callable[..., None]
 """`report_progress(progress, stage=None, message=None)`, progress in percent 0-100."""
 
@@ -131,6 +156,9 @@ class Connector(Protocol):
     Optional: `health() -> dict` (is the backend up, what it reports) and
     `models() -> list[str]` (models the backend can load; a worker advertises
     them for the service unless EMP_WORKER_MODELS names them).
+
+    Files go in the result's `outputs` list as OutputFile objects; the worker stores
+    them before it completes the step.
     """
 
     name: str

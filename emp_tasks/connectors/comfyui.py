@@ -6,28 +6,39 @@ outputs from `/history/{prompt_id}`. If the WebSocket is unavailable or drops, t
 history (and the queue, to notice a prompt the server lost) is polled instead.
 Cancelling drops the prompt from the queue and interrupts it if it is running.
 
-Options (EMP_CONNECTORS): `url` (required), `outputs` (`url` or `base64`),
-`public_url` (base for output URLs handed to clients), `timeout_s` for each HTTP
-call (default 30), `headers` (e.g. auth for a proxy in front of ComfyUI).
+Output images are streamed from `/view` into the product's storage before the step
+completes (`result.outputs`). An image input (`image`, `mask`: LoadImage and kin) given
+as a URL, typically a reference to an earlier step's output, is downloaded and uploaded
+to the server (`POST /upload/image`) and the graph names the uploaded file.
+
+Options (EMP_CONNECTORS): `url` (required), `outputs` (`store`, the default; `url`:
+links to this ComfyUI's `/view`, which die with the machine; `base64`: the bytes inside
+the result, its events and webhooks; neither is fit for production), `public_url`
+(base for `url` links), `timeout_s` for each HTTP call (default 30), `headers` (e.g.
+auth for a proxy in front of ComfyUI).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
+import mimetypes
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
-from urllib.parse import urlencode
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+from urllib.parse import parse_qs, urlencode
 
 import requests
 import simple_websocket
 
+from emp_tasks.connectors import fetch
 from emp_tasks.connectors.base import (
     FailureType,
+    OutputFile,
     ProgressReporter,
     StepFailure,
     StepInterrupted,
@@ -46,7 +57,10 @@ from emp_tasks.core.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_MODES = ("url", "base64")
+OUTPUT_MODES = ("store", "url", "base64")
+IMAGE_INPUTS = ("image", "mask")
+"""Node inputs that name an input image (LoadImage, LoadImageMask): given as a URL, the
+image is uploaded to the ComfyUI server first."""
 HISTORY_POLL_S = 0.5
 SILENCE_CHECK_S = 5.0
 CONTROL_TIMEOUT_S = 5.0
@@ -268,9 +282,11 @@ class ComfyUIConnector:
         self.service = service
         self.url = url.rstrip("/")
         self.public_url = str(options.get("public_url") or self.url).rstrip("/")
-        self.outputs = options.get("outputs", "url")
+        self.outputs = options.get("outputs", "store")
         if self.outputs not in OUTPUT_MODES:
-            raise ConfigError(f"comfyui connector for {service!r}: outputs must be url or base64")
+            raise ConfigError(
+                f"comfyui connector for {service!r}: outputs must be store, url or base64"
+            )
         try:
             self.timeout_s = float(options.get("timeout_s", 30))
         except (TypeError, ValueError) as exc:
@@ -297,6 +313,7 @@ class ComfyUIConnector:
             try:
                 if cancel_requested():
                     raise StepInterrupted()
+                graph = self._upload_input_images(http, graph, log)
                 prompt_id = self._submit(http, graph, client_id)
                 logger.info(
                     "ComfyUI prompt queued",
@@ -384,15 +401,7 @@ class ComfyUIConnector:
         )
         if response.status_code == 400:
             raise rejection_failure(response)
-        body = self._json(response)
-        prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
-        if not isinstance(prompt_id, str) or not prompt_id:
-            raise StepFailure(
-                "ComfyUI queued the prompt without a prompt_id",
-                type=FailureType.SERVICE,
-                code="COMFYUI_INVALID_RESPONSE",
-            )
-        return prompt_id
+        return _text_field(self._json(response), "prompt_id", "queued the prompt")
 
     def _follow(
         self,
@@ -494,9 +503,10 @@ class ComfyUIConnector:
     def _result(
         self, http: requests.Session, prompt_id: str, entry: dict[str, Any]
     ) -> dict[str, Any]:
-        outputs = entry.get("outputs") or {}
+        node_outputs = entry.get("outputs") or {}
         images = []
-        for node_id, output in outputs.items():
+        files = []
+        for node_id, output in node_outputs.items():
             for image in (output or {}).get("images") or []:
                 if not isinstance(image, dict) or "filename" not in image:
                     continue
@@ -509,10 +519,85 @@ class ComfyUIConnector:
                 query = urlencode({k: item[k] for k in ("filename", "subfolder", "type")})
                 if self.outputs == "base64":
                     item.update(self._download(http, query))
-                else:
+                elif self.outputs == "url":
                     item["url"] = f"{self.public_url}/view?{query}"
+                else:
+                    files.append(self._view(query, node_id))
                 images.append(item)
-        return {"prompt_id": prompt_id, "images": images, "outputs": outputs}
+        result: dict[str, Any] = {
+            "prompt_id": prompt_id,
+            "images": images,
+            "node_outputs": node_outputs,
+        }
+        if self.outputs == "store":
+            result["outputs"] = files
+        return result
+
+    def _view(self, query: str, node_id: str) -> OutputFile:
+        """An output image as a file the worker streams from `/view` into storage."""
+
+        @contextlib.contextmanager
+        def open_view() -> Iterator[IO[bytes]]:
+            with requests.Session() as http:
+                http.headers.update(self.headers)
+                with self._fetch_view(http, query, stream=True) as response:
+                    response.raw.decode_content = True
+                    yield response.raw
+
+        content_type = mimetypes.guess_type(parse_qs(query).get("filename", [""])[0])[0]
+        return OutputFile(open_view, content_type or "image/png", node_id=node_id)
+
+    # --- images given by URL ---------------------------------------------------------------
+
+    def _upload_input_images(
+        self, http: requests.Session, graph: dict[str, Any], log: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The graph with every image input given as a URL uploaded to this ComfyUI
+        (`POST /upload/image`) and replaced by the name it answers."""
+        uploaded: dict[str, str] = {}
+        changed = {}
+        for node_id, node in graph.items():
+            inputs = node.get("inputs") or {}
+            for name in IMAGE_INPUTS:
+                value = inputs.get(name)
+                if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+                    continue
+                if value not in uploaded:
+                    uploaded[value] = self._upload_image(http, value, f"{node_id}.{name}")
+                    logger.info(
+                        "Input image uploaded to ComfyUI",
+                        extra={"action": "comfyui_image_uploaded", "node_id": node_id, **log},
+                    )
+                changed.setdefault(node_id, dict(inputs))[name] = uploaded[value]
+        return {
+            nid: {**node, "inputs": changed[nid]} if nid in changed else node
+            for nid, node in graph.items()
+        }
+
+    def _upload_image(self, http: requests.Session, url: str, where: str) -> str:
+        data, content_type = fetch.read(url, what=f"the image of {where}")
+        ext = (mimetypes.guess_extension(content_type) or ".png").lstrip(".")
+        name = f"emp-{hashlib.sha256(data).hexdigest()[:24]}.{ext}"
+        try:
+            response = http.post(
+                self.url + "/upload/image",
+                files={"image": (name, data, content_type)},
+                data={"overwrite": "true", "type": "input"},
+                timeout=self.timeout_s,
+            )
+        except requests.RequestException as exc:
+            raise transport_failure(exc, source="ComfyUI", code_prefix="COMFYUI") from exc
+        if not response.ok:
+            raise status_failure(
+                response.status_code,
+                error_detail(response),
+                source="ComfyUI POST /upload/image",
+                code_prefix="COMFYUI",
+            )
+        body = self._json(response)
+        stored = _text_field(body, "name", "answered /upload/image")
+        subfolder = body.get("subfolder") or ""
+        return f"{subfolder}/{stored}" if subfolder else stored
 
     # --- HTTP ------------------------------------------------------------------------------
 
@@ -525,6 +610,7 @@ class ComfyUIConnector:
         json: Any = None,
         timeout: float | None = None,
         rejectable: bool = False,
+        stream: bool = False,
     ) -> requests.Response:
         """One call to the server; an error answer raises a classified failure.
 
@@ -532,7 +618,11 @@ class ComfyUIConnector:
         """
         try:
             response = http.request(
-                method, self.url + path, json=json, timeout=timeout or self.timeout_s
+                method,
+                self.url + path,
+                json=json,
+                timeout=timeout or self.timeout_s,
+                stream=stream,
             )
         except requests.RequestException as exc:
             raise transport_failure(exc, source="ComfyUI", code_prefix="COMFYUI") from exc
@@ -575,9 +665,11 @@ class ComfyUIConnector:
                     return state
         return "absent"
 
-    def _download(self, http: requests.Session, query: str) -> dict[str, str]:
+    def _fetch_view(
+        self, http: requests.Session, query: str, stream: bool = False
+    ) -> requests.Response:
         try:
-            response = self._request(http, "GET", f"/view?{query}")
+            return self._request(http, "GET", f"/view?{query}", stream=stream)
         except StepFailure as failure:
             if failure.type is not FailureType.VALIDATION:
                 raise
@@ -587,10 +679,25 @@ class ComfyUIConnector:
                 type=FailureType.SERVICE,
                 code="COMFYUI_OUTPUT_UNAVAILABLE",
             ) from failure
+
+    def _download(self, http: requests.Session, query: str) -> dict[str, str]:
+        response = self._fetch_view(http, query)
         return {
             "base64": base64.b64encode(response.content).decode("ascii"),
             "content_type": response.headers.get("Content-Type", "application/octet-stream"),
         }
+
+
+def _text_field(body: Any, name: str, what: str) -> str:
+    """A non-empty string ComfyUI's answer must carry; a SERVICE failure when it does not."""
+    value = body.get(name) if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value:
+        raise StepFailure(
+            f"ComfyUI {what} without a {name}",
+            type=FailureType.SERVICE,
+            code="COMFYUI_INVALID_RESPONSE",
+        )
+    return value
 
 
 def _raise_for_status(entry: dict[str, Any]) -> None:

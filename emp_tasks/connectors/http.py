@@ -6,20 +6,30 @@ The step payload is POSTed as JSON to `url`. In `sync` mode the answer is the re
 numeric `progress` field on the way is reported. Cancelling stops waiting at once
 and, for an async job, POSTs `cancel_url`. Field names may be dotted paths
 (`data.id`); URL templates take `{id}`.
+
+Files go to the product's storage, not into the result: a binary answer (an image,
+video or audio body) is the step's one output; in a JSON result, each item of the list
+at `outputs_field` (default `outputs`) that is a URL (a string, or an object's `url`) or
+base64 (`base64`, `b64_json` or `data`, with an optional `content_type`) becomes an
+output. The result's `outputs` then lists the stored files.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 from urllib.parse import quote
 
 import requests
 
 from emp_tasks.connectors.base import (
     FailureType,
+    OutputFile,
     ProgressReporter,
     StepFailure,
     StepInterrupted,
@@ -38,6 +48,9 @@ from emp_tasks.core.config import ConfigError
 logger = logging.getLogger(__name__)
 
 DONE_VALUES = ("completed", "succeeded", "success", "done")
+FILE_TYPES = ("image/", "video/", "audio/", "application/octet-stream")
+"""Content types of an answer that is a file rather than JSON."""
+BASE64_FIELDS = ("base64", "b64_json", "data")
 FAILED_VALUES = ("failed", "error", "cancelled", "canceled")
 
 
@@ -107,6 +120,7 @@ class HttpConnector:
         self.error_field: str = options.get("error_field", "error")
         self.done_values = _strings(options, "done_values", DONE_VALUES)
         self.failed_values = _strings(options, "failed_values", FAILED_VALUES)
+        self.outputs_field: str = options.get("outputs_field", "outputs")
 
     def run(
         self,
@@ -201,6 +215,9 @@ class HttpConnector:
                 source=self.service,
                 code_prefix="HTTP",
             )
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type.startswith(FILE_TYPES):
+            return {self.outputs_field: [OutputFile.of_bytes(response.content, content_type)]}
         try:
             return response.json()
         except ValueError as exc:
@@ -212,8 +229,68 @@ class HttpConnector:
             ) from exc
 
     def _result(self, body: Any) -> Any:
+        if isinstance(body, dict) and self._files_in(body.get(self.outputs_field)):
+            return {**body, "outputs": body[self.outputs_field]}  # a binary answer
         value = lookup(body, self.result_field)
-        return body if value is None else value
+        result = body if value is None else value
+        if not isinstance(result, dict):
+            return result
+        items = lookup(result, self.outputs_field)
+        if not isinstance(items, list) or not items:
+            return result
+        files = [self._file(item, n) for n, item in enumerate(items)]
+        return {**result, "outputs": files}
+
+    @staticmethod
+    def _files_in(items: Any) -> bool:
+        return isinstance(items, list) and any(isinstance(i, OutputFile) for i in items)
+
+    def _file(self, item: Any, n: int) -> Any:
+        """One item of the backend's outputs as a file to store (or as it was)."""
+        if isinstance(item, str) and item.startswith(("http://", "https://")):
+            return self._download(item, None)
+        if not isinstance(item, dict):
+            return item
+        content_type = str(item.get("content_type") or item.get("mime_type") or "")
+        encoded = next((item[f] for f in BASE64_FIELDS if isinstance(item.get(f), str)), None)
+        if encoded is not None:
+            try:
+                data = base64.b64decode(encoded.split(",", 1)[-1], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise StepFailure(
+                    f"{self.service} output {n} is not valid base64",
+                    type=FailureType.SERVICE,
+                    code="HTTP_INVALID_RESPONSE",
+                    retryable=False,
+                ) from exc
+            return OutputFile.of_bytes(data, content_type or "application/octet-stream")
+        url = item.get("url")
+        if isinstance(url, str) and url.startswith(("http://", "https://")):
+            return self._download(url, content_type or None)
+        return item
+
+    def _download(self, url: str, content_type: str | None) -> OutputFile:
+        """A file the backend names by URL, streamed from there into storage."""
+
+        @contextlib.contextmanager
+        def open_url() -> Iterator[IO[bytes]]:
+            try:
+                response = requests.get(url, timeout=self.timeout_s, stream=True)
+            except requests.RequestException as exc:
+                raise transport_failure(exc, source=self.service, code_prefix="HTTP") from exc
+            with response:
+                if not response.ok:
+                    raise status_failure(
+                        response.status_code,
+                        error_detail(response),
+                        source=f"{self.service} output download",
+                        code_prefix="HTTP",
+                    )
+                response.raw.decode_content = True
+                yield response.raw
+
+        guessed = content_type or _content_type_from(url)
+        return OutputFile(open_url, guessed)
 
     def _job_failure(self, job_id: str, state: str, body: Any) -> StepFailure:
         error = lookup(body, self.error_field)
@@ -248,3 +325,9 @@ class HttpConnector:
             return None
         percent = value * 100 if isinstance(value, float) and value <= 1 else value
         return round(max(0.0, min(100.0, float(percent))), 2)
+
+
+def _content_type_from(url: str) -> str:
+    import mimetypes
+
+    return mimetypes.guess_type(url.split("?")[0])[0] or "application/octet-stream"

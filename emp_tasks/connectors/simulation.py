@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 from emp_tasks.connectors.base import (
     FailureType,
+    OutputFile,
     ProgressReporter,
     StepFailure,
     StepInterrupted,
@@ -15,6 +19,8 @@ from emp_tasks.connectors.base import (
 )
 
 POLL_S = 0.05
+MAX_IMAGES = 16
+MAX_SIDE = 4096
 
 
 class SimulationConnector:
@@ -44,8 +50,33 @@ class SimulationConnector:
         self._wait_until(started + duration, cancel_requested)
         self._maybe_fail(payload, step.attempt)
         if "result" in payload:
-            return payload["result"]
-        return {"ok": True, "echo": payload, "inputs": inputs}
+            result = payload["result"]
+        else:
+            result = {"ok": True, "echo": payload, "inputs": inputs}
+        files = self._images(payload)
+        if files and isinstance(result, dict):
+            result = {**result, "outputs": [*result.get("outputs", []), *files]}
+        return result
+
+    @staticmethod
+    def _images(payload: dict[str, Any]) -> list[OutputFile]:
+        count = int(payload.get("images", 0) or 0)
+        width = int(payload.get("width", 64) or 64)
+        height = int(payload.get("height", 64) or 64)
+        seed = payload.get("seed", 0)
+        if not (0 <= count <= MAX_IMAGES and 1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+            raise StepFailure(
+                f"images must be 0 to {MAX_IMAGES}, width and height 1 to {MAX_SIDE}",
+                type=FailureType.VALIDATION,
+                code="INVALID_PAYLOAD",
+                retryable=False,
+            )
+        return [
+            OutputFile.of_bytes(
+                png(width, height, f"{seed}/{n}"), "image/png", width=width, height=height
+            )
+            for n in range(count)
+        ]
 
     @staticmethod
     def _wait_until(deadline: float, cancel_requested: Callable[[], bool]) -> None:
@@ -78,3 +109,23 @@ class SimulationConnector:
             code="SIMULATED_FAILURE",
             retryable=True,
         )
+
+
+def png(width: int, height: int, seed: Any) -> bytes:
+    """A `width` x `height` RGB PNG of noise, the same bytes for the same seed (noise does
+    not compress, so the file's size follows its pixel count, as a photo's roughly does)."""
+    pixels = random.Random(str(seed)).randbytes(width * height * 3)
+    row = width * 3
+    raw = b"".join(b"\x00" + pixels[y * row : (y + 1) * row] for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 1))
+        + chunk(b"IEND", b"")
+    )

@@ -186,6 +186,25 @@ class Settings:
     auth_failures_per_minute: int = 20
     trusted_proxy_hops: int = 0
     log_level: str = "INFO"
+    storage_url: str | None = None  # None: file:// under data_dir (see storage_location)
+    storage_endpoint_url: str | None = None
+    storage_public_url: str | None = None
+    storage_url_ttl_s: int = 604_800
+    output_retention_days: float | None = None
+    public_url: str | None = None  # None: http://127.0.0.1:<port>
+    fetch_allow_private: bool = False
+
+    @property
+    def storage_location(self) -> str:
+        """EMP_STORAGE_URL, or the `outputs` folder under the data folder as a file URL."""
+        if self.storage_url and self.storage_url.rstrip("/") != "file:":
+            return self.storage_url
+        return (self.data_dir / "outputs").resolve().as_uri()
+
+    @property
+    def api_base_url(self) -> str:
+        """Where clients reach the web process (EMP_PUBLIC_URL): the base of output links."""
+        return (self.public_url or f"http://127.0.0.1:{self.port}").rstrip("/")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -236,6 +255,17 @@ class Settings:
             auth_failures_per_minute=_int(env, "EMP_AUTH_FAILURES_PER_MINUTE", 20),
             trusted_proxy_hops=_int(env, "EMP_TRUSTED_PROXY_HOPS", 0),
             log_level=(env.get("EMP_LOG_LEVEL") or "INFO").upper(),
+            storage_url=(env.get("EMP_STORAGE_URL") or "").strip() or None,
+            storage_endpoint_url=(env.get("EMP_STORAGE_ENDPOINT_URL") or "").strip() or None,
+            storage_public_url=(env.get("EMP_STORAGE_PUBLIC_URL") or "").strip() or None,
+            storage_url_ttl_s=_int(env, "EMP_STORAGE_URL_TTL_S", 604_800, 1),
+            output_retention_days=(
+                _float(env, "EMP_OUTPUT_RETENTION_DAYS", 0.0)
+                if (env.get("EMP_OUTPUT_RETENTION_DAYS") or "").strip()
+                else None
+            ),
+            public_url=(env.get("EMP_PUBLIC_URL") or "").strip() or None,
+            fetch_allow_private=_bool(env, "EMP_FETCH_ALLOW_PRIVATE", False),
         )
 
     @property

@@ -18,7 +18,7 @@ from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted,
 from emp_tasks.core.config import get_settings
 from emp_tasks.steps import attempts
 from emp_tasks.store import dispatch
-from emp_tasks.worker import leases, presence
+from emp_tasks.worker import leases, outputs, presence
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,15 @@ def _run_attempt(run: StepRun) -> str:
         )
     if stop.timed_out:
         return _fail(run, _timeout_failure(run), progress=progress)
+    try:
+        result = outputs.store_files(run, result, stop)
+    except StepInterrupted:
+        if stop.timed_out:
+            return _fail(run, _timeout_failure(run), progress=progress)
+        logger.info("Step stopped while storing outputs", extra={"action": "step_stopped", **log})
+        return "stopped"
+    except StepFailure as failure:
+        return _fail(run, failure, progress=progress)
     duration_ms = int((time.monotonic() - stop.started) * 1000)
     if attempts.complete(step_id, run.attempt, result, duration_ms, workflow_id=run.workflow_id):
         return "completed"

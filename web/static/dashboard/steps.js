@@ -306,6 +306,7 @@ export function createSteps({ onShown }) {
             `${step.error.code}: ${step.error.message}`,
           )
         : null,
+      outputGallery(step.result),
       el("details", {}, el("summary", {}, "Payload"), json(step.payload)),
       el("details", {}, el("summary", {}, "Result"), json(step.result)),
       el("h4", {}, "Attempts"),
@@ -318,6 +319,48 @@ export function createSteps({ onShown }) {
       d.open = Boolean(unfolded[i]);
     });
     detail.hidden = false;
+  }
+
+  /** The step's stored outputs: a thumbnail for each image, a link for any other file. */
+  function outputGallery(result) {
+    const outputs = Array.isArray(result?.outputs) ? result.outputs : [];
+    const files = outputs.filter((o) => typeof o?.url === "string" && /^https?:\/\//.test(o.url));
+    if (!files.length) return null;
+    return el(
+      "div",
+      { class: "outputs", "data-testid": "detail-outputs" },
+      el("h4", {}, "Outputs"),
+      files.map((output, n) => {
+        const label = `${output.content_type ?? "file"}, ${sizeText(output.size_bytes)}`;
+        const isImage = String(output.content_type ?? "").startsWith("image/");
+        return el(
+          "figure",
+          { "data-output": n },
+          el(
+            "a",
+            { href: output.url, target: "_blank", rel: "noopener noreferrer" },
+            isImage
+              ? el("img", {
+                  src: output.url,
+                  alt: `output ${n}`,
+                  loading: "lazy",
+                  width: 96,
+                  height: output.width && output.height ? Math.round((96 * output.height) / output.width) : 96,
+                })
+              : `output ${n}`,
+          ),
+          el("figcaption", { class: "muted", title: output.key ?? "" }, label),
+        );
+      }),
+    );
+  }
+
+  function sizeText(bytes) {
+    const n = Number(bytes);
+    if (!Number.isFinite(n)) return "size unknown";
+    if (n < 1024) return `${n} B`;
+    if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
+    return `${(n / (1024 * 1024)).toFixed(1)} MB`;
   }
 
   function attemptTable(attempts) {
