@@ -21,7 +21,17 @@ import os
 import sys
 from urllib.parse import parse_qs, urlsplit
 
-from bench import baseline, live_rows, ours, report, scratch, socket_rows, webhook_rows, workflows
+from bench import (
+    baseline,
+    emprops_rows,
+    live_rows,
+    ours,
+    report,
+    scratch,
+    socket_rows,
+    webhook_rows,
+    workflows,
+)
 from bench.stats import Result
 from emp_tasks.store import redisdb
 from emp_tasks.store.db import ROOT
@@ -88,6 +98,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=30,
         help="steps run one at a time with one 1 MB output, and as many with none, "
         "created to completed (30; 0 skips the rows)",
+    )
+    parser.add_argument(
+        "--emprops-workflows",
+        type=int,
+        default=30,
+        help="one-step EmProps workflows of the EmProps notification row (30; 0 skips it)",
+    )
+    parser.add_argument(
+        "--emprops-rate",
+        type=_positive_float,
+        default=5.0,
+        help="EmProps workflows submitted per second (5)",
     )
     parser.add_argument(
         "--no-prefork", action="store_true", help="skip the prefork bare Celery baseline"
@@ -227,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         "status_requests": args.status_requests,
         "progress_steps": args.progress_steps,
         "output_steps": args.output_steps,
+        "emprops_workflows": args.emprops_workflows,
+        "emprops_rate": args.emprops_rate,
+        "emprops_timeout_s": 60.0,
         "single_submits": args.single_submits,
         "timeout_s": args.timeout,
         "workflows": shapes,
@@ -338,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             "on the client's reading thread, all clients in this one process; web processes "
             f"with EMP_WEB_THREADS={ours.WEB_THREADS} (one thread per socket)."
         )
+    if args.emprops_workflows:
+        print(emprops_rows.describe())
     if sockets is not None:
         print(SOCKET_ROWS_NOTE)
     for result in (mine, *baselines):

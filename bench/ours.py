@@ -1,4 +1,4 @@
-"""The EMP Tasks side of the benchmark: the Procfile's web, worker, webhooks and relay, over HTTP.
+"""The EMP Tasks side of the benchmark: the Procfile's processes, over HTTP.
 
 Steps are submitted with `POST /api/steps` from a pool of client threads (one
 requests.Session each); completion is read from PostgreSQL, not over HTTP, so
@@ -10,7 +10,8 @@ with `POST /api/webhooks`, submits steps at a steady rate, waits for every
 `step_completed` webhook at a local receiver, and deletes its endpoints again.
 Then each live configuration (bench.live_rows) connects its WebSocket clients,
 submits steps at a steady rate and waits until every client has every event of
-those steps.
+those steps. Last, the EmProps row (bench.emprops_rows) submits EmProps workflows and
+times their notifications at a fake EmProps.
 """
 
 from __future__ import annotations
@@ -28,10 +29,19 @@ from typing import Any
 import requests
 from sqlalchemy import func, select
 
+from bench import emprops_rows
 from bench.cpu import CpuMeter
 from bench.live_rows import Audience, LiveRow
 from bench.scratch import Scratch
-from bench.stats import BenchError, Deadline, LiveResult, Result, WebhookResult, WorkflowResult
+from bench.stats import (
+    BenchError,
+    Deadline,
+    EmpropsResult,
+    LiveResult,
+    Result,
+    WebhookResult,
+    WorkflowResult,
+)
 from bench.webhook_rows import Receiver, WebhookRow
 from bench.workflows import Shape
 from emp_tasks import workers
@@ -43,7 +53,7 @@ from emp_tasks.supervisor import ProcessGroup
 from emp_tasks.webhooks import delivery
 
 API_KEY = "bench-key"
-PROCESSES = ["web", "worker", "webhooks", "relay"]
+PROCESSES = ["web", "worker", "webhooks", "relay", "emprops"]
 STEP_BODY = {"service": "simulation"}
 PROGRESS_REPORTS = 4
 PROGRESS_BODY = {"service": "simulation", "payload": {"progress_steps": PROGRESS_REPORTS}}
@@ -67,6 +77,8 @@ SET_BY_BENCH = frozenset(
         "EMP_WORKER_ID",
         "EMP_WEB_THREADS",
         "EMP_LOG_LEVEL",
+        "EMPROPS_API_URL",
+        "EMPROPS_API_KEY",
     }
 )
 
@@ -80,9 +92,11 @@ def free_port() -> int:
 OUTPUTS_ROOT = Path(".emp") / "bench" / "outputs"  # bench.scratch removes a run's folder
 
 
-def process_env(run: Scratch, port: int) -> dict[str, str]:
+def process_env(run: Scratch, port: int, emprops_url: str) -> dict[str, str]:
     """This process's environment (so EMP_* tuning passes through) with the bench's settings."""
     settings = {
+        "EMPROPS_API_URL": emprops_url,  # the fake EmProps of the EmProps row
+        "EMPROPS_API_KEY": "bench-emprops-key",
         "REDIS_URL": run.redis_url,
         "DATABASE_URL": run.database_url,
         "EMP_API_KEYS": f"{API_KEY}:bench:admin",
@@ -753,6 +767,29 @@ def _measure_live_rows(
         result.live[row.key] = outcome
 
 
+def _measure_emprops(
+    system: _System,
+    clients: _Clients,
+    fake: emprops_rows.FakeEmprops,
+    options: dict[str, Any],
+    result: Result,
+) -> EmpropsResult:
+    """The EmProps row; skipped when the steps did not all complete."""
+    if result.completed != result.requested:
+        outcome = EmpropsResult(options["emprops_workflows"], options["emprops_rate"])
+        outcome.errors.append("not run: the step measurement before it did not complete")
+        return outcome
+    return emprops_rows.measure(
+        clients.base_url,
+        clients.headers,
+        fake,
+        options["emprops_workflows"],
+        options["emprops_rate"],
+        options["emprops_timeout_s"],
+        system.check_alive,
+    )
+
+
 def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
     """Start web, worker, webhooks and relay on the scratch run, measure, and stop them.
 
@@ -765,8 +802,9 @@ def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
     use_scratch(run)
     result = Result(name="EMP Tasks", requested=options["steps"])
     port = free_port()
+    fake_emprops = emprops_rows.FakeEmprops().start()
     log = open(log_path, "w")  # noqa: SIM115 - closed below, after the processes are gone
-    group = ProcessGroup(process_env(run, port), names=PROCESSES, output=log)
+    group = ProcessGroup(process_env(run, port, fake_emprops.url), names=PROCESSES, output=log)
     clients = _Clients(f"http://127.0.0.1:{port}")
     try:
         group.start()
@@ -778,11 +816,14 @@ def run(run: Scratch, options: dict[str, Any], log_path: Path) -> Result:
         _measure_workflows(system, clients, options, result)
         _measure_webhook_rows(system, clients, options, result)
         _measure_live_rows(system, clients, options, result)
+        if options.get("emprops_workflows"):
+            result.emprops = _measure_emprops(system, clients, fake_emprops, options, result)
     except BenchError as exc:
         result.errors.append(str(exc))
     finally:
         clients.close()
         group.stop()
+        fake_emprops.stop()
         log.close()
     for shape in options.get("workflows", ()):
         if shape.key not in result.workflows:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from bench import emprops_rows
 from bench.cpu import CLIENT, POSTGRES, REDIS
 from bench.live_rows import LiveRow
 from bench.socket_rows import SocketPhase, SocketResult
@@ -50,7 +51,7 @@ def _p50_of(values: list[float]) -> float | None:
     return percentile(values, 50) if values else None
 
 
-CPU_ORDER = ("web", "worker", "relay", "webhooks", POSTGRES, REDIS, CLIENT)
+CPU_ORDER = ("web", "worker", "relay", "webhooks", "emprops", POSTGRES, REDIS, CLIENT)
 
 
 def _cpu_rows(ours: Result, baselines: list[Result], label: str = "") -> list[list[str]]:
@@ -177,6 +178,17 @@ def _live_row(ours: Result, baselines: list[Result], row: LiveRow) -> list[str]:
     return cells
 
 
+def _emprops_rows(ours: Result, baselines: list[Result]) -> list[list[str]]:
+    """p50 / p99 of the EmProps row; EMP Tasks only, so a dash for every baseline."""
+    if ours.emprops is None:
+        return []
+    ok = ours.emprops.ok
+    cells = [emprops_rows.LABEL, _latency(ours.emprops.latencies_ms) if ok else DASH]
+    for _ in baselines:
+        cells += [DASH, ""]
+    return [cells]
+
+
 def _phase_label(phase: SocketPhase) -> str:
     held = f", {phase.accepted} open" if phase.attempted else ""
     return f"REST p50 / p99 beside idle WebSockets: {phase.label}{held} (ms)"
@@ -228,6 +240,7 @@ def table(
         rows += _workflow_rows(ours, baselines, shape)
     rows += [_webhook_row(ours, baselines, row) for row in webhooks]
     rows += [_live_row(ours, baselines, row) for row in live]
+    rows += _emprops_rows(ours, baselines)
     rows += _socket_rows(sockets, baselines)
     return _markdown(rows)
 
@@ -341,6 +354,8 @@ def summary(
         outcome = result.live.get(row.key)
         if outcome is not None:
             text += "\n" + _live_summary(result.name, row, outcome)
+    if result.emprops is not None:
+        text += "\n" + emprops_rows.summary(result.name, result.emprops)
     return text
 
 

@@ -132,6 +132,24 @@ class LiveResult:
 
 
 @dataclass
+class EmpropsResult:
+    """The EmProps row of EMP Tasks: per workflow, its row's `completed_at` to EmProps'
+    receipt of the notification (bench.emprops_rows)."""
+
+    workflows: int  # requested
+    rate: float  # workflows per second submitted
+    submitted: int = 0
+    received: int = 0  # distinct notifications received by the deadline
+    duplicates: int = 0  # notifications received again for a job already notified
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.received == self.workflows and not self.duplicates
+
+
+@dataclass
 class Result:
     """What one system did with the N no-op steps (or tasks) it was given, and its workflows."""
 
@@ -157,6 +175,7 @@ class Result:
     # one step at a time, created_at to completed_at (ms): with one 1 MB output, and with none
     output_ms: list[float] = field(default_factory=list)
     no_output_ms: list[float] = field(default_factory=list)
+    emprops: EmpropsResult | None = None  # the EmProps row, if run
 
     @property
     def ok(self) -> bool:
@@ -164,11 +183,13 @@ class Result:
         workflows_ok = all(workflow.ok for workflow in self.workflows.values())
         webhooks_ok = all(hook.ok for hook in self.webhooks.values())
         progress_ok = self.progress is None or self.progress.ok
+        emprops_ok = self.emprops is None or self.emprops.ok
         return (
             steps_ok
             and workflows_ok
             and webhooks_ok
             and progress_ok
+            and emprops_ok
             and all(row.ok for row in self.live.values())
         )
 

@@ -17,6 +17,7 @@ from emp_tasks.core import signing
 from emp_tasks.core.config import ConfigError, Settings
 from emp_tasks.core.events import STREAM
 from emp_tasks.core.status import TERMINAL_STEP_STATUSES
+from emp_tasks.emprops import process as emprops_process
 from emp_tasks.routes import capabilities
 from emp_tasks.store import db as database
 from emp_tasks.store import logs, redisdb
@@ -184,6 +185,15 @@ def worker(pool: str, concurrency: int | None, services: str | None, gpus: str |
             "--without-gossip",
         ]
     )
+
+
+@main.command()
+def emprops() -> None:
+    """Tell EmProps how each of its workflows ended, exactly once (idle without EMPROPS_API_URL)."""
+
+    _setup_logging()
+    embedded.bootstrap()
+    emprops_process.run_forever()
 
 
 @main.command()

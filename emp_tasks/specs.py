@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from emp_tasks.core import references
+from emp_tasks.core.config import get_settings
 from emp_tasks.core.events import EventType
 from emp_tasks.core.status import DeliveryStatus, StepStatus, WorkerStatus, WorkflowStatus
 
@@ -264,6 +265,15 @@ def _reference_errors(index: int, step: WorkflowStepSpec) -> list[Any]:
 WORKFLOW_EVENT_NAMES = sorted(e.value for e in EventType if e.value.startswith("workflow_"))
 
 
+class EmpropsRef(BaseModel):
+    """`emprops` of a workflow: the EmProps job it runs (and its collection)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    collection_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+
 class WorkflowCreate(BaseModel):
     """`POST /api/workflows`: a DAG of steps by `depends_on` (earlier indices only)."""
 
@@ -280,12 +290,22 @@ class WorkflowCreate(BaseModel):
     )
     customer_id: str | None = Field(default=None, min_length=1, max_length=200)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    emprops: EmpropsRef | None = Field(
+        default=None, description="An EmProps job: EmProps is told when the workflow ends"
+    )
 
     @field_validator("name")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("emprops")
+    @classmethod
+    def _emprops_configured(cls, value: EmpropsRef | None) -> EmpropsRef | None:
+        if value is not None and get_settings().emprops_api_url is None:
+            raise ValueError("EmProps is not configured here (EMPROPS_API_URL)")
         return value
 
     @model_validator(mode="after")

@@ -20,7 +20,16 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import ARTIFACTS, KEYS, headers
+from tests.conftest import (
+    ARTIFACTS,
+    KEYS,
+    RunningSystem,
+    headers,
+    process_env,
+    wait_for,
+    web_process,
+)
+from tests.fake_emprops import FakeEmprops
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -348,3 +357,54 @@ def test_workflow_dag_has_one_node_per_step(page, live_api, system):
     assert column[0] < column[1] == column[2] < column[3]
     assert len(page.find_elements(By.CSS_SELECTOR, "#workflow-dag .edges path")) == 4
     assert page.execute_script("return window.injected") is None
+
+
+def test_workflow_detail_shows_its_emprops_notification_and_replays_it(browser, services, system):
+    emprops = FakeEmprops().start()
+    env = {"EMPROPS_API_URL": emprops.url, "EMPROPS_API_KEY": "k", "EMPROPS_RETRY_BASE_S": "0.1"}
+    notifier = RunningSystem(
+        ["emprops"], process_env(services, **env), ARTIFACTS / "dashboard-emprops.log"
+    )
+    try:
+        with web_process(services, "web-emprops.log", 16, **env) as base:
+            browser.get(base + "/")
+            browser.execute_script("window.localStorage.clear()")
+            browser.get(base + "/")
+            go_live(browser)
+            response = requests.post(
+                base + "/api/workflows",
+                json={
+                    "name": "for emprops",
+                    "steps": [{"service": "simulation", "payload": {}}],
+                    "emprops": {"job_id": "job-dash-1", "collection_id": "col-9"},
+                },
+                headers=headers("admin"),
+                timeout=10,
+            )
+            assert response.status_code == 201, response.text
+            workflow_id = response.json()["workflow_id"]
+            row = f'tr[data-workflow-id="{workflow_id}"]'
+            wait(
+                browser,
+                lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button").click() or True,
+                "the workflow could not be opened",
+            )
+            box = "[data-testid=workflow-emprops]"
+            wait(
+                browser,
+                lambda d: (visible_text(d, box) or " ·  · ").split(" · ")[2].startswith("notified"),
+                "the EmProps notification was not shown as notified",
+            )
+            shown = visible_text(browser, box)
+            assert "job job-dash-1" in shown and "collection col-9" in shown
+            assert "1 attempt" in shown and "not notified" not in shown
+            browser.find_element(By.CSS_SELECTOR, "[data-testid=workflow-emprops-replay]").click()
+            wait_for(lambda: len(emprops.successes("job-dash-1")) == 2, timeout_s=30)
+            wait(
+                browser,
+                lambda d: "2 attempts" in (visible_text(d, box) or ""),
+                "the replay was not shown",
+            )
+    finally:
+        notifier.stop()
+        emprops.stop()

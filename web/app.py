@@ -13,6 +13,7 @@ from emp_tasks.core.config import Settings, get_settings, scoped
 from emp_tasks.core.ids import new_id
 from web import (
     dashboard,
+    emprops,
     errors,
     fleet,
     health,
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         metrics.bp,
         dashboard.bp,
         outputs.bp,
+        emprops.bp,
     ):
         app.register_blueprint(blueprint)
     ws.configure(app)

@@ -47,6 +47,12 @@ ERROR_STATUSES = {
     429: "RATE_LIMITED, with Retry-After",
     503: "UNAVAILABLE",
 }
+"""The errors a route answers unless it names its own."""
+
+OTHER_ERROR_STATUSES = {
+    502: "UPSTREAM_FAILED: a service we call failed; its status is in the details",
+}
+"""Errors only the routes naming them answer."""
 
 JSON_VALUE = {
     "description": (
@@ -220,7 +226,7 @@ def document() -> dict[str, Any]:
                     operation["security"].append({})  # the route may be opened by a setting
                 statuses = route.errors or tuple(ERROR_STATUSES)
                 for status in statuses:
-                    description = ERROR_STATUSES[status]
+                    description = {**ERROR_STATUSES, **OTHER_ERROR_STATUSES}[status]
                     operation["responses"][str(status)] = {
                         "description": description,
                         "content": {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, g
 
 from emp_tasks.auth import Principal
@@ -35,8 +37,13 @@ def create_workflow(principal: Principal, body: WorkflowCreate) -> Response:
         workflow_id=workflow.id,
         step_ids=step_ids,
         job_ids=step_ids,
-        workflow=workflow_object(workflow),
+        workflow=_with_emprops(workflow_object(workflow), principal),
     )
+
+
+def _with_emprops(shown: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    state = workflows.emprops_state(shown["id"], principal)
+    return {**shown, "emprops": state} if state is not None else shown
 
 
 @endpoint(
@@ -63,7 +70,20 @@ def workflow_stats(principal: Principal, query: StatsQuery) -> Response:
 )
 def get_workflow(principal: Principal, workflow_id: str) -> Response:
     workflow, details = workflows.status(workflow_id, principal)
-    return ok(workflow=workflow_object(workflow), steps=details)
+    return ok(workflow=_with_emprops(workflow_object(workflow), principal), steps=details)
+
+
+@endpoint(
+    bp,
+    "/api/workflows/<workflow_id>/emprops/replay",
+    methods=("POST",),
+    admin=True,
+    tags=TAGS,
+    errors=(404, 409),
+    summary="Send an ended EmProps workflow's notification to EmProps again (admin)",
+)
+def replay_emprops(principal: Principal, workflow_id: str) -> Response:
+    return ok(emprops=workflows.replay_emprops(workflow_id, principal))
 
 
 @endpoint(

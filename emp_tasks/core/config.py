@@ -193,6 +193,11 @@ class Settings:
     output_retention_days: float | None = None
     public_url: str | None = None  # None: http://127.0.0.1:<port>
     fetch_allow_private: bool = False
+    emprops_api_url: str | None = None
+    emprops_api_key: str | None = None
+    emprops_timeout_s: float = 10.0
+    emprops_retry_base_s: float = 1.0
+    emprops_retry_max_s: float = 300.0
 
     @property
     def storage_location(self) -> str:
@@ -266,6 +271,11 @@ class Settings:
             ),
             public_url=(env.get("EMP_PUBLIC_URL") or "").strip() or None,
             fetch_allow_private=_bool(env, "EMP_FETCH_ALLOW_PRIVATE", False),
+            emprops_api_url=(env.get("EMPROPS_API_URL") or "").strip().rstrip("/") or None,
+            emprops_api_key=(env.get("EMPROPS_API_KEY") or "").strip() or None,
+            emprops_timeout_s=_float(env, "EMPROPS_TIMEOUT_S", 10.0) or 10.0,
+            emprops_retry_base_s=_float(env, "EMPROPS_RETRY_BASE_S", 1.0),
+            emprops_retry_max_s=_float(env, "EMPROPS_RETRY_MAX_S", 300.0),
         )
 
     @property

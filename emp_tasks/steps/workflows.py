@@ -38,6 +38,7 @@ from emp_tasks.core.status import (
     WorkflowStatus,
 )
 from emp_tasks.core.times import TIMEFRAMES, iso
+from emp_tasks.emprops import notifications
 from emp_tasks.specs import WorkflowCreate
 from emp_tasks.steps import transitions
 from emp_tasks.store import db, idempotency, outbox
@@ -187,6 +188,8 @@ def submit(
             EventType.WORKFLOW_SUBMITTED,
             {"name": workflow.name, "total_steps": workflow.total_steps},
         )
+        if spec.emprops is not None:
+            notifications.create(tx, workflow.id, spec.emprops.job_id, spec.emprops.collection_id)
         created = _create_steps(tx, workflow, spec)
         return (workflow, [step.id for step in created]), workflow.id
 
@@ -225,6 +228,26 @@ def status(workflow_id: str, principal: Principal) -> tuple[Any, list[dict[str, 
     with db.tx() as tx:
         workflow = _visible(tx, workflow_id, principal)
         return workflow, step_details(tx, workflow_id)
+
+
+def emprops_state(workflow_id: str, principal: Principal) -> dict[str, Any] | None:
+    """The workflow's EmProps notification as the API shows it; None for other workflows."""
+    with db.tx() as tx:
+        _visible(tx, workflow_id, principal)
+        row = notifications.of(tx, workflow_id)
+        return notifications.presented(row) if row is not None else None
+
+
+def replay_emprops(workflow_id: str, principal: Principal) -> dict[str, Any]:
+    """Send the workflow's EmProps notification again (a failed or delivered one)."""
+    with db.tx() as tx:
+        _visible(tx, workflow_id, principal)
+        if notifications.of(tx, workflow_id) is None:
+            raise NotFound("EmProps notification of workflow", workflow_id)
+        row = notifications.replay(tx, workflow_id)
+        if row is None:
+            raise InvalidState(f"workflow {workflow_id} has not ended: nothing to replay yet")
+        return notifications.presented(row)
 
 
 def list_workflows(

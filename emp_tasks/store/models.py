@@ -102,6 +102,30 @@ class Workflow(Base):
     )
 
 
+class EmpropsNotification(Base):
+    """What EmProps must hear about one of its workflows: `waiting` until the workflow ends,
+    `pending` (with the body) until EmProps answers 2xx (`delivered`) or refuses it for good
+    (`failed`, replayable). emp_tasks.emprops."""
+
+    __tablename__ = "emprops_notifications"
+
+    workflow_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("workflows.id", ondelete="CASCADE"), primary_key=True
+    )
+    job_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    collection_id: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="waiting")
+    event_id: Mapped[str | None] = mapped_column(String(36))
+    path: Mapped[str | None] = mapped_column(String(20))
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now_column()
+
+
 class Step(Base):
     __tablename__ = "steps"
 

@@ -11,6 +11,7 @@ import { coalesce } from "./live.js";
 import { applyStepEvent } from "./steps.js";
 
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
+const EMPROPS_FOLLOW_MS = 2000;
 const TERMINAL_EVENTS = {
   workflow_completed: "completed",
   workflow_failed: "failed",
@@ -131,6 +132,7 @@ export function createWorkflows({ openStep, onShown }) {
       opened = await fetchDetail(workflowId);
       showMessage(message, "");
       drawDetail();
+      followEmprops();
       renderList();
       detail.scrollIntoView({ block: "nearest" });
     } catch (error) {
@@ -146,6 +148,7 @@ export function createWorkflows({ openStep, onShown }) {
       if (opened && opened.workflow.id === workflowId) {
         opened = fresh;
         drawDetail();
+        followEmprops();
       }
     } catch {
       // The list's own refresh reports the API's state.
@@ -153,6 +156,19 @@ export function createWorkflows({ openStep, onShown }) {
   }
 
   const refreshDetailSoon = coalesce(refreshDetail, 1000);
+
+  /** No event says EmProps has heard: while an ended workflow's notification is on its way,
+   * the open detail reads it again every EMPROPS_FOLLOW_MS. */
+  let empropsTimer = null;
+  function followEmprops() {
+    clearTimeout(empropsTimer);
+    const workflow = opened && opened.workflow;
+    if (workflow && workflow.emprops && FINISHED.has(workflow.status)) {
+      if (workflow.emprops.status === "waiting" || workflow.emprops.status === "pending") {
+        empropsTimer = setTimeout(refreshDetail, EMPROPS_FOLLOW_MS);
+      }
+    }
+  }
 
   async function cancel(workflowId) {
     try {
@@ -165,6 +181,42 @@ export function createWorkflows({ openStep, onShown }) {
       await refreshDetail();
     } catch (error) {
       showMessage(message, `cancel ${shortId(workflowId)}: ${explain(error)}`);
+    }
+  }
+
+  /** EmProps' job, and whether EmProps has heard how the workflow ended (replay: admins). */
+  function empropsBox(workflow) {
+    const state = workflow.emprops;
+    const heard = state.notified_at
+      ? `notified ${localTime(state.notified_at)}`
+      : state.status === "waiting"
+        ? "not notified yet (the workflow has not ended)"
+        : `not notified (${state.status})`;
+    return el(
+      "div",
+      { class: "emprops", "data-testid": "workflow-emprops" },
+      el("strong", {}, "EmProps "),
+      `job ${state.job_id}`,
+      state.collection_id ? ` · collection ${state.collection_id}` : "",
+      ` · ${heard} · ${state.attempts} attempt${state.attempts === 1 ? "" : "s"}`,
+      state.last_error ? el("div", { class: "error-box" }, state.last_error) : null,
+      FINISHED.has(workflow.status)
+        ? button("Replay to EmProps", () => replayEmprops(workflow.id), {
+            "data-testid": "workflow-emprops-replay",
+            title: "Send EmProps the notification again (admin key)",
+          })
+        : null,
+    );
+  }
+
+  async function replayEmprops(workflowId) {
+    try {
+      await api(`/api/workflows/${encodeURIComponent(workflowId)}/emprops/replay`, {
+        method: "POST",
+      });
+      await refreshDetail();
+    } catch (error) {
+      showMessage(message, `replay ${shortId(workflowId)}: ${explain(error)}`);
     }
   }
 
@@ -199,6 +251,7 @@ export function createWorkflows({ openStep, onShown }) {
       workflow.error
         ? el("div", { class: "error-box" }, [workflow.error.code, workflow.error.message].join(" "))
         : null,
+      workflow.emprops ? empropsBox(workflow) : null,
     ].filter(Boolean);
     const below = stepTable(steps);
     const drawing = detail.querySelector("#workflow-dag");
