@@ -29,6 +29,7 @@ from bench import (
     report,
     scratch,
     socket_rows,
+    stranded_rows,
     webhook_rows,
     workflows,
 )
@@ -110,6 +111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_positive_float,
         default=5.0,
         help="EmProps workflows submitted per second (5)",
+    )
+    parser.add_argument(
+        "--stranded-pending",
+        type=int,
+        default=100_000,
+        help="pending steps of the stranded-step scan rows (100000; 0 skips them)",
     )
     parser.add_argument(
         "--no-prefork", action="store_true", help="skip the prefork bare Celery baseline"
@@ -264,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"creating a scratch environment in {DATA_DIR} ...", file=sys.stderr, flush=True)
     run = scratch.create("emp_bench", DATA_DIR, EMBEDDED_REDIS_PORT)
     sockets: socket_rows.SocketResult | None = None
+    stranded: stranded_rows.StrandedResult | None = None
     try:
         if args.only_sockets:
             return _only_sockets(run)
@@ -292,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_sockets:
             print("measuring REST beside idle WebSockets ...", file=sys.stderr, flush=True)
             sockets = socket_rows.run(run, DATA_DIR / "sockets.log")
+        if args.stranded_pending:
+            print(
+                f"measuring the stranded-step scan ({args.stranded_pending} pending) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            ours.use_scratch(run)
+            stranded = stranded_rows.run(args.stranded_pending)
     finally:
         redisdb.reset_clients()
         run.drop()
@@ -316,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if inherited:
         print(f"EMP Tasks processes also inherit: {', '.join(inherited)}")
-    print(report.table(mine, baselines, shapes, hooks, live, sockets))
+    print(report.table(mine, baselines, shapes, hooks, live, sockets, stranded))
     print(
         "Worker concurrency 2 everywhere (EMP Tasks: `emp worker`, threads pool). "
         "Ratio = EMP Tasks / baseline in steps/s: above 1 EMP Tasks is faster, below 1 slower; "
@@ -367,11 +383,15 @@ def main(argv: list[str] | None = None) -> int:
         print(emprops_rows.describe())
     if sockets is not None:
         print(SOCKET_ROWS_NOTE)
+    if stranded is not None:
+        print(stranded_rows.NOTE)
     for result in (mine, *baselines):
         print(report.summary(result, shapes, hooks, live))
     if sockets is not None:
         print(report.socket_summary(sockets))
-    sockets_ok = sockets is None or sockets.ok
+    if stranded is not None:
+        print(stranded_rows.summary(stranded))
+    sockets_ok = (sockets is None or sockets.ok) and (stranded is None or stranded.ok)
     return 0 if sockets_ok and all(result.ok for result in (mine, *baselines)) else 1
 
 

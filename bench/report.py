@@ -6,11 +6,12 @@ import math
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from bench import emprops_rows
+from bench import emprops_rows, stranded_rows
 from bench.cpu import CLIENT, POSTGRES, REDIS
 from bench.live_rows import LiveRow
 from bench.socket_rows import SocketPhase, SocketResult
 from bench.stats import LiveResult, Result, WebhookResult, WorkflowResult, percentile
+from bench.stranded_rows import StrandedResult
 from bench.webhook_rows import WebhookRow
 from bench.workflows import Shape
 
@@ -212,6 +213,7 @@ def table(
     webhooks: Sequence[WebhookRow] = (),
     live: Sequence[LiveRow] = (),
     sockets: SocketResult | None = None,
+    stranded: StrandedResult | None = None,
 ) -> str:
     """A Markdown table: ours, then each baseline with the ratio ours / baseline (in steps/s).
 
@@ -242,6 +244,7 @@ def table(
     rows += [_live_row(ours, baselines, row) for row in live]
     rows += _emprops_rows(ours, baselines)
     rows += _socket_rows(sockets, baselines)
+    rows += stranded_rows.rows(stranded, len(baselines))
     return _markdown(rows)
 
 

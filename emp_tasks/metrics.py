@@ -168,11 +168,19 @@ WEBHOOK_ATTEMPTS = Counter(
     "Webhook HTTP attempts by outcome: success, the status class of a refusal, or error",
     ("outcome",),
 )
+ATTEMPTS_RECOVERED = Counter(
+    "emp_attempts_recovered_total",
+    "Steps the system recovered by itself, by reason: lost (lease ran out), expired (queue"
+    " deadline passed), stranded (no task left in the broker), redispatched (the broker lost"
+    " its data), requeued (given back to the queue), handed_back (a worker could not take it)",
+    ("reason",),
+)
 RECORDED: tuple[Histogram | Counter, ...] = (
     STEP_DURATION,
     QUEUE_WAIT,
     WEBHOOK_LATENCY,
     WEBHOOK_ATTEMPTS,
+    ATTEMPTS_RECOVERED,
 )
 
 # What `execution.run_step` says became of an attempt -> the duration's `outcome` label.
@@ -319,6 +327,13 @@ def _safely(what: str, observe: Callable[[], None]) -> None:
         observe()
     except Exception as exc:
         _dropped(what, exc)
+
+
+def recovered(**counts: int) -> None:
+    """Count recoveries by reason (`lost=2, stranded=1`); zero counts are left out."""
+    for reason, count in counts.items():
+        if count:
+            _pending.add(ATTEMPTS_RECOVERED.key, _series((reason,)), count)
 
 
 # --- recording: webhooks -------------------------------------------------------------------

@@ -4,7 +4,10 @@
 - attempts whose worker stopped renewing its lease are failed as lost and retried;
 - pending steps past their queue deadline fail with EXPIRED;
 - when the broker lost its data (Redis flushed or restarted empty), every pending
-  step's task is sent again. PostgreSQL knows every step; Redis is only transport.
+  step's task is sent again. PostgreSQL knows every step; Redis is only transport;
+- pending steps whose task is nowhere in the broker (purged, deleted, taken by a worker
+  that died before it began) are sent again (emp_tasks.steps.stranded).
+Each recovery counts in `emp_attempts_recovered_total{reason}`.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from emp_tasks import workers
-from emp_tasks.steps import recovery
+from emp_tasks import metrics, workers
+from emp_tasks.steps import recovery, stranded
 from emp_tasks.store import dispatch
 
 logger = logging.getLogger(__name__)
@@ -25,9 +28,14 @@ class Report:
     lost: int = 0
     expired: int = 0
     redispatched: int = 0
+    stranded: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.offline or self.lost or self.expired or self.redispatched)
+        return bool(self.offline or self.lost or self.expired or self.redispatched or self.stranded)
+
+
+_stranded = stranded.Watch()
+"""The stranded-step rule's suspects from the last scan (this relay's)."""
 
 
 def run_once() -> Report:
@@ -45,4 +53,11 @@ def run_once() -> Report:
             extra={"action": "broker_data_lost"},
         )
         report.redispatched = recovery.redispatch_pending()
+    else:
+        report.stranded = len(_stranded.scan().resent)
+    metrics.recovered(
+        expired=report.expired,
+        stranded=report.stranded,
+        redispatched=report.redispatched,
+    )
     return report

@@ -163,6 +163,7 @@ class Settings:
     max_workflow_steps: int = 1000
     lease_timeout_s: int = 60
     reconcile_interval_s: float = 5.0
+    stranded_after_s: float = 30.0
     connectors: tuple[ConnectorConfig, ...] = ()
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
@@ -233,6 +234,7 @@ class Settings:
             max_workflow_steps=_int(env, "EMP_MAX_WORKFLOW_STEPS", 1000, 1),
             lease_timeout_s=_int(env, "EMP_LEASE_TIMEOUT_S", 60, 1),
             reconcile_interval_s=_float(env, "EMP_RECONCILE_INTERVAL_S", 5.0),
+            stranded_after_s=_float(env, "EMP_STRANDED_AFTER_S", 30.0),
             connectors=_connectors(env.get("EMP_CONNECTORS", "")),
             retry_base_s=_float(env, "EMP_RETRY_BASE_S", 2.0),
             retry_max_s=_float(env, "EMP_RETRY_MAX_S", 300.0),

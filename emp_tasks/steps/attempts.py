@@ -439,13 +439,14 @@ def renew_leases(attempts: dict[str, int]) -> int:
     return len(renewed)
 
 
-def send_again(step_id: str) -> bool:
-    """Send a pending step's task once more (a worker handed it back); False if not pending."""
+def send_again(step_id: str, task_id: str | None = None) -> bool:
+    """Send a pending step's task once more (a worker handed it back, keeping the task's
+    id); False if not pending."""
     with db.tx() as tx:
         step = transitions.read(tx, step_id)
     if step is None or step.status != S.PENDING:
         return False
-    dispatch.send(transitions.task_spec(step))
+    dispatch.send(transitions.task_spec(step), task_id)
     return True
 
 

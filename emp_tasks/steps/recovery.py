@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from emp_tasks import metrics
 from emp_tasks.core.errors import StepError
 from emp_tasks.core.status import ACTIVE_STEP_STATUSES, StepStatus
 from emp_tasks.core.times import now
@@ -57,6 +58,7 @@ def lose_with_worker(tx: Tx, step: Any, why: str = "went offline") -> attempts.F
             "worker_id": step.worker_id,
         },
     )
+    metrics.recovered(lost=1)
     error = StepError(
         code=attempts.WORKER_LOST,
         message=f"worker {step.worker_id} {why}",
@@ -73,6 +75,7 @@ def requeue(tx: Tx, step: Any, code: str, message: str) -> None:
     recorded as `requeued` and does not spend one of the step's retries.
     """
     error = StepError(code=code, message=message, type="system", retryable=True)
+    metrics.recovered(requeued=1)
     transitions.finish_attempts(tx, [(step.id, step.attempts)], "requeued", error)
     transitions.queue_retry(tx, step, error, now(), max_retries=step.max_retries + 1)
 

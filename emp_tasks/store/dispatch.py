@@ -62,9 +62,10 @@ def push(messages: list[tuple[str, str]]) -> None:
     pipe.execute()
 
 
-def send(dispatch: DispatchInstruction) -> None:
-    """Put one step's task on its queue."""
-    send_many([dispatch])
+def send(dispatch: DispatchInstruction, task_id: str | None = None) -> None:
+    """Put one step's task on its queue; `task_id` keeps a handed-back task's own id (what
+    Flower shows and `celery control revoke` names), else a new one."""
+    push([message(dispatch, task_id or str(uuid.uuid4()))])
 
 
 def send_many(dispatches: list[DispatchInstruction]) -> None:

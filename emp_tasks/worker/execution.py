@@ -23,6 +23,7 @@ from emp_tasks.worker import leases, outputs, presence
 logger = logging.getLogger(__name__)
 
 STOP_CHECK_INTERVAL_S = 0.25
+REFUSE_WAIT_S = 2.0
 
 
 class _StopSignal:
@@ -49,16 +50,18 @@ class _StopSignal:
         return self.superseded
 
 
-def run_step(step_id: str) -> str:
+def run_step(step_id: str, task_id: str | None = None) -> str:
     """Run the step's next attempt here; return what became of it (for logs).
 
     A worker that is draining, or that lacks what the step requires, sends the
-    step's task back to its queue for another worker and leaves the step pending.
+    step's task (with its id, `task_id`) back to its queue for another worker and leaves
+    the step pending.
     """
     settings = get_settings()
     here = presence.current()
     if here is not None and not here.accepting():
-        attempts.send_again(step_id)
+        attempts.send_again(step_id, task_id)
+        metrics.recovered(handed_back=1)
         logger.info(
             "Worker not accepting work; step handed back",
             extra={"action": "step_handed_back", "step_id": step_id, "reason": "draining"},
@@ -72,13 +75,22 @@ def run_step(step_id: str) -> str:
             caps=here.caps if here is not None else None,
         )
     except attempts.NotServable as refused:
-        dispatch.send(refused.dispatch_spec)
+        if here is not None:
+            # Stop consuming that queue before the task goes back on it, so that this
+            # worker does not take it again (at most one hand-back per busy thread).
+            here.refuse(refused.dispatch_spec.queue).wait(REFUSE_WAIT_S)
+            here.nudge()  # re-read the routes
+        dispatch.send(refused.dispatch_spec, task_id)
+        metrics.recovered(handed_back=1)
         logger.warning(
             "Step needs what this worker lacks; handed back",
-            extra={"action": "step_handed_back", "step_id": step_id, "unmet": refused.unmet},
+            extra={
+                "action": "step_handed_back",
+                "step_id": step_id,
+                "unmet": refused.unmet,
+                "queue": refused.dispatch_spec.queue,
+            },
         )
-        if here is not None:
-            here.nudge()  # re-read the routes: this worker should not consume that queue
         return "handed back"
     if run is None:
         return "dropped"

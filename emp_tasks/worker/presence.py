@@ -2,7 +2,10 @@
 
 Registers the worker when Celery is ready, heartbeats it, and keeps it consuming
 exactly the queues it should: every recorded route it can serve while it is
-online, none while it is draining or removed. A thread does the database work
+online, none while it is draining or removed, and not, for REFUSE_S, a queue where it
+was handed a step it cannot serve. What Celery actually consumes is read on every tick
+and converged on that (a manual `add_consumer` or `cancel_consumer` is undone within a
+tick), and the heartbeat reports what Celery actually consumes. A thread does the database work
 (heartbeat, read routes and status) every heartbeat interval, and at once when
 a nudge arrives on `emp:fleet`; a Celery consumer step applies the wanted queue
 set from inside the consumer's own event loop, the only place where adding and
@@ -18,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from celery import bootsteps
@@ -34,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 APPLY_INTERVAL_S = 0.2
 BACKEND_CHECK_INTERVAL_S = 30.0
+REFUSE_S = 60.0
+"""How long a worker leaves a queue alone after it was handed a step there it cannot serve."""
 
 
 def own_queue(worker_id: str) -> str:
@@ -93,6 +99,8 @@ class Presence:
         self._backends: dict[str, Any] | None = None
         self.wanted: set[str] = set()
         self.consumed: set[str] = set()
+        self._refused: dict[str, float] = {}  # queue -> monotonic time the refusal ends
+        self._stopped_consuming: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -150,14 +158,30 @@ class Presence:
         """May this worker start a new step now? (Not while draining or removed.)"""
         return self.status in (WorkerStatus.ONLINE, None)
 
-    def changes(self) -> tuple[set[str], set[str]]:
-        """Queues to start and to stop consuming, to reach the wanted set."""
+    def target(self) -> set[str]:
+        """The queues to consume now: the wanted ones, less those refused a while ago."""
+        moment = time.monotonic()
         with self._lock:
-            return self.wanted - self.consumed, self.consumed - self.wanted
+            self._refused = {q: until for q, until in self._refused.items() if until > moment}
+            return self.wanted - set(self._refused)
+
+    def refuse(self, queue: str) -> threading.Event:
+        """Stop consuming `queue` for REFUSE_S (this worker was handed a step there it cannot
+        serve); the event is set once Celery no longer consumes it."""
+        with self._lock:
+            self._refused[queue] = time.monotonic() + REFUSE_S
+            stopped = self._stopped_consuming.setdefault(queue, threading.Event())
+            if queue not in self.consumed:
+                stopped.set()
+            return stopped
 
     def applied(self, consumed: set[str]) -> None:
+        """What Celery actually consumes (read by the consumer step on every tick)."""
         with self._lock:
             self.consumed = set(consumed)
+            for queue in list(self._stopped_consuming):
+                if queue not in self.consumed:
+                    self._stopped_consuming.pop(queue).set()
 
     def nudge(self) -> None:
         self._wake.set()
@@ -264,13 +288,29 @@ class QueueSync(bootsteps.StartStopStep):
 
     @staticmethod
     def _apply(consumer: Any, presence: Presence) -> None:
+        """Compare what Celery consumes with the target on every tick and converge: a
+        manual `add_consumer` / `cancel_consumer` (Flower, `celery control`) is undone."""
         if consumer.task_consumer is None:
             return
-        add, remove = presence.changes()
+        own = own_queue(presence.worker_id)
+        actual = {queue.name for queue in consumer.task_consumer.queues} - {own}
+        target = presence.target()
+        add, remove = target - actual, actual - target
+        manual = (actual - presence.consumed) | (presence.consumed - actual)
+        if manual:
+            logger.warning(
+                "Consumed queues changed from outside; reverting",
+                extra={
+                    "action": "consumers_reverted",
+                    "worker_id": presence.worker_id,
+                    "added": sorted(actual - presence.consumed),
+                    "cancelled": sorted(presence.consumed - actual),
+                },
+            )
         for name in sorted(remove):
             consumer.cancel_task_queue(name)
         for name in sorted(add):
             consumer.add_task_queue(name)
         if add or remove:
-            active = {queue.name for queue in consumer.task_consumer.queues}
-            presence.applied(active - {own_queue(presence.worker_id)})
+            actual = {queue.name for queue in consumer.task_consumer.queues} - {own}
+        presence.applied(actual)

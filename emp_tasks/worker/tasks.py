@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from emp_tasks.store import db, outbox, redisdb
 from emp_tasks.store.broker import RUN_STEP, app
-from emp_tasks.worker import execution, presence
+from emp_tasks.worker import execution, presence, revokes
 
 
 @app.task(
@@ -30,7 +30,7 @@ from emp_tasks.worker import execution, presence
     max_retries=None,
 )
 def run_step(step_id: str) -> str:
-    return execution.run_step(step_id)
+    return execution.run_step(step_id, run_step.request.id)
 
 
 @worker_process_init.connect
@@ -39,14 +39,19 @@ def _fresh_connections_after_fork(**_: object) -> None:
     redisdb.reset_clients()
 
 
+_revokes = revokes.Watch()
+
+
 @worker_ready.connect
 def _announce(**_: object) -> None:
     if presence.current() is not None:
         presence.current().start()
+    _revokes.start()
 
 
 @worker_shutdown.connect
 def _retire(**_: object) -> None:
+    _revokes.stop()
     if presence.current() is not None:
         presence.current().stop()
     outbox.flush()  # what this worker committed is published before it goes
