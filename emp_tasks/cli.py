@@ -25,6 +25,7 @@ from emp_tasks.supervisor import ProcessGroup
 from emp_tasks.webhooks import delivery
 from emp_tasks.worker import launcher, presence
 from emp_tasks.worker import tasks as worker_tasks
+from emp_tasks.worker import threads as worker_threads
 
 DEV_KEY = "emp-dev-key"
 DEV_KEYS = f"{DEV_KEY}:local:admin"
@@ -167,14 +168,15 @@ def worker(pool: str, concurrency: int | None, services: str | None, gpus: str |
         )
     workers_at_once = concurrency or settings.worker_concurrency
     presence.install(caps, pool, workers_at_once)
+    if pool == "threads":  # Celery's threads pool, answering `revoke --terminate`
+        worker_tasks.app.conf.worker_pool = worker_threads.NAME
 
     worker_tasks.app.worker_main(
         [
             "worker",
             "--queues",
             presence.own_queue(settings.worker_id),
-            "--pool",
-            pool,
+            *([] if pool == "threads" else ["--pool", pool]),
             "--concurrency",
             str(workers_at_once),
             "--hostname",
@@ -194,6 +196,36 @@ def emprops() -> None:
     _setup_logging()
     embedded.bootstrap()
     emprops_process.run_forever()
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--address", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--db", "db_path", default=None, help="state file (<EMP_DATA_DIR>/flower.db)")
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(address: str, port: int, db_path: str | None, flower_args: tuple[str, ...]) -> None:
+    """Flower on our broker: persistent, local by default; other options go to Flower."""
+
+    try:
+        import flower as _flower  # noqa: F401 - an optional dependency
+    except ImportError as exc:
+        raise click.UsageError(
+            "Flower is not installed: pip install 'emp-tasks[flower]' (flower==2.2.0)"
+        ) from exc
+    _setup_logging()
+    embedded.bootstrap()
+    settings = Settings.from_env()
+    state = db_path or str((settings.data_dir / "flower.db").resolve())
+    worker_tasks.app.start(
+        [
+            "flower",
+            f"--address={address}",
+            f"--port={port}",
+            "--persistent=True",
+            f"--db={state}",
+            *flower_args,
+        ]
+    )
 
 
 @main.command()

@@ -7,11 +7,18 @@ control broadcasts), against the same Redis.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import requests
 
 from emp_tasks.core.priority import BROKER_PRIORITY_LEVELS
 from emp_tasks.metrics import ATTEMPTS_RECOVERED
@@ -20,6 +27,7 @@ from emp_tasks.store.broker import app, queue_list
 from tests.conftest import (
     ARTIFACTS,
     RunningSystem,
+    free_port,
     headers,
     process_env,
     stream_events,
@@ -120,7 +128,8 @@ def test_revoke_with_terminate_stops_a_running_step(client, system):
         for e in stream_events(step_id=step_id)
         if e["type"] in ("step_submitted", "step_queued")
     ][-1:]
-    app.control.revoke(task_id, terminate=True)
+    (reply,) = app.control.revoke(task_id, terminate=True, reply=True, timeout=3)
+    assert reply[SYSTEM_NODE]["ok"] == f"terminate: {task_id}"
     started = time.monotonic()
     wait_for_status(client, step_id, {"cancelled"}, timeout_s=10)
     assert "revoked through Celery" in cancel_reason(step_id)
@@ -169,3 +178,79 @@ def test_cancel_consumer_is_undone_and_the_api_reports_what_celery_consumes(clie
     later = submit(client, "simulation", {"duration_s": 0.01})["step_id"]
     assert wait_for_status(client, later, {"completed"}, timeout_s=15)["status"] == "completed"
     assert "Consumed queues changed from outside; reverting" in system.log_path.read_text()
+
+
+# --- Flower --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flower(services, system) -> Iterator[str]:
+    """`emp flower` on a free port (its HTTP API open, as on a trusted network); its URL."""
+    port = free_port()
+    env = process_env(services, FLOWER_UNAUTHENTICATED_API="true")
+    log = open(ARTIFACTS / "flower.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "emp"),
+            "flower",
+            "--port",
+            str(port),
+            "--db",
+            str(ARTIFACTS / "flower.db"),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        with contextlib.suppress(requests.RequestException):
+            return requests.get(base + "/healthcheck", timeout=1).status_code == 200
+        return False
+
+    try:
+        wait_for(up, timeout_s=60, interval_s=0.2)
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(15)
+        log.close()
+
+
+def flower_task(base: str, task_id: str) -> dict | None:
+    tasks = requests.get(base + "/api/tasks", timeout=5).json()
+    return tasks.get(task_id)
+
+
+def task_ids(step_id: str) -> list[str]:
+    return [
+        e["id"]
+        for e in stream_events(step_id=step_id)
+        if e["type"] in ("step_submitted", "step_queued", "step_retrying")
+    ]
+
+
+def test_flower_shows_the_truth_of_each_attempt(client, system, flower):
+    wait_for(
+        lambda: "enabled by remote" in system.log_path.read_text(), timeout_s=30, interval_s=0.2
+    )
+    done = submit(client, "simulation", {"duration_s": 0.01})["step_id"]
+    failed = submit(client, "simulation", {"fail": "fatal"})["step_id"]
+    wait_for_status(client, done, {"completed"})
+    wait_for_status(client, failed, {"failed"})
+
+    def state(step_id: str, wanted: str) -> dict | None:
+        for task_id in task_ids(step_id):
+            task = flower_task(flower, task_id)
+            if task is not None and task["state"] == wanted:
+                return task
+        return None
+
+    succeeded = wait_for(lambda: state(done, "SUCCESS"), timeout_s=20, interval_s=0.3)
+    failure = wait_for(lambda: state(failed, "FAILURE"), timeout_s=20, interval_s=0.3)
+    assert "SIMULATED_FATAL" in failure["exception"]
+    assert "'service': 'simulation'" in succeeded["kwargs"]
+    assert "'customer_id': 'alice'" in succeeded["kwargs"]
+    assert done in succeeded["args"]

@@ -23,6 +23,9 @@ class DispatchInstruction:
     priority: int
     """The broker's level (0 first), not the step's 0-100 priority."""
     not_before: datetime | None = None
+    service: str | None = None
+    customer_id: str | None = None
+    """Shown beside the step id in the task's kwargs (Flower's task view); not read back."""
 
     @classmethod
     def for_step(
@@ -32,10 +35,14 @@ class DispatchInstruction:
         priority: int,
         not_before: datetime | None = None,
         continuation: bool = False,
+        *,
+        service: str | None = None,
+        customer_id: str | None = None,
     ) -> DispatchInstruction:
         """From the step's 0-100 `priority`; `continuation`: the step continues a workflow
         under way (see emp_tasks.core.priority)."""
-        return cls(step_id, queue, broker_priority(priority, continuation), not_before)
+        level = broker_priority(priority, continuation)
+        return cls(step_id, queue, level, not_before, service, customer_id)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +50,8 @@ class DispatchInstruction:
             "queue": self.queue,
             "priority": self.priority,
             "not_before": self.not_before.isoformat() if self.not_before else None,
+            "service": self.service,
+            "customer_id": self.customer_id,
         }
 
     @classmethod
@@ -53,6 +62,8 @@ class DispatchInstruction:
             queue=dispatch["queue"],
             priority=dispatch["priority"],
             not_before=datetime.fromisoformat(not_before) if not_before else None,
+            service=dispatch.get("service"),
+            customer_id=dispatch.get("customer_id"),
         )
 
     @classmethod

@@ -114,7 +114,8 @@ def redispatch_pending() -> int:
     """
     with db.tx() as tx:
         rows = tx.all(
-            "SELECT id, queue, priority, queued_at, workflow_id, depends_on FROM steps"
+            "SELECT id, queue, priority, queued_at, workflow_id, depends_on, service, customer_id"
+            " FROM steps"
             " WHERE status = %s ORDER BY id",
             [S.PENDING.value],
         )

@@ -137,6 +137,8 @@ def task_spec(step: Any, not_before: datetime | None = None) -> DispatchInstruct
         step.priority,
         not_before,
         continuation=bool(step.workflow_id and step.depends_on),
+        service=getattr(step, "service", None),
+        customer_id=getattr(step, "customer_id", None),
     )
 
 

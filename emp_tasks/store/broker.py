@@ -43,14 +43,28 @@ def queue_list(queue: str, priority: int) -> str:
 
 
 def task_message(
-    step_id: str, queue: str, priority: int, task_id: str, eta: datetime | None = None
+    step_id: str,
+    queue: str,
+    priority: int,
+    task_id: str,
+    eta: datetime | None = None,
+    *,
+    service: str | None = None,
+    customer_id: str | None = None,
 ) -> tuple[str, str]:
     """The Redis list and the message (JSON) that run `step_id` on a worker consuming `queue`.
 
     `task_id` names the Celery task (the event's id when an event queues it, so a repeated
-    publish repeats the same task); `eta` holds it on the worker until then.
+    publish repeats the same task); `eta` holds it on the worker until then. `service` and
+    `customer_id` travel as kwargs, for operators' tools (Flower shows them); the task
+    reads the step from PostgreSQL.
     """
-    body = json.dumps([[step_id], {}, _NO_CANVAS])
+    kwargs = {
+        name: value
+        for name, value in (("service", service), ("customer_id", customer_id))
+        if value is not None
+    }
+    body = json.dumps([[step_id], kwargs, _NO_CANVAS])
     message = {
         "body": base64.b64encode(body.encode()).decode("ascii"),
         "content-encoding": "utf-8",
@@ -69,7 +83,7 @@ def task_message(
             "root_id": task_id,
             "parent_id": None,
             "argsrepr": repr((step_id,)),
-            "kwargsrepr": "{}",
+            "kwargsrepr": repr(kwargs),
             "origin": _ORIGIN,
             "ignore_result": True,
             "replaced_task_nesting": 0,

@@ -38,7 +38,15 @@ def message(dispatch: DispatchInstruction, task_id: str) -> tuple[str, str]:
     eta = dispatch.not_before
     if eta is not None and eta <= datetime.now(UTC):
         eta = None
-    return task_message(dispatch.step_id, dispatch.queue, dispatch.priority, task_id, eta)
+    return task_message(
+        dispatch.step_id,
+        dispatch.queue,
+        dispatch.priority,
+        task_id,
+        eta,
+        service=dispatch.service,
+        customer_id=dispatch.customer_id,
+    )
 
 
 def broker_client() -> redis.Redis:

@@ -101,13 +101,20 @@ def test_envelope_from_an_outbox_row():
 
 def test_dispatch_instruction_json_shape():
     at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    instruction = DispatchInstruction("step-1", "svc:sim", 4, at)
+    instruction = DispatchInstruction("step-1", "svc:sim", 4, at, "sim", "alice")
     assert instruction.to_json() == {
         "step_id": "step-1",
         "queue": "svc:sim",
         "priority": 4,
         "not_before": "2026-01-02T03:04:05.678901+00:00",
+        "service": "sim",
+        "customer_id": "alice",
     }
+
+
+def test_a_dispatch_instruction_stored_before_service_and_customer_reads_back():
+    stored = {"step_id": "step-1", "queue": "q", "priority": 2, "not_before": None}
+    assert DispatchInstruction.from_json(stored) == DispatchInstruction("step-1", "q", 2)
 
 
 def test_dispatch_instruction_without_a_start_time_sends_null():
