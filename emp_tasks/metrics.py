@@ -59,7 +59,13 @@ from sqlalchemy.orm import Session
 from emp_tasks.auth import Principal
 from emp_tasks.connectors.base import StepRun
 from emp_tasks.core.config import get_settings
-from emp_tasks.core.status import DeliveryStatus, StepStatus, WorkerStatus, WorkflowStatus
+from emp_tasks.core.status import (
+    ACTIVE_STEP_STATUSES,
+    DeliveryStatus,
+    StepStatus,
+    WorkerStatus,
+    WorkflowStatus,
+)
 from emp_tasks.routes import queues
 from emp_tasks.store import db, redisdb
 from emp_tasks.store.models import Event, Step, WebhookDelivery, Worker, Workflow
@@ -175,12 +181,29 @@ ATTEMPTS_RECOVERED = Counter(
     " its data), requeued (given back to the queue), handed_back (a worker could not take it)",
     ("reason",),
 )
+STEPS_SUBMITTED = Counter(
+    "emp_steps_submitted_total", "Steps accepted (workflow steps included)", ("service",)
+)
+STEPS_FINISHED = Counter(
+    "emp_steps_finished_total",
+    "Steps that reached a terminal status: completed, failed, cancelled, skipped",
+    ("service", "outcome"),
+)
+STEP_FAILURES = Counter(
+    "emp_step_failures_total",
+    "Failures by error type and code: every failed attempt (retried or not), and steps"
+    " failed without one (EXPIRED, REFERENCE_NOT_FOUND)",
+    ("service", "type", "code"),
+)
 RECORDED: tuple[Histogram | Counter, ...] = (
     STEP_DURATION,
     QUEUE_WAIT,
     WEBHOOK_LATENCY,
     WEBHOOK_ATTEMPTS,
     ATTEMPTS_RECOVERED,
+    STEPS_SUBMITTED,
+    STEPS_FINISHED,
+    STEP_FAILURES,
 )
 
 # What `execution.run_step` says became of an attempt -> the duration's `outcome` label.
@@ -334,6 +357,56 @@ def recovered(**counts: int) -> None:
     for reason, count in counts.items():
         if count:
             _pending.add(ATTEMPTS_RECOVERED.key, _series((reason,)), count)
+
+
+# --- recording: the step lifecycle (counted once its transaction commits) -----------------
+
+def admit_services(services: Iterable[str]) -> None:
+    """A worker serving these registered: they may be labels now (up to the cap)."""
+    admitted = admit(SERVICES_KEY, list(services), get_settings().metrics_max_services)
+    _recording_services.update(admitted)
+
+
+_KNOWN_FOR_S = 10.0
+_not_admitted: dict[str, float] = {}  # service -> monotonic time to ask Redis again
+
+
+def service_label(service: str) -> str:
+    """The label `service` is counted under where no worker runs: itself once a worker
+    has admitted it, else other (never admits: tenants name services at will)."""
+    if service in _recording_services:
+        return service
+    moment = time.monotonic()
+    if _not_admitted.get(service, 0.0) > moment:
+        return OTHER
+    if redisdb.client().sismember(SERVICES_KEY, service):
+        _recording_services.add(service)
+        return service
+    if len(_not_admitted) > 10_000:
+        _not_admitted.clear()
+    _not_admitted[service] = moment + _KNOWN_FOR_S
+    return OTHER
+
+
+_COUNTS_AFTER_COMMIT = "emp_metric_counts"
+
+
+def count_after_commit(tx: Any, counter: Counter, *labels: str, amount: int = 1) -> None:
+    """Add to `counter` once `tx` (emp_tasks.store.db.Tx) commits; nothing on rollback."""
+    try:
+        series = (counter.key, _series((service_label(labels[0]), *labels[1:])))
+    except RedisError as exc:
+        _dropped(counter.name, exc)
+        return
+    counts = tx.info.setdefault(_COUNTS_AFTER_COMMIT, {})
+    counts[series] = counts.get(series, 0) + amount
+    info = tx.info
+    tx.after_commit("count_metrics", lambda: _add_counts(info.pop(_COUNTS_AFTER_COMMIT, {})))
+
+
+def _add_counts(counts: dict[tuple[str, str], int]) -> None:
+    for (key, series), amount in counts.items():
+        _pending.add(key, series, amount)
 
 
 # --- recording: webhooks -------------------------------------------------------------------
@@ -505,6 +578,41 @@ def _workers(session: Session) -> Iterator[Metric]:
     yield _by_status(
         "emp_workers", "Workers in each status (online ones take work)", WorkerStatus, counts
     )
+    present = [WorkerStatus.ONLINE, WorkerStatus.DRAINING]
+    busy = dict(
+        session.execute(
+            select(Step.worker_id, func.count())
+            .where(Step.status.in_(list(ACTIVE_STEP_STATUSES)), Step.worker_id.is_not(None))
+            .group_by(Step.worker_id)
+        ).all()
+    )
+    rows = session.execute(
+        select(
+            Worker.id,
+            Worker.concurrency,
+            func.extract("epoch", func.now() - Worker.last_heartbeat_at),
+        )
+        .where(Worker.status.in_(present))
+        .order_by(Worker.id)
+    ).all()
+    families = {
+        "busy": GaugeMetricFamily(
+            "emp_worker_busy", "Steps a live worker runs now", labels=["worker"]
+        ),
+        "capacity": GaugeMetricFamily(
+            "emp_worker_capacity", "Steps a live worker runs at once", labels=["worker"]
+        ),
+        "age": GaugeMetricFamily(
+            "emp_worker_heartbeat_age_seconds",
+            "Seconds since a live worker's last heartbeat",
+            labels=["worker"],
+        ),
+    }
+    for worker_id, capacity, age in rows:
+        families["busy"].add_metric([worker_id], busy.get(worker_id, 0))
+        families["capacity"].add_metric([worker_id], capacity)
+        families["age"].add_metric([worker_id], max(0.0, float(age)))
+    yield from families.values()
 
 
 def _webhook_deliveries(session: Session) -> Iterator[Metric]:

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from emp_tasks import metrics
 from emp_tasks.store import db, redisdb
-from emp_tasks.store.models import Step
+from emp_tasks.store.models import Attempt, Step
 from tests import test_webhooks
 from tests.conftest import (
     ARTIFACTS,
@@ -354,3 +354,68 @@ def test_scrape_without_redis_still_reports_the_database(services, override_sett
         assert found.matching("emp_workers")
     finally:
         redisdb._clients.pop("redis://127.0.0.1:1/0", None)
+
+
+MIX = "metrics-mix"
+"""The mixed run's service: its own worker, so its counters count exactly these steps."""
+
+
+def test_lifecycle_counters_match_a_direct_count_after_a_mixed_run(client, start_worker):
+    start_worker(MIX, "metrics-mix-worker", concurrency=2)
+
+    def step(payload: dict, **fields) -> str:
+        body = {"service": MIX, "payload": payload, "max_retries": 0, **fields}
+        response = client.post("/api/steps", json=body, headers=headers())
+        assert response.status_code == 201, response.get_json()
+        return response.get_json()["step_id"]
+
+    ids = [
+        step({"duration_s": 0.01}),
+        step({"duration_s": 0.01}),
+        step({"fail": "fatal"}),
+        step({"fail": "retryable", "fail_attempts": 1}, max_retries=1),
+        step({"duration_s": 5}, timeout_s=0.5),
+    ]
+    long = step({"duration_s": 30})
+    wait_for_status(client, long, {"running"})
+    assert client.post(f"/api/steps/{long}/cancel", json={}, headers=headers()).status_code == 200
+    for step_id in ids + [long]:
+        wait_for_status(client, step_id, {"completed", "failed", "cancelled"})
+
+    with db.transaction() as session:
+        by_status = dict(
+            session.execute(
+                select(Step.status, func.count()).where(Step.service == MIX).group_by(Step.status)
+            ).all()
+        )
+        failures: dict[tuple[str, str], int] = {}
+        for error in session.scalars(
+            select(Attempt.error)
+            .join(Step, Step.id == Attempt.step_id)
+            .where(Step.service == MIX, Attempt.outcome.in_(["failed", "lost"]))
+        ):
+            key = (error["type"], error["code"])
+            failures[key] = failures.get(key, 0) + 1
+    assert sum(by_status.values()) == 6 and sum(failures.values()) == 3
+
+    def counted() -> bool:
+        found = scrape(client)
+        finished = {
+            s.labels["outcome"]: s.value
+            for s in found.matching("emp_steps_finished_total", service=MIX)
+        }
+        failed = {
+            (s.labels["type"], s.labels["code"]): s.value
+            for s in found.matching("emp_step_failures_total", service=MIX)
+        }
+        return (
+            found.value("emp_steps_submitted_total", service=MIX) == 6
+            and finished == {str(status): float(n) for status, n in by_status.items()}
+            and failed == {key: float(n) for key, n in failures.items()}
+        )
+
+    wait_for(counted, timeout_s=10, interval_s=0.5)
+    found = scrape(client)
+    assert found.value("emp_worker_capacity", worker="metrics-mix-worker") == 2
+    assert found.value("emp_worker_busy", worker="metrics-mix-worker") == 0
+    assert 0 <= found.value("emp_worker_heartbeat_age_seconds", worker="metrics-mix-worker") < 30

@@ -395,6 +395,7 @@ def fail_current(tx: Tx, step: Any, error: StepError, **sets: Any) -> FailureOut
     outcome = "lost" if error.code == WORKER_LOST else "failed"
     transitions.finish_attempts(tx, [(step.id, step.attempts)], outcome, error)
     if error.retryable and step.attempts <= step.max_retries:
+        transitions.count_failure(tx, step.service, error.to_json())
         at = now() + timedelta(seconds=retry_delay_s(step.attempts))
         transitions.queue_retry(tx, step, error, at, **sets)
         return FailureOutcome(status=S.PENDING)

@@ -29,12 +29,18 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from emp_tasks import metrics
 from emp_tasks.core import events, references
 from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.core.errors import InvalidState, StepError
 from emp_tasks.core.events import EventType
 from emp_tasks.core.ids import new_id
-from emp_tasks.core.status import ACTIVE_STEP_STATUSES, StepStatus, step_may_become
+from emp_tasks.core.status import (
+    ACTIVE_STEP_STATUSES,
+    TERMINAL_STEP_STATUSES,
+    StepStatus,
+    step_may_become,
+)
 from emp_tasks.core.times import iso, now
 from emp_tasks.routes import queues, routing
 from emp_tasks.specs import StepCreate
@@ -197,7 +203,19 @@ def apply(
     )
     rows.sort(key=lambda row: (row.step_index or 0, row.id))
     emit(tx, rows, event_type, data, queue=queue)
+    if to in TERMINAL_STEP_STATUSES:
+        for row in rows:
+            metrics.count_after_commit(tx, metrics.STEPS_FINISHED, row.service, to.value)
+            if to == S.FAILED:
+                count_failure(tx, row.service, row.error)
     return rows
+
+
+def count_failure(tx: Tx, service: str, error: dict[str, Any] | None) -> None:
+    """One failure of `service` (a failed attempt, or a step failed without one)."""
+    error = error or {}
+    kind, code = str(error.get("type") or "system"), str(error.get("code") or "FAILED")
+    metrics.count_after_commit(tx, metrics.STEP_FAILURES, service, kind, code)
 
 
 def apply_one(tx: Tx, step: Any, to: StepStatus, event_type: EventType, data: Data, **kw) -> Any:
@@ -323,6 +341,8 @@ def insert(tx: Tx, steps: list[dict[str, Any]]) -> list[Any]:
         for row in rows
     ]
     outbox.record_all(tx, recorded)
+    for row in rows:
+        metrics.count_after_commit(tx, metrics.STEPS_SUBMITTED, row.service)
     return rows
 
 

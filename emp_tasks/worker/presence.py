@@ -26,7 +26,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from emp_tasks import connectors, workers
+from emp_tasks import connectors, metrics, workers
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.status import WorkerStatus
 from emp_tasks.core.times import iso, now
@@ -135,6 +135,10 @@ class Presence:
             heartbeat_timeout_s=self.lease_timeout_s,
         )
         self.registered = True
+        try:
+            metrics.admit_services(self.caps.services)
+        except Exception:  # labels only: the scrape admits served services too
+            logger.warning("Services not admitted as labels", exc_info=True)
         self._refresh_wanted()
         logger.info(
             "Worker registered",
