@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from emp_tasks import auth, embedded
+from emp_tasks import auth, client, embedded
 from emp_tasks import relay as outbox_relay
 from emp_tasks.core import signing
 from emp_tasks.core.config import ConfigError, Settings
@@ -295,24 +295,19 @@ def _api_key() -> str:
     return configured[0].key if configured else DEV_KEY
 
 
-def _call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    import requests
+def _api() -> client.Client:
+    return client.Client(_api_url(), _api_key())
 
+
+def _call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     try:
-        response = requests.request(
-            method,
-            _api_url() + path,
-            json=body,
-            timeout=30,
-            headers={"Authorization": f"Bearer {_api_key()}"},
-        )
-    except requests.ConnectionError as exc:
-        raise click.ClickException(f"cannot reach the API at {_api_url()}: {exc}") from exc
-    data = response.json()
-    if response.status_code >= 400:
-        click.echo(json.dumps(data, indent=2), err=True)
-        raise SystemExit(1)
-    return data
+        return _api().request(method, path, body)
+    except client.Unreachable as exc:
+        raise click.ClickException(f"cannot reach the API at {_api_url()}: {exc.message}") from exc
+    except client.ApiError as exc:
+        error = {"code": exc.code, "message": exc.message, "details": exc.details}
+        click.echo(json.dumps({"success": False, "error": error}, indent=2), err=True)
+        raise SystemExit(1) from exc
 
 
 @main.command()
@@ -335,9 +330,20 @@ def submit(service: str, payload: str, priority: int, wait: bool) -> None:
 
 @main.command()
 @click.argument("step_id")
-def status(step_id: str) -> None:
-    """Print a step."""
-    click.echo(json.dumps(_call("GET", f"/api/steps/{step_id}")["step"], indent=2))
+@click.option(
+    "--follow", is_flag=True, help="Print each event (one JSON line) until the step ends."
+)
+def status(step_id: str, follow: bool) -> None:
+    """Print a step (with --follow: its events as they happen, from its stream, first)."""
+    step = _call("GET", f"/api/steps/{step_id}")["step"]
+    if follow:
+        try:
+            for event in _api().stream(step_id=step_id):
+                click.echo(json.dumps({"stream_id": event.id, **event.data}))
+        except client.ApiError as exc:
+            raise click.ClickException(exc.message) from exc
+        step = _call("GET", f"/api/steps/{step_id}")["step"]
+    click.echo(json.dumps(step, indent=2))
 
 
 @main.group()

@@ -64,6 +64,22 @@ def test_submit_wait_status_and_events_tail_against_a_live_api(services, system,
     ]
 
 
+def test_status_follow_prints_each_event_then_the_step(services, system, live_api):
+    env = process_env(services, EMP_API_URL=live_api, EMP_API_KEY=KEYS["alice"])
+    submitted = emp("submit", "--payload", '{"duration_s": 0.5, "progress_steps": 2}', env=env)
+    step_id = json.loads(submitted.stdout)["id"]
+    followed = emp("status", step_id, "--follow", env=env)
+    assert followed.returncode == 0, followed.stderr
+    lines = followed.stdout.splitlines()
+    events = [json.loads(line) for line in lines if line.startswith('{"stream_id"')]
+    assert events[0]["type"] == "step_submitted" and events[-1]["type"] == "step_completed"
+    assert sum(e["type"] == "step_progress" for e in events) == 2
+    final = json.loads("\n".join(lines[len(events) :]))
+    assert final["status"] == "completed"
+    missing = emp("status", "01a00000-0000-7000-8000-000000000000", env=env)
+    assert missing.returncode == 1 and "STEP_NOT_FOUND" in missing.stderr
+
+
 def test_live_api_serves_the_seed_routes_over_http(live_api, system):
     response = requests.post(
         f"{live_api}/api/jobs/submit", json={"type": "simulation"}, headers=headers(), timeout=10

@@ -22,6 +22,7 @@ from web import (
     metrics,
     outputs,
     steps,
+    streams,
     webhooks,
     workflows,
     ws,
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         dashboard.bp,
         outputs.bp,
         emprops.bp,
+        streams.bp,
     ):
         app.register_blueprint(blueprint)
     ws.configure(app)

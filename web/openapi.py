@@ -86,7 +86,12 @@ HEADER_SCHEMAS = {
             " (200) instead of creating another: 1 to 255 visible ASCII characters"
             " (inner spaces allowed)"
         ),
-    }
+    },
+    "Last-Event-ID": {
+        "type": "string",
+        "pattern": r"^\d{1,20}-\d{1,20}$",
+        "description": "Resume after this stream id (the `id:` of the last event received)",
+    },
 }
 
 CONSTRAINT_NAMES = {

@@ -131,7 +131,8 @@ def _socket_counts() -> dict[str, int]:
     return {"open": slots.open(), "max_per_key": slots.per_key, "max": slots.per_process}
 
 
-def _refusal(limit: str, slots: SocketSlots) -> ApiError:
+def refusal(limit: str, slots: SocketSlots) -> ApiError:
+    """Why a socket (or an event stream) over a cap is refused: 429 per key, 503 per process."""
     retry = {"Retry-After": str(RETRY_AFTER_S)}
     if limit == "EMP_WS_MAX_PER_KEY":
         message = f"this key already has {slots.per_key} WebSockets open on this web process"
@@ -160,7 +161,7 @@ def _authenticate_socket() -> Any:
             "WebSocket refused",
             extra={"action": "ws_refused", "limit": limit, "key_id": principal.key_id},
         )
-        return error_response(_refusal(limit, slots))
+        return error_response(refusal(limit, slots))
     g.ws_slot = principal.key_id
     g.ws_principal = principal
     return None
