@@ -361,6 +361,7 @@ def recovered(**counts: int) -> None:
 
 # --- recording: the step lifecycle (counted once its transaction commits) -----------------
 
+
 def admit_services(services: Iterable[str]) -> None:
     """A worker serving these registered: they may be labels now (up to the cap)."""
     admitted = admit(SERVICES_KEY, list(services), get_settings().metrics_max_services)

@@ -64,6 +64,7 @@ class Attempt:
     """One in-process attempt: what the connector reported, and a cancel switch."""
 
     reports: list[tuple[float, str | None, str | None]] = field(default_factory=list)
+    logs: list[tuple[str, str]] = field(default_factory=list)  # (level, message)
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_report: Callable[[float, str | None, str | None], None] | None = None
 
@@ -81,6 +82,7 @@ class Attempt:
             requirements={},
             timeout_s=60,
             customer_id="alice",
+            log_sink=lambda level, message: self.logs.append((level, message)),
         )
         return connector.run(step, {}, self.report, self.cancelled.is_set)
 
@@ -123,6 +125,16 @@ def test_comfyui_outputs_are_files_streamed_from_view_for_the_worker_to_store(co
     (image,) = result["images"]
     assert "url" not in image and "base64" not in image
     assert comfy.calls("GET", "/view")[-1].path == "/view"
+
+
+def test_comfyui_execution_messages_are_the_attempts_log(comfy):
+    attempt = Attempt()
+    attempt.run(ComfyUIConnector("comfy", {"url": comfy.url}), {"workflow": txt2img()})
+    messages = [message for _, message in attempt.logs]
+    assert messages[0].startswith("execution started (prompt ")
+    assert "executing node 3 (KSampler)" in messages
+    assert messages[-1] == "execution succeeded"
+    assert {level for level, _ in attempt.logs} == {"info"}
 
 
 def test_comfyui_url_outputs_link_to_view_on_the_public_url(comfy):
@@ -243,6 +255,18 @@ def test_comfyui_execution_error_is_a_permanent_service_failure(comfy):
     )
     assert "node 10 (FailNode)" in failure.message
     assert "ValueError" in failure.message
+
+
+def test_comfyui_execution_error_is_logged_as_an_error(comfy):
+    graph = {
+        **txt2img(),
+        "10": {"class_type": "FailNode", "inputs": {"exception_type": "ValueError"}},
+    }
+    attempt = Attempt()
+    with pytest.raises(StepFailure):
+        attempt.run(ComfyUIConnector("c", {"url": comfy.url}), {"workflow": graph})
+    level, message = attempt.logs[-1]
+    assert level == "error" and "execution error" in message and "FailNode" in message
 
 
 def test_comfyui_out_of_memory_is_a_retryable_resource_failure(comfy):
@@ -466,6 +490,15 @@ def test_http_async_job_is_polled_to_its_result_with_progress(rest):
     percents = [progress for progress, _, _ in attempt.reports]
     assert percents and percents == sorted(percents)
     assert {stage for _, stage, _ in attempt.reports} <= {"queued", "running"}
+
+
+def test_http_async_status_polls_are_the_attempts_log(rest):
+    attempt = Attempt()
+    attempt.run(HttpConnector("gen", async_options(rest)), {"prompt": "fox", "steps": 4})
+    messages = [message for _, message in attempt.logs]
+    assert messages[0].startswith("submitted to gen: job ")
+    states = [m.rsplit("= ", 1)[1] for m in messages[1:]]
+    assert states[-1] == "succeeded" and len(states) == len(set(states))  # each change once
 
 
 def test_http_async_fractional_progress_is_reported_in_percent(rest):

@@ -21,6 +21,7 @@ from web import (
     jobs,
     metrics,
     outputs,
+    step_logs,
     steps,
     streams,
     webhooks,
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         outputs.bp,
         emprops.bp,
         streams.bp,
+        step_logs.bp,
     ):
         app.register_blueprint(blueprint)
     ws.configure(app)

@@ -113,6 +113,14 @@ class StepRun:
     """How long the step waited in its queue before this attempt started."""
     subjects: EventSubjects | None = None
     """Whom the attempt's events name (the worker's, not the connector's, concern)."""
+    log_sink: Callable[[str, str], None] | None = field(default=None, repr=False, compare=False)
+    """Where `log` lines go (the worker's attempt log); None: nowhere."""
+
+    def log(self, message: str, level: str = "info") -> None:
+        """Report one line of the attempt's log (`GET /api/steps/{id}/logs`): what the
+        backend said (execution messages, status polls, errors), for the client to read."""
+        if self.log_sink is not None:
+            self.log_sink(level, message)
 
     @property
     def workflow_id(self) -> str | None:

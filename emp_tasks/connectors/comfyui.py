@@ -183,9 +183,16 @@ class _Execution:
     value/max, over the graph's node count; held below 100 until the step completes.
     """
 
-    def __init__(self, prompt_id: str, graph: dict[str, Any], report: ProgressReporter) -> None:
+    def __init__(
+        self,
+        prompt_id: str,
+        graph: dict[str, Any],
+        report: ProgressReporter,
+        log: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.prompt_id = prompt_id
         self.graph = graph
+        self._log = log or (lambda message, level="info": None)
         self.started = False
         self.succeeded = False
         self._done: set[str] = set()
@@ -209,16 +216,21 @@ class _Execution:
             return False
         if kind == "execution_start":
             self.started = True
+            self._log(f"execution started (prompt {self.prompt_id})", "info")
         elif kind == "execution_cached":
             self.started = True
             cached = [str(node) for node in data.get("nodes") or []]
             if cached:
                 self._done.update(cached)
+                self._log(f"cached nodes: {', '.join(cached)}", "info")
                 self._report(None)
         elif kind == "executing":
             if data.get("node") is None:
                 return True
-            self._enter(str(data["node"]))
+            node = str(data["node"])
+            if node != self._current:
+                self._log(f"executing node {node} ({self._class_of(node)})", "info")
+            self._enter(node)
         elif kind == "progress":
             self._progress_tick(data)
         elif kind == "executed":
@@ -226,14 +238,21 @@ class _Execution:
         elif kind == "execution_success":
             # Sent just before the server writes history; `executing` with no node follows.
             self.succeeded = True
+            self._log("execution succeeded", "info")
         elif kind == "execution_error":
-            raise execution_failure(data)
+            failure = execution_failure(data)
+            self._log(f"execution error: {failure}", "error")
+            raise failure
         elif kind == "execution_interrupted":
             raise interrupted_failure(data)
         return False
 
     def flush(self) -> None:
         self._progress.flush()
+
+    def _class_of(self, node: str) -> str:
+        entry = self.graph.get(node)
+        return str(entry.get("class_type", "?")) if isinstance(entry, dict) else "?"
 
     def _enter(self, node: str) -> None:
         self.started = True
@@ -319,7 +338,7 @@ class ComfyUIConnector:
                     "ComfyUI prompt queued",
                     extra={"action": "comfyui_queued", "prompt_id": prompt_id, **log},
                 )
-                execution = _Execution(prompt_id, graph, report_progress)
+                execution = _Execution(prompt_id, graph, report_progress, step.log)
                 try:
                     if socket is not None:
                         self._follow(

@@ -148,7 +148,10 @@ class HttpConnector:
                     retryable=False,
                 )
             try:
-                return self._follow(http, str(job_id), answer, report_progress, cancel_requested)
+                step.log(f"submitted to {self.service}: job {job_id}", "info")
+                return self._follow(
+                    http, str(job_id), answer, report_progress, cancel_requested, step.log
+                )
             except StepInterrupted:
                 self._cancel(http, str(job_id))
                 raise
@@ -174,13 +177,18 @@ class HttpConnector:
         answer: Any,
         report_progress: ProgressReporter,
         cancel_requested: Callable[[], bool],
+        log: Callable[[str, str], None],
     ) -> Any:
         status_url = self._template(self.status_url or "", job_id)
         body = answer
         last_answer = time.monotonic()
         progress = ProgressThrottle(report_progress)
+        last_state: Any = None
         while True:
             state = lookup(body, self.status_field)
+            if state != last_state:
+                log(f"job {job_id}: {self.status_field} = {state}", "info")
+                last_state = state
             if isinstance(state, str):
                 if state.lower() in self.done_values:
                     return self._result(body)
@@ -202,6 +210,7 @@ class HttpConnector:
                     "Job status poll failed; polling on",
                     extra={"action": "http_poll_failed", "service": self.service, "job": job_id},
                 )
+                log(f"job {job_id}: status poll failed ({failure}); polling on", "warning")
 
     def _call(self, http: requests.Session, method: str, url: str, body: Any | None = None) -> Any:
         try:

@@ -37,6 +37,8 @@ class SimulationConnector:
         cancel_requested: Callable[[], bool],
     ) -> Any:
         payload = step.payload
+        for line in self._log_lines(payload):
+            step.log(line)
         duration = max(0.0, float(payload.get("duration_s", 0) or 0))
         progress_steps = max(0, int(payload.get("progress_steps", 0) or 0))
         started = time.monotonic()
@@ -57,6 +59,18 @@ class SimulationConnector:
         if files and isinstance(result, dict):
             result = {**result, "outputs": [*result.get("outputs", []), *files]}
         return result
+
+    @staticmethod
+    def _log_lines(payload: dict[str, Any]) -> list[str]:
+        lines = payload.get("log_lines", [])
+        if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+            raise StepFailure(
+                "log_lines must be a list of strings",
+                type=FailureType.VALIDATION,
+                code="INVALID_PAYLOAD",
+                retryable=False,
+            )
+        return lines
 
     @staticmethod
     def _images(payload: dict[str, Any]) -> list[OutputFile]:

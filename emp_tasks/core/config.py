@@ -164,6 +164,7 @@ class Settings:
     lease_timeout_s: int = 60
     reconcile_interval_s: float = 5.0
     stranded_after_s: float = 30.0
+    step_log_lines: int = 1000
     connectors: tuple[ConnectorConfig, ...] = ()
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
@@ -235,6 +236,7 @@ class Settings:
             lease_timeout_s=_int(env, "EMP_LEASE_TIMEOUT_S", 60, 1),
             reconcile_interval_s=_float(env, "EMP_RECONCILE_INTERVAL_S", 5.0),
             stranded_after_s=_float(env, "EMP_STRANDED_AFTER_S", 30.0),
+            step_log_lines=_int(env, "EMP_STEP_LOG_LINES", 1000),
             connectors=_connectors(env.get("EMP_CONNECTORS", "")),
             retry_base_s=_float(env, "EMP_RETRY_BASE_S", 2.0),
             retry_max_s=_float(env, "EMP_RETRY_MAX_S", 300.0),

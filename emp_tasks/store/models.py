@@ -102,6 +102,23 @@ class Workflow(Base):
     )
 
 
+class StepLog(Base):
+    """One line a connector reported while an attempt ran (emp_tasks.steps.attempt_logs)."""
+
+    __tablename__ = "step_logs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    step_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("steps.id", ondelete="CASCADE"), nullable=False
+    )
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    level: Mapped[str] = mapped_column(String(10), nullable=False)
+    message: Mapped[str] = mapped_column(Text, nullable=False)
+    logged_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (Index("ix_step_logs_step_id_attempt_id", "step_id", "attempt", "id"),)
+
+
 class EmpropsNotification(Base):
     """What EmProps must hear about one of its workflows: `waiting` until the workflow ends,
     `pending` (with the body) until EmProps answers 2xx (`delivered`) or refuses it for good

@@ -8,6 +8,7 @@ when Celery's in-memory revokes were lost.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -19,6 +20,7 @@ from emp_tasks.core.config import get_settings
 from emp_tasks.steps import attempts
 from emp_tasks.store import dispatch
 from emp_tasks.worker import leases, outputs, presence
+from emp_tasks.worker.attempt_log import AttemptLog
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class _StopSignal:
             return True
         if now >= self._next_check:
             self._next_check = now + STOP_CHECK_INTERVAL_S
+            if isinstance(self.run.log_sink, AttemptLog):
+                self.run.log_sink.flush_if_due()
             self.superseded = attempts.should_stop(self.run.step_id, self.run.attempt)
         return self.superseded
 
@@ -94,6 +98,7 @@ def run_step(step_id: str, task_id: str | None = None) -> str:
         return "handed back"
     if run is None:
         return "dropped"
+    run = dataclasses.replace(run, log_sink=AttemptLog(step_id, run.attempt))
     leases.hold(step_id, run.attempt)
     try:
         timer = metrics.attempt_started(run)
@@ -130,6 +135,7 @@ def _run_attempt(run: StepRun) -> str:
         logger.info(
             "Step stopped: cancelled or superseded", extra={"action": "step_stopped", **log}
         )
+        _flush_log(run)
         return "stopped"
     except StepFailure as failure:
         return _fail(run, failure, progress=progress)
@@ -157,6 +163,7 @@ def _run_attempt(run: StepRun) -> str:
     except StepFailure as failure:
         return _fail(run, failure, progress=progress)
     duration_ms = int((time.monotonic() - stop.started) * 1000)
+    _flush_log(run)
     if attempts.complete(step_id, run.attempt, result, duration_ms, workflow_id=run.workflow_id):
         return "completed"
     return "superseded"
@@ -170,12 +177,19 @@ def _timeout_failure(run: StepRun) -> StepFailure:
     )
 
 
+def _flush_log(run: StepRun) -> None:
+    """The attempt's last log lines, written before its outcome is."""
+    if isinstance(run.log_sink, AttemptLog):
+        run.log_sink.flush(final=True)
+
+
 def _fail(
     run: StepRun,
     failure: StepFailure,
     detail: str | None = None,
     progress: attempts.Progress | None = None,
 ) -> str:
+    _flush_log(run)
     outcome = attempts.fail(
         run.step_id,
         run.attempt,
