@@ -12,7 +12,8 @@ from flask import Blueprint, Response
 from emp_tasks import workers
 from emp_tasks.auth import Principal
 from emp_tasks.routes import queues
-from emp_tasks.specs import DrainRequest, QueueListQuery, WorkerListQuery
+from emp_tasks.specs import CancelRequest, DrainRequest, QueueListQuery, WorkerListQuery
+from emp_tasks.steps import client as steps_client
 from web.endpoints import endpoint, ok
 from web.presenters import machine_object, worker_object
 
@@ -88,3 +89,16 @@ def resume_worker(principal: Principal, worker_id: str) -> Response:
 )
 def list_queues(principal: Principal, query: QueueListQuery) -> Response:
     return ok(queues=queues.list_queues(principal, include_idle=query.all))
+
+
+@endpoint(
+    bp,
+    "/api/queues/<queue>/purge",
+    methods=("POST",),
+    body=CancelRequest,
+    admin=True,
+    tags=TAGS,
+    summary="Cancel every pending step of a queue (admin); each gets its step_cancelled",
+)
+def purge_queue(principal: Principal, queue: str, body: CancelRequest) -> Response:
+    return ok(cancelled=steps_client.purge_queue(queue, body.reason))

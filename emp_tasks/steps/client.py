@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from emp_tasks.auth import Principal
-from emp_tasks.core.errors import InvalidState
+from emp_tasks.core.errors import InvalidState, NotFound
 from emp_tasks.core.events import EventType
 from emp_tasks.core.status import (
     CLIENT_RETRYABLE_STEP_STATUSES,
@@ -58,6 +58,41 @@ def cancel(step_id: str, principal: Principal, reason: str | None = None) -> Any
         cancelled = transitions.cancel(tx, [step.id], reason)[0]
         workflows.on_step_finished(tx, cancelled)
         return cancelled
+
+
+PURGE_BATCH = 500
+
+
+def purge_queue(queue: str, reason: str | None = None) -> int:
+    """Cancel every pending step of `queue` (an operator's purge), in batches of
+    PURGE_BATCH, each step with its `step_cancelled`; a workflow step's workflow follows
+    its failure policy as for any cancel. Returns how many were cancelled; NotFound for a
+    queue no step was ever routed to."""
+    with db.tx() as tx:
+        if tx.one("SELECT queue FROM routes WHERE queue = %s", [queue]) is None:
+            raise NotFound("queue", queue)
+    reason = reason or f"queue {queue} purged"
+    cancelled = 0
+    while True:
+        with db.tx() as tx:
+            rows = tx.all(
+                "SELECT id, workflow_id FROM steps WHERE queue = %s AND status = %s"
+                " ORDER BY id LIMIT %s",
+                [queue, S.PENDING.value, PURGE_BATCH],
+            )
+            plain = [row.id for row in rows if row.workflow_id is None]
+            cancelled += len(transitions.cancel(tx, plain, reason))
+        for row in rows:
+            if row.workflow_id is None:
+                continue
+            with db.tx() as tx:
+                transitions.lock_workflow(tx, row.workflow_id)
+                moved = transitions.cancel(tx, [row.id], reason)
+                for step in moved:
+                    workflows.on_step_finished(tx, step)
+                cancelled += len(moved)
+        if len(rows) < PURGE_BATCH:
+            return cancelled
 
 
 def retry(step_id: str, principal: Principal) -> Any:
