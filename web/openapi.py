@@ -87,6 +87,14 @@ HEADER_SCHEMAS = {
             " (inner spaces allowed)"
         ),
     },
+    "Prefer": {
+        "type": "string",
+        "maxLength": 200,
+        "description": (
+            "`wait=<seconds>` (1-60): answer once the step or workflow is terminal, or when"
+            " the time is up (Preference-Applied says it was honoured)"
+        ),
+    },
     "Last-Event-ID": {
         "type": "string",
         "pattern": r"^\d{1,20}-\d{1,20}$",

@@ -9,6 +9,7 @@ from flask import Blueprint, Response, g
 from emp_tasks.auth import Principal
 from emp_tasks.specs import CancelRequest, StatsQuery, WorkflowCreate, WorkflowListQuery
 from emp_tasks.steps import workflows
+from web import waiting
 from web.endpoints import endpoint, idempotency_key, ok
 from web.presenters import workflow_object
 
@@ -25,20 +26,37 @@ TAGS = ("workflows",)
     body=WorkflowCreate,
     status=201,
     tags=TAGS,
-    headers=("Idempotency-Key",),
-    summary="Submit a workflow (a DAG of steps)",
+    headers=("Idempotency-Key", "Prefer"),
+    summary="Submit a workflow (a DAG of steps); `Prefer: wait=N` answers once it ended",
 )
 def create_workflow(principal: Principal, body: WorkflowCreate) -> Response:
     workflow, step_ids, created = workflows.submit(
         body, principal, correlation_id=g.correlation_id, idempotency_key=idempotency_key()
     )
+    extra = _waited(principal, workflow.id)
+    if extra:
+        workflow, _ = workflows.status(workflow.id, principal)
     return ok(
         201 if created else 200,
+        extra,
         workflow_id=workflow.id,
         step_ids=step_ids,
         job_ids=step_ids,
         workflow=_with_emprops(workflow_object(workflow), principal),
     )
+
+
+def _waited(principal: Principal, workflow_id: str) -> dict[str, str]:
+    """Wait as `Prefer: wait=N` asks (see web.waiting); the headers to answer with."""
+    seconds = waiting.requested()
+    if seconds is None:
+        return {}
+
+    def ended() -> bool:
+        return workflows.status(workflow_id, principal)[0].status in waiting.TERMINAL_WORKFLOW
+
+    granted = waiting.wait(principal, seconds, ended, workflow_id=workflow_id)
+    return waiting.applied(seconds) if granted else {}
 
 
 def _with_emprops(shown: dict[str, Any], principal: Principal) -> dict[str, Any]:
@@ -66,11 +84,19 @@ def workflow_stats(principal: Principal, query: StatsQuery) -> Response:
     "/api/workflows/<workflow_id>",
     aliases=("/api/workflows/<workflow_id>/status",),
     tags=TAGS,
-    summary="A workflow and the step_details of its steps",
+    headers=("Prefer",),
+    summary="A workflow and the step_details of its steps; `Prefer: wait=N` waits for its end",
 )
 def get_workflow(principal: Principal, workflow_id: str) -> Response:
-    workflow, details = workflows.status(workflow_id, principal)
-    return ok(workflow=_with_emprops(workflow_object(workflow), principal), steps=details)
+    workflow, details = workflows.status(workflow_id, principal)  # 404 before any wait
+    extra = (
+        _waited(principal, workflow.id) if workflow.status not in waiting.TERMINAL_WORKFLOW else {}
+    )
+    if extra:
+        workflow, details = workflows.status(workflow_id, principal)
+    return ok(
+        200, extra, workflow=_with_emprops(workflow_object(workflow), principal), steps=details
+    )
 
 
 @endpoint(
