@@ -401,7 +401,9 @@ SOCKET_ROWS_NOTE = (
     f"{socket_rows.REST_REQUESTS} GET /api/steps by a key holding no socket, from "
     f"{socket_rows.REST_THREADS} client threads, with no sockets, then with "
     f"{socket_rows.SOCKETS} idle sockets attempted by one key, then over several keys; "
-    "the sockets over a cap are refused (429 per key, 503 per process)."
+    "the sockets over a cap are refused (429 per key, 503 per process); last, with 200 "
+    "GET /api/workflows/{id} asking Prefer: wait=60 on a workflow that does not end (those "
+    "over the slot caps are answered at once), ended by cancelling it after REST was timed."
 )
 
 

@@ -92,11 +92,10 @@ def free_port() -> int:
 OUTPUTS_ROOT = Path(".emp") / "bench" / "outputs"  # bench.scratch removes a run's folder
 
 
-def process_env(run: Scratch, port: int, emprops_url: str) -> dict[str, str]:
-    """This process's environment (so EMP_* tuning passes through) with the bench's settings."""
+def process_env(run: Scratch, port: int, emprops_url: str | None = None) -> dict[str, str]:
+    """This process's environment (so EMP_* tuning passes through) with the bench's settings;
+    `emprops_url`: the fake EmProps of the EmProps row, if one runs."""
     settings = {
-        "EMPROPS_API_URL": emprops_url,  # the fake EmProps of the EmProps row
-        "EMPROPS_API_KEY": "bench-emprops-key",
         "REDIS_URL": run.redis_url,
         "DATABASE_URL": run.database_url,
         "EMP_API_KEYS": f"{API_KEY}:bench:admin",
@@ -112,6 +111,8 @@ def process_env(run: Scratch, port: int, emprops_url: str) -> dict[str, str]:
         "EMP_STORAGE_URL": (OUTPUTS_ROOT / run.database_name).resolve().as_uri(),
         "PYTHONUNBUFFERED": "1",
     }
+    if emprops_url is not None:
+        settings |= {"EMPROPS_API_URL": emprops_url, "EMPROPS_API_KEY": "bench-emprops-key"}
     return {**os.environ, **settings}
 
 

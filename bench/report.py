@@ -191,6 +191,8 @@ def _emprops_rows(ours: Result, baselines: list[Result]) -> list[list[str]]:
 
 
 def _phase_label(phase: SocketPhase) -> str:
+    if "Prefer" in phase.label:
+        return f"REST p50 / p99 beside {phase.label}, {phase.waiting} granted a wait (ms)"
     held = f", {phase.accepted} open" if phase.attempted else ""
     return f"REST p50 / p99 beside idle WebSockets: {phase.label}{held} (ms)"
 

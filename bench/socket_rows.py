@@ -5,7 +5,10 @@ EMP_WEB_THREADS default, the default socket caps) on the scratch run. REST is
 `GET /api/steps` by a key that holds no socket, REST_REQUESTS requests from
 REST_THREADS client threads. It is timed idle, then while SOCKETS sockets attempted
 by one key are held open and idle, then while SOCKETS sockets attempted over as many
-keys as EMP_WS_MAX_PER_KEY needs are held (the process's cap refuses the rest).
+keys as EMP_WS_MAX_PER_KEY needs are held (the process's cap refuses the rest), and
+last while SOCKETS requests wait with `Prefer: wait=60` on a workflow that does not end
+(no worker runs in this process group): those granted a slot hold it, the others are
+answered at once; the workflow is cancelled after REST was timed, which ends the waits.
 Every connection and request is to 127.0.0.1 and has a deadline.
 """
 
@@ -47,6 +50,7 @@ class SocketPhase:
     keys: int = 0
     accepted: int = 0
     refused: collections.Counter[int] = field(default_factory=collections.Counter)  # by status
+    waiting: int = 0  # `Prefer: wait` requests that were granted a wait (waits phase)
     rest_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -181,6 +185,47 @@ def _phase(
     return outcome
 
 
+def _wait_phase(base_url: str, label: str, rest_key: str, keys: list[str]) -> SocketPhase:
+    """REST latency while SOCKETS `Prefer: wait=60` requests wait on a pending workflow."""
+    outcome = SocketPhase(label, attempted=SOCKETS, keys=len(keys))
+    created = requests.post(
+        base_url + "/api/workflows",
+        json={"name": "bench waits", "steps": [{"service": "simulation", "payload": {}}]},
+        headers={"Authorization": f"Bearer {keys[0]}"},
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    if created.status_code != 201:
+        outcome.errors.append(f"POST /api/workflows: HTTP {created.status_code}")
+        return outcome
+    workflow_id = created.json()["workflow_id"]
+
+    def one(index: int) -> str:
+        key = keys[index % len(keys)]
+        response = requests.get(
+            f"{base_url}/api/workflows/{workflow_id}",
+            headers={"Authorization": f"Bearer {key}", "Prefer": "wait=60"},
+            timeout=90,
+        )
+        return response.headers.get("Preference-Applied", "") if response.ok else "error"
+
+    with ThreadPoolExecutor(SOCKETS, thread_name_prefix="bench-wait") as pool:
+        futures = [pool.submit(one, index) for index in range(SOCKETS)]
+        time.sleep(2.0)  # the granted ones are holding their threads now
+        _rest_latencies(base_url, rest_key, outcome)
+        requests.post(
+            f"{base_url}/api/workflows/{workflow_id}/cancel",
+            json={"reason": "bench: end the waits"},
+            headers={"Authorization": f"Bearer {keys[0]}"},
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        answers = [future.result() for future in futures]
+    outcome.waiting = sum(answer == "wait=60" for answer in answers)
+    outcome.accepted = outcome.waiting
+    if "error" in answers:
+        outcome.errors.append(f"{answers.count('error')} waiting requests failed")
+    return outcome
+
+
 def _check_alive(group: ProcessGroup, log_path: Path) -> None:
     code = group.processes["web"].poll()
     if code is not None:
@@ -223,6 +268,9 @@ def run(run: Scratch, log_path: Path) -> SocketResult:
         for label, keys in phases:
             result.phases.append(_phase(base_url, label, rest_key, keys, ours.API_KEY))
             _check_alive(group, log_path)
+        waits = f"{SOCKETS} requests waiting with Prefer: wait=60 over {len(spread)} keys"
+        result.phases.append(_wait_phase(base_url, waits, rest_key, spread))
+        _check_alive(group, log_path)
     except BenchError as exc:
         result.errors.append(str(exc))
     finally:
