@@ -10,6 +10,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -179,12 +180,52 @@ class StepCreate(BaseModel):
         return data
 
 
+ID_PREFIX_PATTERN = r"^[0-9A-Fa-f-]{4,36}$"
+ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d.*")
+
+
+def _iso_time_text(value: Any) -> Any:
+    """A time in a query is ISO 8601 text only (not a number of seconds)."""
+    if not isinstance(value, str) or not ISO_TIME.fullmatch(value):
+        raise ValueError("must be an ISO 8601 time with its offset, like 2026-01-02T03:04:05Z")
+    return value
+
+
+IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_time_text)]
+
+
 class StepListQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     status: StepStatus | None = None
     service: str | None = Field(default=None, max_length=200)
     workflow_id: str | None = Field(default=None, max_length=36)
+    customer_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Steps of this customer (a customer key: its own only, else 403)",
+    )
+    worker_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Steps whose latest attempt ran on this worker",
+    )
+    error_code: str | None = Field(
+        default=None, min_length=1, max_length=100, description="Steps whose `error.code` is this"
+    )
+    created_after: IsoTime | None = Field(
+        default=None, description="Steps created at or after this time (ISO 8601 with offset)"
+    )
+    created_before: IsoTime | None = Field(
+        default=None, description="Steps created before this time (ISO 8601 with offset)"
+    )
+    id_prefix: str | None = Field(
+        default=None,
+        pattern=ID_PREFIX_PATTERN,
+        description="Steps whose id starts with this (4 to 36 hex digits and dashes)",
+    )
     limit: int = Field(default=50, ge=1, le=200)
     cursor: str | None = Field(default=None, max_length=100, **CURSOR)
 
@@ -193,6 +234,14 @@ class StatsQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     timeframe: Literal["hour", "day", "week"] = "day"
+
+
+class SeriesQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    window: Literal["hour", "day"] = Field(
+        default="hour", description="The last hour (1-minute buckets) or day (15-minute buckets)"
+    )
 
 
 class CancelRequest(BaseModel):

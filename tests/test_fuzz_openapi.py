@@ -37,6 +37,7 @@ from web import (  # noqa: F401 - importing the route modules declares every rou
     metrics,
     openapi,
     outputs,
+    series,
     steps,
     webhooks,
     workflows,

@@ -21,6 +21,7 @@ from web import (
     jobs,
     metrics,
     outputs,
+    series,
     step_logs,
     steps,
     streams,
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         dashboard.bp,
         outputs.bp,
         emprops.bp,
+        series.bp,
         streams.bp,
         step_logs.bp,
     ):

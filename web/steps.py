@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, g
 
 from emp_tasks.auth import Principal
+from emp_tasks.core.times import iso
 from emp_tasks.routes import queues
 from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
 from emp_tasks.steps import client, queries
@@ -47,15 +48,27 @@ def create_step(principal: Principal, body: StepCreate) -> Response:
 
 @endpoint(bp, "/api/steps", query=StepListQuery, tags=TAGS, summary="List steps, newest first")
 def list_steps(principal: Principal, query: StepListQuery) -> Response:
+    filters = queries.StepFilters(
+        customer_id=query.customer_id,
+        worker_id=query.worker_id,
+        error_code=query.error_code,
+        created_after=query.created_after,
+        created_before=query.created_before,
+        id_prefix=query.id_prefix,
+    )
     page, next_cursor = queries.list_steps(
         principal,
         status=query.status,
         service=query.service,
         workflow_id=query.workflow_id,
+        filters=filters,
         limit=query.limit,
         cursor=query.cursor,
     )
-    return ok(steps=[step_object(s) for s in page], next_cursor=next_cursor)
+    # `queued_at` beside the step object: when its current wait for a worker began (the
+    # list's queue-wait column).
+    listed = [{**step_object(s), "queued_at": iso(s.queued_at)} for s in page]
+    return ok(steps=listed, next_cursor=next_cursor)
 
 
 @endpoint(bp, "/api/steps/stats", query=StatsQuery, tags=TAGS, summary="Step counts")

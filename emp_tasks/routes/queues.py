@@ -9,12 +9,18 @@ nudge delays a new queue by one heartbeat at most.
 A step's warnings read the fleet's capabilities (`live_capabilities`, cached for
 a second); the fleet registry (emp_tasks.workers) forgets the cache when it
 changes a worker.
+
+A queue's warnings say why its pending steps do not move: NO_CAPABLE_WORKER (unserved:
+no online worker can run them) or STRANDED (a capable worker consuming the queue has a
+free slot, nothing of the queue runs, and its oldest pending step has waited longer than
+EMP_STRANDED_AFTER_S: its tasks are missing from the broker, or its consumers take none).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -149,6 +155,40 @@ def warnings_for(route: Route, fleet: list[tuple[str, Capabilities]]) -> list[di
     ]
 
 
+def stranded_warning(
+    *,
+    waiting: int,
+    running: int,
+    oldest_pending_s: float,
+    free_consumers: int,
+    broker_depth: int,
+    after_s: float,
+) -> dict[str, Any] | None:
+    """The STRANDED warning of a queue whose pending steps should be running and are not.
+
+    `free_consumers`: online workers consuming the queue, capable of its steps, with a free
+    slot. None while nothing is wrong: no step waits, one of the queue's runs, no consumer
+    has room (a busy fleet; or none consumes it yet: a worker that just joined takes its
+    queues at its next heartbeat), or the oldest pending step is younger than `after_s`.
+    """
+    if not waiting or running or not free_consumers or oldest_pending_s <= after_s:
+        return None
+    if broker_depth:
+        why = f"{free_consumers} consumer(s) with a free slot take none of its {broker_depth} tasks"
+    else:
+        why = (
+            f"{free_consumers} consumer(s) with a free slot, but the broker holds no task for"
+            " them (purged?); the relay sends them again"
+        )
+    return {
+        "code": "STRANDED",
+        "message": (
+            f"{waiting} pending, none running, oldest waiting {oldest_pending_s:.0f} s: {why}"
+        ),
+        "unmet": [],
+    }
+
+
 def step_warnings(step: Any) -> list[dict[str, Any]]:
     """Warnings for a step that waits for a worker (pending or waiting); [] otherwise."""
     if step.status not in NOT_STARTED_STEP_STATUSES:
@@ -205,8 +245,14 @@ def _broker_depths(names: list[str]) -> dict[str, int]:
     return {name: sum(lengths[i * width : (i + 1) * width]) for i, name in enumerate(names)}
 
 
+def _age_s(clock: datetime, since: datetime | None) -> float:
+    """Seconds since `since` by the database's clock (0: none, or a retry not due yet)."""
+    return round(max(0.0, (clock - since).total_seconds()), 3) if since else 0.0
+
+
 def list_queues(principal: Principal, include_idle: bool = False) -> list[dict[str, Any]]:
-    """Each route's queue: steps waiting (depth) and running, its consumers, its warnings.
+    """Each route's queue: steps waiting (depth, oldest pending and its age) and running,
+    its consumers, its warnings (NO_CAPABLE_WORKER, STRANDED).
 
     Idle queues (nothing waiting or running, no consumer) are left out unless asked for.
     """
@@ -232,15 +278,32 @@ def list_queues(principal: Principal, include_idle: bool = False) -> list[dict[s
             ).all()
         )
         live = session.execute(
-            select(Worker.id, Worker.status, Worker.queues, Worker.capabilities).where(
-                Worker.status.in_(LIVE_WORKER_STATUSES)
-            )
+            select(
+                Worker.id, Worker.status, Worker.queues, Worker.capabilities, Worker.concurrency
+            ).where(Worker.status.in_(LIVE_WORKER_STATUSES))
         ).all()
+        busy_workers = dict(
+            session.execute(
+                select(Step.worker_id, func.count())
+                .where(
+                    Step.worker_id.in_([w.id for w in live]),
+                    Step.status.in_(ACTIVE_STEP_STATUSES),
+                )
+                .group_by(Step.worker_id)
+            ).all()
+        )
+        clock = session.scalar(select(func.now()))
     fleet = [(w.status, Capabilities.from_dict(w.capabilities)) for w in live]
     consumers: dict[str, list[str]] = {}
     for worker in live:
         for name in worker.queues or []:
             consumers.setdefault(name, []).append(worker.id)
+    free = [
+        (worker.id, caps)
+        for worker, (status, caps) in zip(live, fleet, strict=True)
+        if status == WorkerStatus.ONLINE and busy_workers.get(worker.id, 0) < worker.concurrency
+    ]
+    after_s = get_settings().stranded_after_s
     busy = set(pending) | set(running) | set(consumers)
     shown = [
         route
@@ -253,6 +316,20 @@ def list_queues(principal: Principal, include_idle: bool = False) -> list[dict[s
     result = []
     for route in shown:
         waiting, oldest = pending.get(route.queue, (0, None))
+        oldest_s = _age_s(clock, oldest)
+        warnings = warnings_for(route, fleet) if waiting else []
+        stranded = None
+        if waiting and not warnings:
+            serving = set(consumers.get(route.queue, []))
+            capable = [w for w, caps in free if w in serving and not routing.unmet(caps, route)]
+            stranded = stranded_warning(
+                waiting=waiting,
+                running=running.get(route.queue, 0),
+                oldest_pending_s=oldest_s,
+                free_consumers=len(capable),
+                broker_depth=depths.get(route.queue, 0),
+                after_s=after_s,
+            )
         entry: dict[str, Any] = {
             "name": route.queue,
             "service": route.service,
@@ -262,8 +339,9 @@ def list_queues(principal: Principal, include_idle: bool = False) -> list[dict[s
             "broker_depth": depths.get(route.queue, 0),
             "running": running.get(route.queue, 0),
             "oldest_pending_at": iso(oldest),
+            "oldest_pending_s": oldest_s,
             "consumers": len(consumers.get(route.queue, [])),
-            "warnings": warnings_for(route, fleet) if waiting else [],
+            "warnings": [*warnings, stranded] if stranded else warnings,
         }
         if principal.admin:
             entry["consumer_ids"] = sorted(consumers.get(route.queue, []))

@@ -8,12 +8,14 @@ commands (emp_tasks.steps.client) use it too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
 
 from emp_tasks.auth import Principal
-from emp_tasks.core.errors import NotFound
+from emp_tasks.core.errors import Forbidden, NotFound
 from emp_tasks.core.ids import decode_cursor
 from emp_tasks.core.status import StepStatus
 from emp_tasks.core.times import TIMEFRAMES, now
@@ -56,15 +58,43 @@ def attempts(step_id: str, principal: Principal) -> list[Any]:
         )
 
 
-def _filtered(query, principal: Principal, status, service, workflow_id):
+@dataclass(frozen=True)
+class StepFilters:
+    """What a step list may be narrowed by besides status, service and workflow."""
+
+    customer_id: str | None = None
+    worker_id: str | None = None
+    error_code: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    id_prefix: str | None = None
+
+
+def _filtered(query, principal: Principal, status, service, workflow_id, more=StepFilters()):
+    """`query` narrowed to what the caller may see and asks for; a customer key naming
+    another customer's steps is refused (Forbidden), not answered with an empty page."""
     if not principal.admin:
+        if more.customer_id is not None and more.customer_id != principal.customer_id:
+            raise Forbidden("a customer key lists only its own customer's steps")
         query = query.where(Step.customer_id == principal.customer_id)
+    elif more.customer_id is not None:
+        query = query.where(Step.customer_id == more.customer_id)
     if status is not None:
         query = query.where(Step.status == status)
     if service is not None:
         query = query.where(Step.service == service)
     if workflow_id is not None:
         query = query.where(Step.workflow_id == workflow_id)
+    if more.worker_id is not None:
+        query = query.where(Step.worker_id == more.worker_id)
+    if more.error_code is not None:
+        query = query.where(Step.error["code"].astext == more.error_code)
+    if more.created_after is not None:
+        query = query.where(Step.created_at >= more.created_after)
+    if more.created_before is not None:
+        query = query.where(Step.created_at < more.created_before)
+    if more.id_prefix is not None:
+        query = query.where(Step.id.startswith(more.id_prefix.lower(), autoescape=True))
     return query
 
 
@@ -74,6 +104,7 @@ def list_steps(
     status: StepStatus | None = None,
     service: str | None = None,
     workflow_id: str | None = None,
+    filters: StepFilters = StepFilters(),
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Step], str | None]:
@@ -84,6 +115,7 @@ def list_steps(
         status,
         service,
         workflow_id,
+        filters,
     )
     if cursor is not None:
         query = query.where(Step.id < decode_cursor(cursor))
