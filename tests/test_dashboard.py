@@ -6,6 +6,7 @@ downloaded at run time (Selenium is given both paths, so Selenium Manager never 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from emp_tasks import workers
+from emp_tasks.routes.capabilities import Capabilities
+from emp_tasks.store.broker import app
 from tests.conftest import (
     ARTIFACTS,
     KEYS,
@@ -114,9 +118,10 @@ def test_dashboard_is_served_with_only_its_own_assets(client):
     html = client.get("/").get_data(as_text=True)
     references = re.findall(r'(?:src|href)="([^"#]+)"', html)
     assert references and all(ref.startswith("/static/dashboard/") for ref in references)
-    modules = {Path(ref).name for ref in references}
+    modules = {ref.removeprefix("/static/dashboard/") for ref in references}
     for script in STATIC.glob("*.js"):
-        modules |= set(re.findall(r'from "\./([a-z]+\.js)"', script.read_text()))
+        modules |= set(re.findall(r'from "\./([A-Za-z/.]+\.js)"', script.read_text()))
+    assert "vendor/uPlot.esm.js" in modules
     for name in modules:
         assert client.get(f"/static/dashboard/{name}").status_code == 200, name
 
@@ -408,3 +413,250 @@ def test_workflow_detail_shows_its_emprops_notification_and_replays_it(browser, 
     finally:
         notifier.stop()
         emprops.stop()
+
+
+# --- what is wrong right now, at desktop and phone sizes -------------------------------------
+
+SIZES = {"desktop": (1400, 900), "phone": (390, 844)}
+
+
+@contextlib.contextmanager
+def window_size(driver: WebDriver, size: str) -> Iterator[None]:
+    """The browser window at one of SIZES for the block, restored afterwards."""
+    before = driver.get_window_size()
+    driver.set_window_size(*SIZES[size])
+    try:
+        yield
+    finally:
+        driver.set_window_size(before["width"], before["height"])
+
+
+def fits_the_width(driver: WebDriver) -> bool:
+    """The page itself never scrolls sideways (tables scroll inside their panels)."""
+    return driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def api_submit(base: str, body: dict, who: str = "admin") -> dict:
+    response = requests.post(base + "/api/steps", json=body, headers=headers(who), timeout=10)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def api_status(base: str, step_id: str) -> str:
+    response = requests.get(f"{base}/api/steps/{step_id}", headers=headers("admin"), timeout=10)
+    return response.json()["step"]["status"]
+
+
+def test_vendored_chart_library_is_served_with_its_licence(client):
+    for name in ("uPlot.esm.js", "uPlot.min.css", "uPlot.LICENSE", "README.md"):
+        assert (STATIC / "vendor" / name).exists(), name
+    assert client.get("/static/dashboard/vendor/uPlot.esm.js").status_code == 200
+    assert "uplot@1.6.32" in (STATIC / "vendor" / "README.md").read_text()
+    assert "(v1.6.32)" in (STATIC / "vendor" / "uPlot.esm.js").read_text()[:400]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_charts_and_a_step_detail_fit_the_page(page, live_api, system, size):
+    done = api_submit(live_api, {"service": "simulation", "payload": {"duration_s": 0.1}})
+    failing = {"service": "simulation", "payload": {"fail": "fatal"}, "max_retries": 0}
+    failed = api_submit(live_api, failing)
+    wait_for(lambda: api_status(live_api, done["step_id"]) == "completed", timeout_s=30)
+    wait_for(lambda: api_status(live_api, failed["step_id"]) == "failed", timeout_s=30)
+    with window_size(page, size):
+        go_live(page)
+
+        def drawn(chart: str) -> dict | None:
+            return page.execute_script(
+                "const box = document.querySelector(`[data-testid=chart-${arguments[0]}]`);"
+                " const canvas = box && box.querySelector('canvas');"
+                " return canvas && canvas.width > 0 ? {total: Number(box.dataset.total),"
+                " points: Number(box.dataset.points), width: box.getBoundingClientRect().width}"
+                " : null;",
+                chart,
+            )
+
+        for chart in ("throughput", "failures"):
+            wait(page, lambda d, c=chart: (drawn(c) or {}).get("total", 0) > 0, f"no {chart} data")
+        for chart in ("pending", "wait"):
+            wait(page, lambda d, c=chart: (drawn(c) or {}).get("points", 0) >= 60, f"no {chart}")
+        assert drawn("wait")["total"] > 0  # the steps above waited for their worker
+        assert all(drawn(c)["width"] <= SIZES[size][0] for c in ("throughput", "failures"))
+
+        row = f'tr[data-step-id="{failed["step_id"]}"]'
+        code = wait(page, lambda d: visible_text(d, f"{row} [data-testid=step-error-code]"), "")
+        assert code == "SIMULATED_FATAL"
+        assert fits_the_width(page)
+
+        page.find_element(By.ID, "step-search").send_keys(done["step_id"])
+        page.find_element(By.ID, "step-search-go").click()
+        wait(
+            page,
+            lambda d: visible_text(d, "#step-detail [data-testid=detail-status]") == "completed",
+            "the step's detail did not open",
+        )
+        wait(
+            page, lambda d: d.find_elements(By.CSS_SELECTOR, "#step-detail [data-attempt='1']"), ""
+        )
+        assert fits_the_width(page), "the open detail makes the page scroll sideways"
+        detail = page.find_element(By.ID, "step-detail").rect
+        listing = page.find_element(By.CSS_SELECTOR, "#steps .split > .list").rect
+        if size == "phone":  # stacked: the detail below the list, as wide as it
+            assert detail["y"] >= listing["y"] + listing["height"] - 1
+            assert detail["width"] >= listing["width"] - 2
+        else:  # side by side
+            assert detail["x"] >= listing["x"] + listing["width"] - 1
+        page.save_screenshot(str(ARTIFACTS / f"dashboard-{size}.png"))
+
+
+def test_stranded_and_unserved_queues_are_warned_at_the_top(browser, services, start_worker):
+    """Unserved: steps for a service no worker serves. Stranded: then a capable worker
+    joins, but the queue was purged, so it takes nothing (the relay's resend comes only
+    after 30 s; this web process calls a queue stranded after 2 s)."""
+    service = "dash-stranded-ui"
+    with web_process(services, "web-stranded.log", 16, EMP_STRANDED_AFTER_S="2") as base:
+        browser.get(base + "/")
+        browser.execute_script("window.localStorage.clear()")
+        browser.get(base + "/")
+        go_live(browser)
+        ids = [api_submit(base, {"service": service})["step_id"] for _ in range(2)]
+        queue = requests.get(f"{base}/api/steps/{ids[0]}", headers=headers("admin"), timeout=10)
+        queue = queue.json()["step"]["queue"]
+        alert = f'[data-testid=queue-alert][data-queue-name="{queue}"]'
+
+        def shown(code: str, saying: str = "2 pending") -> str | None:
+            text = visible_text(browser, f"{alert}[data-code={code}]")
+            return text if text and saying in text else None
+
+        unserved = wait(browser, lambda d: shown("NO_CAPABLE_WORKER"), "no unserved warning")
+        assert unserved.startswith("Unserved queue") and service in unserved
+        with app.connection_for_write() as connection:  # `celery purge -Q <queue>`
+            assert connection.default_channel.queue_purge(queue) == 2
+        start_worker(service, "dash-stranded-worker")
+        try:
+            for size in ("desktop", "phone"):
+                with window_size(browser, size):
+                    stranded = wait(
+                        browser,
+                        lambda d: shown("STRANDED", "the broker holds no task"),
+                        f"no stranded warning ({size})",
+                    )
+                    assert stranded.startswith("Stranded queue") and "2 pending" in stranded
+                    assert fits_the_width(browser), size
+                    row = f'tr[data-queue-name="{queue}"] [data-code=STRANDED]'
+                    assert browser.find_elements(By.CSS_SELECTOR, row)
+                    browser.save_screenshot(str(ARTIFACTS / f"dashboard-stranded-{size}.png"))
+        finally:
+            for step_id in ids:
+                requests.post(
+                    f"{base}/api/steps/{step_id}/cancel",
+                    json={},
+                    headers=headers("admin"),
+                    timeout=10,
+                )
+
+
+def test_step_list_filters_by_error_code_and_finds_an_id_prefix(page, live_api, system):
+    failing = {"service": "simulation", "payload": {"fail": "fatal"}, "max_retries": 0}
+    failed = api_submit(live_api, failing)["step_id"]
+    quick = api_submit(live_api, {"service": "simulation"})["step_id"]
+    for step_id in (failed, quick):
+        wait_for(lambda s=step_id: api_status(live_api, s) in {"completed", "failed"}, 30)
+    go_live(page)
+    page.find_element(By.ID, "step-error-filter").send_keys("SIMULATED_FATAL")
+    page.find_element(By.CSS_SELECTOR, "#step-filters button[type=submit]").click()
+
+    def listed(driver: WebDriver) -> list[str]:
+        return driver.execute_script(
+            "return [...document.querySelectorAll('#step-rows tr[data-step-id]')]"
+            ".map(r => r.dataset.stepId)"
+        )
+
+    wait(page, lambda d: failed in listed(d) and quick not in listed(d), "not filtered by code")
+    codes = {e.text for e in page.find_elements(By.CSS_SELECTOR, "[data-testid=step-error-code]")}
+    assert codes == {"SIMULATED_FATAL"}
+
+    page.find_element(By.ID, "step-error-filter").clear()
+    search = page.find_element(By.ID, "step-search")
+    search.send_keys(quick[:13])
+    page.find_element(By.ID, "step-search-go").click()
+    wait(page, lambda d: quick in listed(d), "the id prefix did not find the step")
+    assert all(step_id.startswith(quick[:13]) for step_id in listed(page))
+    assert page.find_element(By.ID, "step-detail").get_attribute("hidden") is not None
+
+
+def test_wide_workflow_graph_fits_the_panel_and_zooms(page, live_api, system):
+    go_live(page)
+    chain = [
+        {
+            "service": "simulation",
+            "payload": {"model": "sdxl-base", "prompt": "a lighthouse at dusk"},
+            "metadata": {"name": f"stage-{i}"},
+            **({"depends_on": [i - 1]} if i else {}),
+        }
+        for i in range(12)
+    ]
+    response = requests.post(
+        live_api + "/api/workflows",
+        json={"name": "wide chain", "steps": chain},
+        headers=headers("admin"),
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    row = f'tr[data-workflow-id="{response.json()["workflow_id"]}"]'
+    wait(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button").click() or True, "")
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid=dag-node]")) == 12, "")
+    labels = wait(
+        page,
+        lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=dag-label]")],
+        "no labels",
+    )
+    assert "#0 stage-0" in labels and "#11 stage-11" in labels
+    hints = {e.text for e in page.find_elements(By.CSS_SELECTOR, "[data-testid=dag-hint]")}
+    assert hints == {"model sdxl-base"}
+
+    def scale() -> float:
+        return float(
+            page.find_element(By.CSS_SELECTOR, "[data-testid=dag-frame]").get_attribute(
+                "data-scale"
+            )
+        )
+
+    def fitted(driver: WebDriver) -> bool:
+        frame = driver.find_element(By.CSS_SELECTOR, "[data-testid=dag-frame]").rect
+        drawing = driver.find_element(By.ID, "workflow-dag").rect
+        return drawing["width"] <= frame["width"] + 1 and scale() < 1
+
+    wait(page, fitted, "the wide graph does not fit the panel's width")
+    fit = scale()
+    page.find_element(By.CSS_SELECTOR, "[data-testid=dag-zoom-in]").click()
+    assert scale() > fit
+    page.find_element(By.CSS_SELECTOR, "[data-testid=dag-fit]").click()
+    assert scale() == fit
+    assert fits_the_width(page)
+
+
+def test_machine_removal_asks_first(page, live_api):
+    machine = "machine-dash-remove"
+    workers.register("dash-remove-worker", machine, Capabilities(services=["dash-remove"]))
+    go_live(page)
+    remove = f'[data-machine-id="{machine}"] [data-testid=machine-remove]'
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, remove), "the machine is not listed")
+
+    page.execute_script("window.confirm = () => false")
+    page.find_element(By.CSS_SELECTOR, remove).click()
+    listed = requests.get(
+        f"{live_api}/api/machines/{machine}", headers=headers("admin"), timeout=10
+    )
+    assert listed.status_code == 200  # not confirmed: nothing happened
+
+    page.execute_script("window.asked = []; window.confirm = (q) => window.asked.push(q) > 0")
+    wait(page, lambda d: d.find_element(By.CSS_SELECTOR, remove).click() or True, "")
+    wait(
+        page,
+        lambda d: not d.find_elements(By.CSS_SELECTOR, f'[data-machine-id="{machine}"]'),
+        "the removed machine is still listed",
+    )
+    (question,) = page.execute_script("return window.asked")
+    assert machine in question
+    gone = requests.get(f"{live_api}/api/machines/{machine}", headers=headers("admin"), timeout=10)
+    assert gone.status_code == 404

@@ -4,6 +4,7 @@
  */
 
 import { apiKey, authEvents, setApiKey } from "./api.js";
+import { createCharts } from "./charts.js";
 import { createCounts } from "./counts.js";
 import { showMessage } from "./dom.js";
 import { createFleet } from "./fleet.js";
@@ -49,13 +50,15 @@ const fleet = createFleet({
   onWorkers: (workers) => counts.setWorkers(workers),
 });
 const queues = createQueues();
-const sections = [fleet, queues, steps, workflows, counts];
+const charts = createCharts();
+const sections = [fleet, queues, steps, workflows, counts, charts];
 
 let admin = false;
 
 function refreshAll() {
   const shown = admin ? sections : sections.filter((section) => section !== fleet);
-  return Promise.allSettled(shown.map((section) => section.refresh()));
+  // The charts read their series at their own pace (every 15 s).
+  return Promise.allSettled(shown.map((s) => (s === charts ? s.tick() : s.refresh())));
 }
 
 let retryStart = null;
@@ -107,8 +110,14 @@ setInterval(() => {
   if (!apiKey() || (!authMessage.hidden && authMessage.dataset.kind === "error")) return;
   ticks += 1;
   // A customer key follows only what is on screen, so new work shows up by polling.
-  if (live.state !== "live" || !admin || ticks % LIVE_REFRESH_TICKS === 0) refreshAll();
-  else fleet.tick();
+  if (live.state !== "live" || !admin || ticks % LIVE_REFRESH_TICKS === 0) {
+    refreshAll();
+    return;
+  }
+  fleet.tick();
+  // A queue becomes stranded with no event to say so: its ages are read every tick.
+  queues.refresh();
+  charts.tick();
 }, TICK_MS);
 
 if (apiKey()) keyInput.placeholder = "key saved in this browser";

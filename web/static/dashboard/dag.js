@@ -1,13 +1,15 @@
 /**
  * A workflow's DAG as inline SVG: steps in columns by dependency depth (a step
- * sits one column right of its deepest dependency), coloured by status.
+ * sits one column right of its deepest dependency), coloured by status, each node
+ * labelled with the step's name (or service) and a hint of its payload. The drawing
+ * fits the panel's width; the wheel, a drag or the buttons zoom and pan it.
  */
 
-import { svg } from "./dom.js";
+import { button, el, svg } from "./dom.js";
 import { percent } from "./format.js";
 
-const NODE_W = 150;
-const NODE_H = 42;
+const NODE_W = 170;
+const NODE_H = 56;
 const GAP_X = 56;
 const GAP_Y = 14;
 const PAD = 12;
@@ -39,9 +41,31 @@ export function layers(details) {
   return columns;
 }
 
+function clip(text, length) {
+  const flat = String(text).replace(/\s+/g, " ").trim();
+  return flat.length > length ? `${flat.slice(0, length - 1)}…` : flat;
+}
+
+/** The step's own name (`metadata.name`), or its service. */
+export function stepName(step) {
+  const name = step.metadata && step.metadata.name;
+  return typeof name === "string" && name.trim() ? name : step.service;
+}
+
+/** A short reminder of what the step does: its model, or the start of its prompt. */
+export function payloadHint(payload) {
+  if (!payload || typeof payload !== "object") return "";
+  for (const key of ["model", "checkpoint", "prompt", "workflow_name", "url"]) {
+    const value = payload[key];
+    if (typeof value === "string" && value.trim()) {
+      return key === "prompt" ? value : `${key} ${value}`;
+    }
+  }
+  return "";
+}
+
 function nodeLabel(step) {
-  const service = step.service.length > 16 ? `${step.service.slice(0, 15)}…` : step.service;
-  return `#${step.step_index} ${service}`;
+  return `#${step.step_index} ${clip(stepName(step), 19)}`;
 }
 
 function nodeState(step) {
@@ -54,7 +78,14 @@ export function updateNode(drawing, step) {
   if (!node) return;
   node.dataset.status = step.status;
   node.querySelector(".state").textContent = nodeState(step);
-  node.querySelector("title").textContent = `${step.step_id}\n${step.service}: ${nodeState(step)}`;
+  node.querySelector("title").textContent = nodeTitle(step);
+}
+
+function nodeTitle(step) {
+  const hint = payloadHint(step.payload);
+  return [`${step.step_id}`, `${stepName(step)} (${step.service}): ${nodeState(step)}`, hint]
+    .filter(Boolean)
+    .join("\n");
 }
 
 /** The SVG drawing; `onSelect(step)` is called when a node is clicked. */
@@ -108,10 +139,15 @@ export function drawDag(details, onSelect) {
           tabindex: 0,
           onclick: () => onSelect(step),
         },
-        svg("title", {}, `${step.step_id}\n${step.service}: ${nodeState(step)}`),
+        svg("title", {}, nodeTitle(step)),
         svg("rect", { width: NODE_W, height: NODE_H, rx: 6 }),
-        svg("text", { x: 8, y: 17, class: "label" }, nodeLabel(step)),
-        svg("text", { x: 8, y: 33, class: "state" }, nodeState(step)),
+        svg("text", { x: 8, y: 17, class: "label", "data-testid": "dag-label" }, nodeLabel(step)),
+        svg(
+          "text",
+          { x: 8, y: 32, class: "hint", "data-testid": "dag-hint" },
+          clip(payloadHint(step.payload), 24),
+        ),
+        svg("text", { x: 8, y: 48, class: "state" }, nodeState(step)),
       ),
     );
   }
@@ -120,9 +156,10 @@ export function drawDag(details, onSelect) {
     {
       id: "workflow-dag",
       "data-testid": "workflow-dag",
-      width,
-      height,
+      "data-width": width,
+      "data-height": height,
       viewBox: `0 0 ${width} ${height}`,
+      preserveAspectRatio: "xMidYMin meet",
       role: "img",
       "aria-label": `workflow graph of ${details.length} steps`,
     },
@@ -146,4 +183,88 @@ export function drawDag(details, onSelect) {
     edges,
     nodes,
   );
+}
+
+const MIN_SCALE = 0.05;
+const MAX_SCALE = 4;
+
+/**
+ * The drawing in a box that fits it to the box's width (never wider), with zoom and pan:
+ * the wheel zooms around the pointer, a drag pans, the buttons zoom in, out and fit.
+ */
+export function dagViewer(drawing) {
+  const full = { w: Number(drawing.dataset.width), h: Number(drawing.dataset.height) };
+  let view = { x: 0, y: 0, w: full.w, h: full.h };
+  const frame = el("div", { class: "dag-frame", "data-testid": "dag-frame" }, drawing);
+
+  function show() {
+    drawing.setAttribute("viewBox", `${view.x} ${view.y} ${view.w} ${view.h}`);
+    const shown = Math.min(full.w, frame.clientWidth || full.w);
+    // The height follows the part shown, at the width it is shown at.
+    const height = Math.max(80, Math.min(480, (shown * view.h) / view.w));
+    drawing.style.height = `${Math.round(height)}px`;
+    drawing.style.width = `${Math.round(shown)}px`;
+    frame.dataset.scale = String(Math.round((shown / view.w) * 1000) / 1000);
+  }
+
+  function fit() {
+    view = { x: 0, y: 0, w: full.w, h: full.h };
+    show();
+  }
+
+  /** Zoom by `factor` (> 1: closer) around (fx, fy), fractions of the box shown. */
+  function zoom(factor, fx = 0.5, fy = 0.5) {
+    const shown = Math.min(full.w, frame.clientWidth || full.w);
+    const scale = Math.min(MAX_SCALE, Math.max(MIN_SCALE, (shown / view.w) * factor));
+    const w = shown / scale;
+    const h = (view.h * w) / view.w;
+    view = { x: view.x + (view.w - w) * fx, y: view.y + (view.h - h) * fy, w, h };
+    show();
+  }
+
+  drawing.addEventListener(
+    "wheel",
+    (event) => {
+      event.preventDefault();
+      const box = drawing.getBoundingClientRect();
+      const fx = (event.clientX - box.left) / box.width;
+      const fy = (event.clientY - box.top) / box.height;
+      zoom(event.deltaY < 0 ? 1.2 : 1 / 1.2, fx, fy);
+    },
+    { passive: false },
+  );
+  let drag = null;
+  drawing.addEventListener("pointerdown", (event) => {
+    if (event.target.closest(".node")) return;
+    drag = { x: event.clientX, y: event.clientY, view: { ...view } };
+    drawing.setPointerCapture(event.pointerId);
+  });
+  drawing.addEventListener("pointermove", (event) => {
+    if (!drag) return;
+    const box = drawing.getBoundingClientRect();
+    const perPixel = view.w / box.width;
+    view = {
+      ...view,
+      x: drag.view.x - (event.clientX - drag.x) * perPixel,
+      y: drag.view.y - (event.clientY - drag.y) * perPixel,
+    };
+    show();
+  });
+  const release = () => {
+    drag = null;
+  };
+  drawing.addEventListener("pointerup", release);
+  drawing.addEventListener("pointercancel", release);
+
+  const controls = el(
+    "div",
+    { class: "dag-controls", role: "group", "aria-label": "Zoom the graph" },
+    button("+", () => zoom(1.5), { title: "Zoom in", "data-testid": "dag-zoom-in" }),
+    button("−", () => zoom(1 / 1.5), { title: "Zoom out", "data-testid": "dag-zoom-out" }),
+    button("Fit", fit, { title: "Fit to the width", "data-testid": "dag-fit" }),
+  );
+  const box = el("div", { class: "dag" }, controls, frame);
+  new ResizeObserver(() => show()).observe(frame);
+  requestAnimationFrame(fit);
+  return box;
 }

@@ -1,4 +1,7 @@
-/** Machines and their workers: status, GPU, current step, heartbeat, queues; drain/resume. */
+/**
+ * Machines and their workers: status, GPU, current step, heartbeat, queues; drain/resume
+ * of a worker, and removal of a machine (after the operator confirms it).
+ */
 
 import { api, ApiError, explain } from "./api.js";
 import { badge, button, el, showMessage } from "./dom.js";
@@ -115,8 +118,35 @@ export function createFleet({ openStep, onWorkers }) {
         " ",
         badge(online ? "online" : "offline", "machine-status"),
         el("small", { class: "muted" }, ` ${facts.join(" · ")}`),
+        " ",
+        button("Remove", () => removeMachine(machine, workers), {
+          class: "danger",
+          "data-testid": "machine-remove",
+          title: "Take this machine out of the fleet (its running steps are re-queued)",
+        }),
       ),
     );
+  }
+
+  /** DELETE /api/machines/{id} once the operator confirms; running steps go back to the queue. */
+  async function removeMachine(machine, workers) {
+    const running = workers.reduce((n, w) => n + (w.current_step_ids || []).length, 0);
+    const question =
+      `Remove machine ${machine.id} from the fleet? Its ${workers.length} worker(s) take nothing` +
+      ` more` +
+      (running ? ` and its ${running} running step(s) are re-queued for other workers.` : ".");
+    if (!window.confirm(question)) return;
+    try {
+      const answer = await api(`/api/machines/${encodeURIComponent(machine.id)}`, {
+        method: "DELETE",
+      });
+      const requeued = answer.requeued_step_ids || [];
+      await refresh();
+      const told = `Machine ${machine.id} removed; ${requeued.length} step(s) re-queued.`;
+      showMessage(message, told, "info");
+    } catch (error) {
+      showMessage(message, `remove ${machine.id}: ${explain(error)}`);
+    }
   }
 
   /** Draw machines, each with its `workers` (as /api/machines gives them). */

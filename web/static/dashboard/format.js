@@ -37,3 +37,23 @@ export function pairs(object) {
     .map(([key, value]) => `${key}=${Array.isArray(value) ? value.join(",") : value}`)
     .join(" ");
 }
+
+/** A length of time in seconds as it reads best: "0.4 s", "12 s", "3.5 min", "2.1 h". */
+export function duration(seconds) {
+  const s = Number(seconds);
+  if (seconds === null || seconds === undefined || !Number.isFinite(s) || s < 0) return "—";
+  if (s < 10) return `${s.toFixed(1)} s`;
+  if (s < 90) return `${Math.round(s)} s`;
+  if (s < 5400) return `${(s / 60).toFixed(1)} min`;
+  if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
+  return `${(s / 86400).toFixed(1)} d`;
+}
+
+/** Seconds from one ISO time to another (or to now), or null when the start is unknown. */
+export function secondsBetween(fromIso, toIso) {
+  if (!fromIso) return null;
+  const end = toIso ? Date.parse(toIso) : Date.now();
+  const start = Date.parse(fromIso);
+  if (Number.isNaN(start) || Number.isNaN(end)) return null;
+  return Math.max(0, (end - start) / 1000);
+}

@@ -1,17 +1,49 @@
 /**
- * Steps: the filtered, paged list (newest first), search by id, and the detail
- * panel (progress, attempts, events); cancel and retry. Rows change in place
- * as `step_*` events arrive.
+ * Steps: the filtered, paged list (newest first; by status, service, customer, worker,
+ * error code and creation time), search by id or id prefix, and the detail panel
+ * (progress, attempts, events); cancel and retry. Rows change in place as `step_*`
+ * events arrive.
  */
 
 import { api, explain, query } from "./api.js";
 import { badge, button, el, head, json, setBadge, showMessage } from "./dom.js";
-import { ago, localTime, percent, shortId } from "./format.js";
+import { ago, duration, localTime, percent, secondsBetween, shortId } from "./format.js";
 import { coalesce } from "./live.js";
 
 const FINISHED = new Set(["completed", "failed", "cancelled", "skipped"]);
 const RETRYABLE = new Set(["failed", "cancelled"]);
 const PAGE_SIZE = 50;
+const FULL_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+const ID_PREFIX = /^[0-9a-f-]{4,36}$/i;
+const COLUMNS = 12;
+
+/** How long the latest attempt ran (so far, while it runs). */
+function runTime(step) {
+  if (!step.started_at) return null;
+  if (step.status === "running" || step.status === "assigned") {
+    return secondsBetween(step.started_at);
+  }
+  const ended = step.completed_at && Date.parse(step.completed_at);
+  if (!ended || ended < Date.parse(step.started_at)) return null;
+  return secondsBetween(step.started_at, step.completed_at);
+}
+
+/** How long the step waited for a worker (so far, while it is pending). */
+function queueWait(step) {
+  if (!step.queued_at) return null;
+  if (step.status === "pending") return secondsBetween(step.queued_at);
+  if (step.started_at && Date.parse(step.started_at) >= Date.parse(step.queued_at)) {
+    return secondsBetween(step.queued_at, step.started_at);
+  }
+  return null;
+}
+
+/** A `datetime-local` input's value as an ISO time with its offset (UTC), or "". */
+function isoFromLocal(value) {
+  if (!value) return "";
+  const time = new Date(value);
+  return Number.isNaN(time.getTime()) ? "" : time.toISOString();
+}
 
 /** The status a step has after each event (`step_submitted` says it in its data). */
 const STATUS_AFTER = {
@@ -67,11 +99,18 @@ export function createSteps({ onShown }) {
   const detail = document.getElementById("step-detail");
   const statusFilter = document.getElementById("step-status-filter");
   const serviceFilter = document.getElementById("step-service-filter");
+  const customerFilter = document.getElementById("step-customer-filter");
+  const workerFilter = document.getElementById("step-worker-filter");
+  const errorFilter = document.getElementById("step-error-filter");
+  const afterFilter = document.getElementById("step-after-filter");
+  const beforeFilter = document.getElementById("step-before-filter");
+  const search = document.getElementById("step-search");
   const olderButton = document.getElementById("steps-older");
   const known = new Map();
   let cursors = [null];
   let nextCursor = null;
   let opened = null;
+  let idPrefix = "";
 
   // --- the list -----------------------------------------------------------------------
 
@@ -99,7 +138,11 @@ export function createSteps({ onShown }) {
         el("progress", { max: 100, value: 0, "data-testid": "step-progress" }),
         el("span", { class: "num", "data-testid": "step-progress-text" }),
       ),
+      el("td", { class: "mono", "data-field": "error", "data-testid": "step-error-code" }),
       el("td", { class: "num", "data-field": "attempts" }),
+      el("td", { class: "num", "data-field": "duration" }),
+      el("td", { class: "num", "data-field": "wait" }),
+      el("td", { "data-field": "customer" }),
       el("td", { class: "id", "data-field": "worker" }),
       el("td", { "data-field": "created" }),
       el("td", { class: "row-actions" }, actionButtons(step)),
@@ -112,8 +155,14 @@ export function createSteps({ onShown }) {
     setBadge(row.querySelector("[data-testid=step-status]"), step.status);
     row.querySelector("[data-testid=step-progress]").value = Number(step.progress) || 0;
     row.querySelector("[data-testid=step-progress-text]").textContent = percent(step.progress);
+    const error = row.querySelector("[data-field=error]");
+    error.textContent = step.error ? step.error.code : "";
+    error.title = step.error ? step.error.message : "";
     row.querySelector("[data-field=attempts]").textContent =
       `${step.attempts}/${(step.max_retries ?? 0) + 1}`;
+    row.querySelector("[data-field=duration]").textContent = duration(runTime(step));
+    row.querySelector("[data-field=wait]").textContent = duration(queueWait(step));
+    row.querySelector("[data-field=customer]").textContent = step.customer_id;
     const worker = row.querySelector("[data-field=worker]");
     worker.textContent = step.worker_id || "—";
     worker.title = step.machine_id || "";
@@ -139,7 +188,7 @@ export function createSteps({ onShown }) {
       return row;
     });
     if (!ordered.length) {
-      ordered.push(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No steps match.")));
+      ordered.push(el("tr", {}, el("td", { colspan: COLUMNS, class: "muted" }, "No steps match.")));
     }
     rows.replaceChildren(...ordered);
   }
@@ -148,6 +197,12 @@ export function createSteps({ onShown }) {
     const params = {
       status: statusFilter.value,
       service: serviceFilter.value.trim(),
+      customer_id: customerFilter.value.trim(),
+      worker_id: workerFilter.value.trim(),
+      error_code: errorFilter.value.trim(),
+      created_after: isoFromLocal(afterFilter.value),
+      created_before: isoFromLocal(beforeFilter.value),
+      id_prefix: idPrefix,
       limit: PAGE_SIZE,
       cursor: cursors.at(-1),
     };
@@ -168,6 +223,24 @@ export function createSteps({ onShown }) {
   }
 
   const refreshSoon = coalesce(refresh, 1000);
+
+  /** A full id opens the step; a shorter prefix (4+ characters) lists the steps it begins. */
+  function searchFor(text) {
+    if (FULL_ID.test(text)) {
+      open(text.toLowerCase());
+    } else if (ID_PREFIX.test(text)) {
+      idPrefix = text.toLowerCase();
+      cursors = [null];
+      refresh();
+    } else if (!text) {
+      idPrefix = "";
+      cursors = [null];
+      refresh();
+    } else {
+      const hint = "Search by a full step id or its first 4 or more characters (0-9, a-f, -).";
+      showMessage(message, hint);
+    }
+  }
 
   // --- actions --------------------------------------------------------------------------
 
@@ -310,7 +383,7 @@ export function createSteps({ onShown }) {
       el("details", {}, el("summary", {}, "Payload"), json(step.payload)),
       el("details", {}, el("summary", {}, "Result"), json(step.result)),
       el("h4", {}, "Attempts"),
-      attemptTable(attempts),
+      el("div", { class: "scroll" }, attemptTable(attempts)),
       el("h4", {}, "Events"),
       eventList(events),
     ];
@@ -436,6 +509,8 @@ export function createSteps({ onShown }) {
   document.getElementById("step-filters").addEventListener("submit", (e) => {
     e.preventDefault();
     cursors = [null];
+    const text = search.value.trim();
+    idPrefix = ID_PREFIX.test(text) && !FULL_ID.test(text) ? text.toLowerCase() : "";
     refresh();
   });
   document.getElementById("steps-newest").addEventListener("click", () => {
@@ -447,8 +522,7 @@ export function createSteps({ onShown }) {
     cursors.push(nextCursor);
     refresh();
   });
-  const search = document.getElementById("step-search");
-  const go = () => search.value.trim() && open(search.value.trim());
+  const go = () => searchFor(search.value.trim());
   document.getElementById("step-search-go").addEventListener("click", go);
   search.addEventListener("keydown", (e) => {
     if (e.key === "Enter") {

@@ -4,7 +4,7 @@
  */
 
 import { api, explain, query } from "./api.js";
-import { drawDag, updateNode } from "./dag.js";
+import { dagViewer, drawDag, updateNode } from "./dag.js";
 import { badge, button, el, head, setBadge, showMessage } from "./dom.js";
 import { ago, localTime, percent, shortId } from "./format.js";
 import { coalesce } from "./live.js";
@@ -18,6 +18,7 @@ const TERMINAL_EVENTS = {
   workflow_cancelled: "cancelled",
 };
 const PAGE_SIZE = 25;
+const STEP_PAGES = 5; // 5 pages of 200: EMP_MAX_WORKFLOW_STEPS' default of 1000 steps
 
 /** A copy of `workflow` with what `event` says about it. */
 function applyWorkflowEvent(workflow, event) {
@@ -122,9 +123,31 @@ export function createWorkflows({ openStep, onShown }) {
 
   // --- the detail panel -----------------------------------------------------------------
 
+  /** Each step's name and payload hint for the DAG's labels (step_details carry neither). */
+  const described = new Map();
+
+  async function describeSteps(workflowId) {
+    if (described.has(workflowId)) return described.get(workflowId);
+    const found = new Map();
+    let cursor = null;
+    for (let page = 0; page < STEP_PAGES; page += 1) {
+      const params = query({ workflow_id: workflowId, limit: 200, cursor });
+      const data = await api(`/api/steps${params}`);
+      data.steps.forEach((s) => found.set(s.id, { payload: s.payload, metadata: s.metadata }));
+      cursor = data.next_cursor;
+      if (!cursor) break;
+    }
+    described.clear(); // only the open workflow's are kept
+    described.set(workflowId, found);
+    return found;
+  }
+
   async function fetchDetail(workflowId) {
-    const data = await api(`/api/workflows/${encodeURIComponent(workflowId)}`);
-    return { workflow: data.workflow, steps: data.steps };
+    const [data, steps] = await Promise.all([
+      api(`/api/workflows/${encodeURIComponent(workflowId)}`),
+      describeSteps(workflowId).catch(() => new Map()),
+    ]);
+    return { workflow: data.workflow, steps: data.steps, described: steps };
   }
 
   async function open(workflowId) {
@@ -261,14 +284,16 @@ export function createWorkflows({ openStep, onShown }) {
       drawing.querySelectorAll("[data-testid=dag-node]").length === steps.length;
     if (sameGraph) {
       steps.forEach((step) => updateNode(drawing, step));
-      const box = drawing.parentElement;
+      const box = drawing.closest(".dag");
       [...detail.children].filter((child) => child !== box).forEach((child) => child.remove());
       box.before(...above);
       box.after(below);
     } else {
-      const fresh = drawDag(steps, (step) => openStep(step.step_id));
+      const about = opened.described || new Map();
+      const labelled = steps.map((step) => ({ ...step, ...(about.get(step.step_id) || {}) }));
+      const fresh = drawDag(labelled, (step) => openStep(step.step_id));
       fresh.dataset.workflowId = workflow.id;
-      detail.replaceChildren(...above, el("div", { class: "dag" }, fresh), below);
+      detail.replaceChildren(...above, dagViewer(fresh), below);
     }
     detail.hidden = false;
   }
@@ -285,6 +310,9 @@ export function createWorkflows({ openStep, onShown }) {
 
   function stepTable(steps) {
     return el(
+      "div",
+      { class: "scroll" },
+      el(
       "table",
       { "data-testid": "workflow-steps" },
       head("#", "step", "service", "status", "progress", "needs", "worker"),
@@ -318,6 +346,7 @@ export function createWorkflows({ openStep, onShown }) {
             el("td", { class: "id" }, step.worker_id || "—"),
           ),
         ),
+      ),
       ),
     );
   }
