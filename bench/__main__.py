@@ -26,6 +26,7 @@ from bench import (
     emprops_rows,
     live_rows,
     ours,
+    position_rows,
     report,
     scratch,
     socket_rows,
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     run = scratch.create("emp_bench", DATA_DIR, EMBEDDED_REDIS_PORT)
     sockets: socket_rows.SocketResult | None = None
     stranded: stranded_rows.StrandedResult | None = None
+    positions: position_rows.PositionResult | None = None
     try:
         if args.only_sockets:
             return _only_sockets(run)
@@ -308,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             ours.use_scratch(run)
             stranded = stranded_rows.run(args.stranded_pending)
+            if stranded.queue is not None:
+                positions = position_rows.run(stranded.queue, args.stranded_pending)
     finally:
         redisdb.reset_clients()
         run.drop()
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if inherited:
         print(f"EMP Tasks processes also inherit: {', '.join(inherited)}")
-    print(report.table(mine, baselines, shapes, hooks, live, sockets, stranded))
+    print(report.table(mine, baselines, shapes, hooks, live, sockets, stranded, positions))
     print(
         "Worker concurrency 2 everywhere (EMP Tasks: `emp worker`, threads pool). "
         "Ratio = EMP Tasks / baseline in steps/s: above 1 EMP Tasks is faster, below 1 slower; "
@@ -385,12 +389,16 @@ def main(argv: list[str] | None = None) -> int:
         print(SOCKET_ROWS_NOTE)
     if stranded is not None:
         print(stranded_rows.NOTE)
+    if positions is not None:
+        print(position_rows.NOTE)
     for result in (mine, *baselines):
         print(report.summary(result, shapes, hooks, live))
     if sockets is not None:
         print(report.socket_summary(sockets))
     if stranded is not None:
         print(stranded_rows.summary(stranded))
+    if positions is not None:
+        print(position_rows.summary(positions))
     sockets_ok = (sockets is None or sockets.ok) and (stranded is None or stranded.ok)
     return 0 if sockets_ok and all(result.ok for result in (mine, *baselines)) else 1
 

@@ -6,9 +6,10 @@ import math
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from bench import emprops_rows, stranded_rows
+from bench import emprops_rows, position_rows, stranded_rows
 from bench.cpu import CLIENT, POSTGRES, REDIS
 from bench.live_rows import LiveRow
+from bench.position_rows import PositionResult
 from bench.socket_rows import SocketPhase, SocketResult
 from bench.stats import LiveResult, Result, WebhookResult, WorkflowResult, percentile
 from bench.stranded_rows import StrandedResult
@@ -216,6 +217,7 @@ def table(
     live: Sequence[LiveRow] = (),
     sockets: SocketResult | None = None,
     stranded: StrandedResult | None = None,
+    positions: PositionResult | None = None,
 ) -> str:
     """A Markdown table: ours, then each baseline with the ratio ours / baseline (in steps/s).
 
@@ -247,6 +249,7 @@ def table(
     rows += _emprops_rows(ours, baselines)
     rows += _socket_rows(sockets, baselines)
     rows += stranded_rows.rows(stranded, len(baselines))
+    rows += position_rows.rows(positions, len(baselines))
     return _markdown(rows)
 
 

@@ -32,6 +32,7 @@ class StrandedResult:
     read_ms: list[float] = field(default_factory=list)  # wall ms, one task missing
     read_cpu_ms: list[float] = field(default_factory=list)
     resent: int = 0  # steps the second missing scan sent again (must be 1)
+    queue: str | None = None  # the queue its pending steps are in (the position rows use it)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -81,6 +82,7 @@ def run(pending: int) -> StrandedResult:
     outcome = StrandedResult(pending=pending)
     try:
         queue, _ = _make_pending(pending)
+        outcome.queue = queue
         depth = census.depths([queue])[queue]
         if depth != pending:
             outcome.errors.append(f"{depth} tasks pushed for {pending} steps")

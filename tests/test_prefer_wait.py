@@ -58,3 +58,30 @@ def test_wait_on_an_ended_workflow_or_another_customers_answers_at_once(live_api
         timeout=10,
     )
     assert other.status_code == 404
+
+
+def test_a_one_second_step_posted_with_wait_comes_back_completed(live_api, system):
+    body = {"service": "simulation", "payload": {"duration_s": 1}}
+    started = time.monotonic()
+    response = post(live_api, "/api/steps", body, wait="10")
+    assert response.status_code == 201, response.text
+    assert response.headers["Preference-Applied"] == "wait=10"
+    answer = response.json()
+    assert answer["status"] == "completed" and answer["step"]["status"] == "completed"
+    assert answer["step"]["queue_position"] is None
+    assert 1 <= time.monotonic() - started < 10
+
+
+def test_wait_one_on_a_five_second_step_answers_after_about_a_second(live_api, system):
+    created = post(live_api, "/api/steps", {"service": "simulation", "payload": {"duration_s": 5}})
+    step_id = created.json()["step_id"]
+    started = time.monotonic()
+    response = get(live_api, f"/api/steps/{step_id}", wait="1")
+    elapsed = time.monotonic() - started
+    assert response.headers["Preference-Applied"] == "wait=1"
+    assert response.json()["step"]["status"] in ("pending", "assigned", "running")
+    assert 0.9 <= elapsed < 4
+    assert (
+        get(live_api, f"/api/steps/{step_id}", wait="bogus").headers.get("Preference-Applied")
+        is None
+    )

@@ -5,10 +5,12 @@ from __future__ import annotations
 from flask import Blueprint, Response, g
 
 from emp_tasks.auth import Principal
+from emp_tasks.core.status import TERMINAL_STEP_STATUSES
 from emp_tasks.core.times import iso
 from emp_tasks.routes import queues
 from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
-from emp_tasks.steps import client, queries
+from emp_tasks.steps import client, queries, queue_order
+from web import waiting
 from web.endpoints import endpoint, idempotency_key, ok
 from web.presenters import attempt_object, step_object
 
@@ -32,18 +34,41 @@ def submit(body: StepCreate, principal: Principal):
     body=StepCreate,
     status=201,
     tags=TAGS,
-    headers=("Idempotency-Key",),
-    summary="Submit a step",
+    headers=("Idempotency-Key", "Prefer"),
+    summary="Submit a step; `Prefer: wait=N` answers once it ended (or N seconds passed)",
 )
 def create_step(principal: Principal, body: StepCreate) -> Response:
     step, created = submit(body, principal)
+    extra = _waited(principal, step)
+    if extra:
+        step = queries.get(step.id, principal)
     return ok(
         201 if created else 200,
+        extra,
         step_id=step.id,
         status=step.status,
-        step=step_object(step),
+        step=shown(step),
         warnings=queues.step_warnings(step),
     )
+
+
+def shown(step) -> dict:
+    """A step object with its place in its queue (queue_position, queue_depth: null unless
+    pending)."""
+    return {**step_object(step), **queue_order.position(step)}
+
+
+def _waited(principal: Principal, step) -> dict[str, str]:
+    """Wait as `Prefer: wait=N` asks (see web.waiting); the headers to answer with."""
+    seconds = waiting.requested()
+    if seconds is None or step.status in TERMINAL_STEP_STATUSES:
+        return waiting.applied(seconds) if seconds is not None else {}
+
+    def ended() -> bool:
+        return queries.get(step.id, principal).status in TERMINAL_STEP_STATUSES
+
+    granted = waiting.wait(principal, seconds, ended, step_id=step.id)
+    return waiting.applied(seconds) if granted else {}
 
 
 @endpoint(bp, "/api/steps", query=StepListQuery, tags=TAGS, summary="List steps, newest first")
@@ -76,10 +101,20 @@ def step_stats(principal: Principal, query: StatsQuery) -> Response:
     return ok(timeframe=query.timeframe, stats=queries.stats(principal, query.timeframe))
 
 
-@endpoint(bp, "/api/steps/<step_id>", aliases=("/step/<step_id>",), tags=TAGS, summary="Get a step")
+@endpoint(
+    bp,
+    "/api/steps/<step_id>",
+    aliases=("/step/<step_id>",),
+    tags=TAGS,
+    headers=("Prefer",),
+    summary="Get a step; `Prefer: wait=N` waits for its end",
+)
 def get_step(principal: Principal, step_id: str) -> Response:
     step = queries.get(step_id, principal)
-    return ok(step=step_object(step), warnings=queues.step_warnings(step))
+    extra = _waited(principal, step)
+    if extra:
+        step = queries.get(step_id, principal)
+    return ok(200, extra, step=shown(step), warnings=queues.step_warnings(step))
 
 
 @endpoint(bp, "/api/steps/<step_id>/attempts", tags=TAGS, summary="A step's attempts")

@@ -23,3 +23,14 @@ def broker_priority(priority: int, continuation: bool = False) -> int:
     level = min(BROKER_PRIORITY_LEVELS - 1, max(0, priority) * BROKER_PRIORITY_LEVELS // 101)
     broker_level = BROKER_PRIORITY_LEVELS - 1 - level
     return max(0, broker_level - 1) if continuation else broker_level
+
+
+def broker_priority_sql(priority: str = "priority", continuation: str | None = None) -> str:
+    """`broker_priority` as a SQL expression over a step row's columns (an index and the
+    queue position count use it); `continuation` is a SQL boolean, by default a workflow
+    step that has dependencies."""
+    if continuation is None:
+        continuation = "(workflow_id IS NOT NULL AND jsonb_array_length(depends_on) > 0)"
+    top = BROKER_PRIORITY_LEVELS - 1
+    level = f"({top} - least({top}, greatest(0, {priority}) * {BROKER_PRIORITY_LEVELS} / 101))"
+    return f"greatest(0, {level} - CASE WHEN {continuation} THEN 1 ELSE 0 END)"

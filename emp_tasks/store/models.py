@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from emp_tasks.core.priority import broker_priority_sql
 from emp_tasks.core.status import (
     ACTIVE_STEP_STATUSES,
     UNFINISHED_DELIVERY_STATUSES,
@@ -203,8 +204,11 @@ class Step(Base):
         Index("ix_steps_customer_id_created_at", "customer_id", "created_at"),
         Index("ix_steps_workflow_id_step_index", "workflow_id", "step_index"),
         Index(
-            "ix_steps_queue_pending",
+            "ix_steps_queue_order",  # the order workers take pending steps (queue positions)
             "queue",
+            text(f"({broker_priority_sql()})"),
+            "queued_at",
+            "id",
             postgresql_where=text(f"status = '{StepStatus.PENDING}'"),
         ),
         Index(

@@ -1,0 +1,103 @@
+"""The queue position rows (EMP Tasks only): `queue_position` of a step deep in a long queue.
+
+Run on the stranded rows' queue (bench.stranded_rows: 100,000 pending steps in one
+queue). Times, in this process, `emp_tasks.steps.queue_order.position` for the step
+workers would take first and for the one they would take last (its position is one
+range count over the steps ahead, on ix_steps_queue_order), and the queue's depth count
+(done at most once a second per queue in a web process); median wall ms of POSITIONS.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from bench.stats import percentile
+from emp_tasks.steps import queue_order, transitions
+from emp_tasks.store import db
+
+POSITIONS = 5
+
+
+@dataclass
+class PositionResult:
+    pending: int
+    first_ms: list[float] = field(default_factory=list)
+    last_ms: list[float] = field(default_factory=list)
+    depth_ms: list[float] = field(default_factory=list)
+    last_position: int | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.last_position == self.pending - 1
+
+
+def _ends(queue: str) -> tuple[object, object]:
+    order = "queued_at {0}, id {0}"
+    with db.tx() as tx:
+        first, last = (
+            tx.one(
+                f"SELECT {transitions.STEP_COLUMNS} FROM steps WHERE queue = %s AND status ="
+                f" 'pending' ORDER BY {order.format(direction)} LIMIT 1",
+                [queue],
+            )
+            for direction in ("ASC", "DESC")
+        )
+    return first, last
+
+
+def _timed(call) -> tuple[float, object]:
+    started = time.perf_counter()
+    value = call()
+    return (time.perf_counter() - started) * 1000, value
+
+
+def run(queue: str, pending: int) -> PositionResult:
+    outcome = PositionResult(pending=pending)
+    try:
+        first, last = _ends(queue)
+        for _ in range(POSITIONS):
+            ms, _ = _timed(lambda: queue_order.position(first))
+            outcome.first_ms.append(ms)
+            ms, shown = _timed(lambda: queue_order.position(last))
+            outcome.last_ms.append(ms)
+            outcome.last_position = shown["queue_position"]
+            queue_order._depths.clear()  # the uncached count, every time
+            ms, _ = _timed(lambda: queue_order.depth(queue))
+            outcome.depth_ms.append(ms)
+    except Exception as exc:  # the row reports it; the other rows still print
+        outcome.errors.append(f"{type(exc).__name__}: {exc}")
+    return outcome
+
+
+def rows(result: PositionResult | None, baselines: int) -> list[list[str]]:
+    if result is None:
+        return []
+
+    def cell(values: list[float]) -> str:
+        return f"{percentile(values, 50):.1f}" if values and result.ok else "—"
+
+    label = f"queue position, {result.pending:,} pending in one queue"
+    return [
+        [f"{label}: first step, wall (ms)", cell(result.first_ms), *(["—", ""] * baselines)],
+        [f"{label}: last step, wall (ms)", cell(result.last_ms), *(["—", ""] * baselines)],
+        [f"{label}: depth count, uncached (ms)", cell(result.depth_ms), *(["—", ""] * baselines)],
+    ]
+
+
+def summary(result: PositionResult) -> str:
+    text = (
+        f"EMP Tasks, queue position: last of {result.pending} pending steps at position "
+        f"{result.last_position} (expected {result.pending - 1})"
+    )
+    for error in result.errors[:3]:
+        text += f"\n  error: {error}"
+    return text
+
+
+NOTE = (
+    "Queue position rows (EMP Tasks only): on the stranded rows' queue, "
+    "queue_order.position for the first and the last step workers would take (a range "
+    f"count on ix_steps_queue_order), and the depth count, median wall ms of {POSITIONS}."
+)
