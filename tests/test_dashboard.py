@@ -480,6 +480,10 @@ def test_charts_and_a_step_detail_fit_the_page(page, live_api, system, size):
         for chart in ("pending", "wait"):
             wait(page, lambda d, c=chart: (drawn(c) or {}).get("points", 0) >= 60, f"no {chart}")
         assert drawn("wait")["total"] > 0  # the steps above waited for their worker
+        if size == "desktop":
+            page.find_element(By.CSS_SELECTOR, "#series-window [data-window=day]").click()
+            wait(page, lambda d: drawn("throughput")["points"] >= 96, "no day of buckets")
+            assert drawn("throughput")["total"] > 0
         assert all(drawn(c)["width"] <= SIZES[size][0] for c in ("throughput", "failures"))
 
         row = f'tr[data-step-id="{failed["step_id"]}"]'

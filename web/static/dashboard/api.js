@@ -67,7 +67,9 @@ export function explain(error) {
   if (error.status === 401) {
     return "The API key was refused (401 UNAUTHORIZED): enter a valid key above.";
   }
-  if (error.status === 403) return "This needs an admin key (403 FORBIDDEN).";
+  if (error.status === 403) {
+    return `${error.message || "this needs an admin key"} (403 FORBIDDEN).`;
+  }
   if (error.status === 0) return "The API cannot be reached; retrying.";
   return `${error.code}: ${error.message}`;
 }
