@@ -215,6 +215,9 @@ def test_step_progress_is_live_and_cancel_works(page, live_api, system):
 
     wait(page, progress_moved_twice, "the step's progress did not move twice live")
     assert seen == sorted(seen) and seen[-1] < 100, seen
+    # Its running time and queue wait come from the events too, not only from REST.
+    assert page.find_element(By.CSS_SELECTOR, f"{row} [data-field=duration]").text.endswith(" s")
+    assert page.find_element(By.CSS_SELECTOR, f"{row} [data-field=wait]").text.endswith(" s")
 
     page.find_element(By.CSS_SELECTOR, f"{row} [data-testid=step-cancel]").click()
     wait(

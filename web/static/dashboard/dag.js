@@ -201,7 +201,7 @@ export function dagViewer(drawing) {
     drawing.setAttribute("viewBox", `${view.x} ${view.y} ${view.w} ${view.h}`);
     const shown = Math.min(full.w, frame.clientWidth || full.w);
     // The height follows the part shown, at the width it is shown at.
-    const height = Math.max(80, Math.min(480, (shown * view.h) / view.w));
+    const height = Math.max(40, Math.min(480, (shown * view.h) / view.w));
     drawing.style.height = `${Math.round(height)}px`;
     drawing.style.width = `${Math.round(shown)}px`;
     frame.dataset.scale = String(Math.round((shown / view.w) * 1000) / 1000);

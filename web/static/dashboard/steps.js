@@ -71,10 +71,18 @@ export function applyStepEvent(step, event) {
     next.result = data.result ?? next.result;
   } else if (event.type === "step_failed" || event.type === "step_retrying") {
     next.error = data.error ?? next.error;
+    if (event.type === "step_retrying") next.queued_at = data.retry_at ?? next.queued_at;
   } else if (event.type === "step_assigned") {
     next.worker_id = data.worker_id ?? event.worker_id ?? next.worker_id;
     next.machine_id = data.machine_id ?? event.machine_id ?? next.machine_id;
     next.attempts = data.attempt ?? next.attempts;
+  }
+  // Times the row's duration and queue wait are read from (the REST answer has them too).
+  const at = Number.isFinite(event.timestamp) ? new Date(event.timestamp).toISOString() : null;
+  if (at && event.type === "step_assigned") next.started_at = at; // a new attempt began
+  if (at && event.type === "step_started" && !next.started_at) next.started_at = at;
+  if (at && FINISHED.has(next.status) && STATUS_AFTER[event.type] === next.status) {
+    next.completed_at = at;
   }
   next.eventTimestamp = event.timestamp;
   return next;
@@ -83,7 +91,15 @@ export function applyStepEvent(step, event) {
 /** REST data, unless an event newer than it already moved the step on. */
 function fresher(fetched, known) {
   if (known && known.eventTimestamp > Date.parse(fetched.updated_at)) {
-    const live = pick(known, ["status", "progress", "stage", "message", "eventTimestamp"]);
+    const live = pick(known, [
+      "status",
+      "progress",
+      "stage",
+      "message",
+      "started_at",
+      "completed_at",
+      "eventTimestamp",
+    ]);
     return { ...fetched, ...live };
   }
   return fetched;
