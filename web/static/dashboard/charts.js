@@ -124,7 +124,7 @@ export function createCharts() {
     try {
       const answer = await api(`/api/stats/series${query({ window: windowName })}`);
       showMessage(message, "");
-      draw(answer);
+      if (answer.window === windowName) draw(answer); // not an answer for the other window
     } catch (error) {
       showMessage(message, `charts: ${explain(error)}`);
     }
