@@ -17,6 +17,8 @@ from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -639,6 +641,18 @@ def test_wide_workflow_graph_fits_the_panel_and_zooms(page, live_api, system):
     assert scale() > fit
     page.find_element(By.CSS_SELECTOR, "[data-testid=dag-fit]").click()
     assert scale() == fit
+    drawing = page.find_element(By.ID, "workflow-dag")
+    ActionChains(page).scroll_from_origin(ScrollOrigin.from_element(drawing), 0, -300).perform()
+    wait(page, lambda d: scale() > fit, "the wheel did not zoom in")
+
+    def left_edge() -> float:
+        return float(drawing.get_dom_attribute("viewBox").split()[0])
+
+    before = left_edge()
+    ActionChains(page).move_to_element_with_offset(drawing, -40, 0).click_and_hold().move_by_offset(
+        -120, 0
+    ).release().perform()
+    assert left_edge() > before  # dragged left: the view moved right along the chain
     assert fits_the_width(page)
 
 
