@@ -89,10 +89,10 @@ HEADER_SCHEMAS = {
     },
     "Prefer": {
         "type": "string",
-        "maxLength": 200,
         "description": (
             "`wait=<seconds>` (1-60): answer once the step or workflow is terminal, or when"
-            " the time is up (Preference-Applied says it was honoured)"
+            " the time is up (Preference-Applied says it was honoured); preferences not"
+            " understood are ignored (RFC 7240)"
         ),
     },
     "Last-Event-ID": {
