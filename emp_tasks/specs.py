@@ -194,12 +194,21 @@ def _iso_time_text(value: Any) -> Any:
 IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_time_text)]
 
 
-class StepListQuery(BaseModel):
+class JobListQuery(BaseModel):
+    """`GET /api/jobs` (the seed route): the filters it has always had."""
+
     model_config = ConfigDict(extra="ignore")
 
     status: StepStatus | None = None
     service: str | None = Field(default=None, max_length=200)
     workflow_id: str | None = Field(default=None, max_length=36)
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: str | None = Field(default=None, max_length=100, **CURSOR)
+
+
+class StepListQuery(JobListQuery):
+    """`GET /api/steps`: the job filters and the dashboard's."""
+
     customer_id: str | None = Field(
         default=None,
         min_length=1,
@@ -226,8 +235,6 @@ class StepListQuery(BaseModel):
         pattern=ID_PREFIX_PATTERN,
         description="Steps whose id starts with this (4 to 36 hex digits and dashes)",
     )
-    limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = Field(default=None, max_length=100, **CURSOR)
 
 
 class StatsQuery(BaseModel):

@@ -9,7 +9,7 @@ from flask import Blueprint, Response
 
 from emp_tasks.auth import Principal
 from emp_tasks.core.status import StepStatus
-from emp_tasks.specs import CancelRequest, StatsQuery, StepCreate, StepListQuery
+from emp_tasks.specs import CancelRequest, JobListQuery, StatsQuery, StepCreate
 from emp_tasks.steps import client, queries
 from emp_tasks.store.models import Step
 from web.endpoints import endpoint, ok
@@ -80,8 +80,8 @@ def create_job(principal: Principal, body: StepCreate) -> Response:
     )
 
 
-@endpoint(bp, "/api/jobs", query=StepListQuery, tags=TAGS, summary="List jobs, newest first")
-def list_jobs(principal: Principal, query: StepListQuery) -> Response:
+@endpoint(bp, "/api/jobs", query=JobListQuery, tags=TAGS, summary="List jobs, newest first")
+def list_jobs(principal: Principal, query: JobListQuery) -> Response:
     filters = {"status": query.status, "service": query.service, "workflow_id": query.workflow_id}
     page, next_cursor = queries.list_steps(
         principal, limit=query.limit, cursor=query.cursor, **filters
