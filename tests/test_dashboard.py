@@ -242,7 +242,12 @@ def test_step_detail_shows_attempts_and_events(page, live_api, system):
         live_api + "/api/steps",
         json={
             "service": "simulation",
-            "payload": {"duration_s": 0.3, "progress_steps": 1, "images": 1},
+            "payload": {
+                "duration_s": 0.3,
+                "progress_steps": 1,
+                "images": 1,
+                "log_lines": ["loading model", "<b>text, not markup</b>"],
+            },
         },
         headers=headers("admin"),
         timeout=10,
@@ -284,6 +289,18 @@ def test_step_detail_shows_attempts_and_events(page, live_api, system):
     link = page.find_element(By.CSS_SELECTOR, "[data-testid=detail-outputs] a")
     assert link.get_attribute("href") == output["url"]
     assert "image/png" in page.find_element(By.CSS_SELECTOR, "[data-output='0']").text
+    logs = wait(
+        page,
+        lambda d: d.find_elements(
+            By.CSS_SELECTOR, "[data-testid=detail-logs] li[data-attempt='1']"
+        ),
+        "the detail shows no log lines",
+    )
+    assert [line.text.split("#", 1)[1] for line in logs] == [
+        "1 info loading model",
+        "1 info <b>text, not markup</b>",
+    ]
+    assert not page.find_elements(By.CSS_SELECTOR, "[data-testid=detail-logs] b")
 
 
 def test_without_the_socket_the_page_polls(page, live_api, system):

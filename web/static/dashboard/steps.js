@@ -291,10 +291,11 @@ export function createSteps({ onShown }) {
 
   async function open(stepId) {
     try {
-      const [stepData, attempts, events] = await Promise.all([
+      const [stepData, attempts, events, logs] = await Promise.all([
         api(`/api/steps/${encodeURIComponent(stepId)}`),
         api(`/api/steps/${encodeURIComponent(stepId)}/attempts`),
         api(`/api/steps/${encodeURIComponent(stepId)}/events`),
+        api(`/api/steps/${encodeURIComponent(stepId)}/logs`),
       ]);
       showMessage(message, "");
       opened = {
@@ -302,6 +303,7 @@ export function createSteps({ onShown }) {
         warnings: stepData.warnings || [],
         attempts: attempts.attempts,
         events: events.events,
+        logs: logs.logs,
       };
       onShown([stepId]);
       drawDetail();
@@ -315,16 +317,18 @@ export function createSteps({ onShown }) {
     if (!opened) return;
     const stepId = opened.step.id;
     try {
-      const [stepData, attempts, events] = await Promise.all([
+      const [stepData, attempts, events, logs] = await Promise.all([
         api(`/api/steps/${encodeURIComponent(stepId)}`),
         api(`/api/steps/${encodeURIComponent(stepId)}/attempts`),
         api(`/api/steps/${encodeURIComponent(stepId)}/events`),
+        api(`/api/steps/${encodeURIComponent(stepId)}/logs`),
       ]);
       if (!opened || opened.step.id !== stepId) return;
       opened.step = fresher(stepData.step, opened.step);
       opened.warnings = stepData.warnings || [];
       opened.attempts = attempts.attempts;
       opened.events = events.events;
+      opened.logs = logs.logs;
       drawDetail();
     } catch {
       // The list's own refresh reports the API's state.
@@ -338,7 +342,7 @@ export function createSteps({ onShown }) {
   }
 
   function drawDetail() {
-    const { step, warnings, attempts, events } = opened;
+    const { step, warnings, attempts, events, logs } = opened;
     const stageText = [step.stage, step.message].filter(Boolean).join(" · ");
     const unfolded = [...detail.querySelectorAll("details")].map((d) => d.open);
     const actions = el("div", { class: "actions" });
@@ -400,6 +404,8 @@ export function createSteps({ onShown }) {
       el("details", {}, el("summary", {}, "Result"), json(step.result)),
       el("h4", {}, "Attempts"),
       el("div", { class: "scroll" }, attemptTable(attempts)),
+      el("h4", {}, "Logs"),
+      logList(logs || []),
       el("h4", {}, "Events"),
       eventList(events),
     ];
@@ -472,6 +478,26 @@ export function createSteps({ onShown }) {
             el("td", {}, localTime(a.finished_at)),
             el("td", {}, a.error ? `${a.error.code}: ${a.error.message}` : "—"),
           ),
+        ),
+      ),
+    );
+  }
+
+  /** What the connector reported, per attempt (GET /api/steps/{id}/logs); text only. */
+  function logList(logs) {
+    if (!logs.length) return el("p", { class: "muted" }, "No log lines.");
+    return el(
+      "ol",
+      { class: "events logs", "data-testid": "detail-logs" },
+      logs.map((line) =>
+        el(
+          "li",
+          { "data-attempt": line.attempt, "data-level": line.level },
+          el("time", {}, new Date(line.timestamp).toLocaleTimeString()),
+          ` #${line.attempt} `,
+          el("strong", {}, line.level),
+          " ",
+          line.message,
         ),
       ),
     );
