@@ -22,6 +22,7 @@ import sys
 from urllib.parse import parse_qs, urlsplit
 
 from bench import (
+    affinity_rows,
     baseline,
     emprops_rows,
     live_rows,
@@ -118,6 +119,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=100_000,
         help="pending steps of the stranded-step scan rows (100000; 0 skips them)",
+    )
+    parser.add_argument(
+        "--no-affinity",
+        action="store_true",
+        help="skip the warm placement rows (a mixed-model run with affinity on and off)",
     )
     parser.add_argument(
         "--no-prefork", action="store_true", help="skip the prefork bare Celery baseline"
@@ -274,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     sockets: socket_rows.SocketResult | None = None
     stranded: stranded_rows.StrandedResult | None = None
     positions: position_rows.PositionResult | None = None
+    warm: affinity_rows.AffinityResult | None = None
     try:
         if args.only_sockets:
             return _only_sockets(run)
@@ -312,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             stranded = stranded_rows.run(args.stranded_pending)
             if stranded.queue is not None:
                 positions = position_rows.run(stranded.queue, args.stranded_pending)
+        if not args.no_affinity:
+            print(
+                "measuring warm placement (affinity on, then off) ...", file=sys.stderr, flush=True
+            )
+            warm = affinity_rows.run(run, DATA_DIR / "affinity.log")
     finally:
         redisdb.reset_clients()
         run.drop()
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if inherited:
         print(f"EMP Tasks processes also inherit: {', '.join(inherited)}")
-    print(report.table(mine, baselines, shapes, hooks, live, sockets, stranded, positions))
+    print(report.table(mine, baselines, shapes, hooks, live, sockets, stranded, positions, warm))
     print(
         "Worker concurrency 2 everywhere (EMP Tasks: `emp worker`, threads pool). "
         "Ratio = EMP Tasks / baseline in steps/s: above 1 EMP Tasks is faster, below 1 slower; "
@@ -391,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         print(stranded_rows.NOTE)
     if positions is not None:
         print(position_rows.NOTE)
+    if warm is not None:
+        print(affinity_rows.NOTE)
     for result in (mine, *baselines):
         print(report.summary(result, shapes, hooks, live))
     if sockets is not None:
@@ -399,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         print(stranded_rows.summary(stranded))
     if positions is not None:
         print(position_rows.summary(positions))
-    sockets_ok = (sockets is None or sockets.ok) and (stranded is None or stranded.ok)
+    if warm is not None:
+        print(affinity_rows.summary(warm))
+    sockets_ok = (
+        (sockets is None or sockets.ok)
+        and (stranded is None or stranded.ok)
+        and (warm is None or warm.ok)
+    )
     return 0 if sockets_ok and all(result.ok for result in (mine, *baselines)) else 1
 
 

@@ -6,7 +6,8 @@ import math
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from bench import emprops_rows, position_rows, stranded_rows
+from bench import affinity_rows, emprops_rows, position_rows, stranded_rows
+from bench.affinity_rows import AffinityResult
 from bench.cpu import CLIENT, POSTGRES, REDIS
 from bench.live_rows import LiveRow
 from bench.position_rows import PositionResult
@@ -218,6 +219,7 @@ def table(
     sockets: SocketResult | None = None,
     stranded: StrandedResult | None = None,
     positions: PositionResult | None = None,
+    warm: AffinityResult | None = None,
 ) -> str:
     """A Markdown table: ours, then each baseline with the ratio ours / baseline (in steps/s).
 
@@ -250,6 +252,7 @@ def table(
     rows += _socket_rows(sockets, baselines)
     rows += stranded_rows.rows(stranded, len(baselines))
     rows += position_rows.rows(positions, len(baselines))
+    rows += affinity_rows.rows(warm, len(baselines))
     return _markdown(rows)
 
 

@@ -195,6 +195,12 @@ STEP_FAILURES = Counter(
     " failed without one (EXPIRED, REFERENCE_NOT_FOUND)",
     ("service", "type", "code"),
 )
+MODEL_LOADS = Counter(
+    "emp_model_loads_total",
+    "Models a worker's backend had to load for a step (cold starts), by service and model"
+    " (a model the worker does not declare counts as other)",
+    ("service", "model"),
+)
 RECORDED: tuple[Histogram | Counter, ...] = (
     STEP_DURATION,
     QUEUE_WAIT,
@@ -204,6 +210,7 @@ RECORDED: tuple[Histogram | Counter, ...] = (
     STEPS_SUBMITTED,
     STEPS_FINISHED,
     STEP_FAILURES,
+    MODEL_LOADS,
 )
 
 # What `execution.run_step` says became of an attempt -> the duration's `outcome` label.
@@ -360,6 +367,14 @@ def recovered(**counts: int) -> None:
 
 
 # --- recording: the step lifecycle (counted once its transaction commits) -----------------
+
+
+def model_loaded(service: str, model: str) -> None:
+    """A worker's backend loaded `model` for a step of `service`."""
+    _safely(
+        MODEL_LOADS.name,
+        lambda: _pending.add(MODEL_LOADS.key, _series((recorded_service(service), model)), 1),
+    )
 
 
 def admit_services(services: Iterable[str]) -> None:

@@ -5,13 +5,15 @@ The fast path publishes a transaction's events right after it commits
 publishes whatever a dead or failed fast path left behind, through the same
 `outbox.publish_aggregates`, so events keep their commit order whichever path
 publishes them. The relay also records the broker epoch at start, runs
-`reconcile` less often than it sweeps, and, with EMP_OUTPUT_RETENTION_DAYS set, deletes
-outputs older than that once an hour (`expire_outputs`).
+`reconcile` less often than it sweeps, releases steps whose warm wait is over (warm
+placement, 10 times a second) and, with EMP_OUTPUT_RETENTION_DAYS set, deletes outputs
+older than that once an hour (`expire_outputs`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import timedelta
 
@@ -20,12 +22,25 @@ from sqlalchemy import func, select
 from emp_tasks import reconcile, storage
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.times import now
+from emp_tasks.steps import affinity
 from emp_tasks.store import db, dispatch, outbox
 from emp_tasks.store.models import Event
 
 logger = logging.getLogger(__name__)
 
 RETENTION_INTERVAL_S = 3600.0
+AFFINITY_CHECK_S = 0.1
+
+
+def release_warm_waits_forever() -> None:
+    """Warm placement's wait bound (emp_tasks.steps.affinity), checked 10 times a second."""
+    while True:
+        try:
+            affinity.release_due()
+        except Exception:
+            logger.exception("Warm waits not released", extra={"action": "affinity_failed"})
+            time.sleep(1.0)
+        time.sleep(AFFINITY_CHECK_S)
 
 
 def expire_outputs() -> int:
@@ -73,6 +88,7 @@ def run_forever(interval_s: float | None = None) -> None:
         dispatch.mark_epoch()
     except Exception:
         logger.exception("Broker epoch not recorded", extra={"action": "relay_epoch_failed"})
+    threading.Thread(target=release_warm_waits_forever, name="emp-affinity", daemon=True).start()
     next_reconcile = 0.0
     next_retention = 0.0
     while True:

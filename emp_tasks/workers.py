@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -383,6 +384,14 @@ def online_count() -> int:
 
 
 HEARTBEAT_MAX_INTERVAL_S = 5.0
+
+
+def set_loaded_models(worker_id: str, loaded: dict[str, list[str]]) -> None:
+    """What the worker's backends hold now, per service (warm placement reads it)."""
+    with db.tx() as tx:
+        tx.execute(
+            "UPDATE workers SET loaded_models = %s WHERE id = %s", [Jsonb(loaded), worker_id]
+        )
 
 
 def heartbeat_interval(lease_timeout_s: float) -> float:

@@ -131,10 +131,36 @@ def test_comfyui_execution_messages_are_the_attempts_log(comfy):
     attempt = Attempt()
     attempt.run(ComfyUIConnector("comfy", {"url": comfy.url}), {"workflow": txt2img()})
     messages = [message for _, message in attempt.logs]
-    assert messages[0].startswith("execution started (prompt ")
+    assert (
+        messages[0] == "model sd_xl_base_1.0.safetensors is not loaded yet: this attempt loads it"
+    )
+    assert messages[1].startswith("execution started (prompt ")
     assert "executing node 3 (KSampler)" in messages
     assert messages[-1] == "execution succeeded"
     assert {level for level, _ in attempt.logs} == {"info"}
+
+
+def test_comfyui_knows_the_models_of_the_graphs_it_ran(comfy):
+    connector = ComfyUIConnector("comfy", {"url": comfy.url})
+    assert connector.loaded_models() == []
+    loads: list[tuple[str, int | None]] = []
+    first = Attempt()
+    step = StepRun(
+        step_id="s",
+        service="comfy",
+        attempt=1,
+        payload={"workflow": txt2img()},
+        requirements={},
+        timeout_s=60,
+        customer_id="alice",
+        load_sink=lambda model, ms: loads.append((model, ms)),
+    )
+    connector.run(step, {}, first.report, first.cancelled.is_set)
+    assert connector.loaded_models() == ["sd_xl_base_1.0.safetensors"]
+    ((model, load_ms),) = loads
+    assert model == "sd_xl_base_1.0.safetensors" and load_ms >= 0
+    connector.run(step, {}, first.report, first.cancelled.is_set)
+    assert loads[1] == ("sd_xl_base_1.0.safetensors", None)  # already loaded: warm
 
 
 def test_comfyui_url_outputs_link_to_view_on_the_public_url(comfy):

@@ -698,3 +698,45 @@ def test_machine_removal_asks_first(page, live_api):
     assert machine in question
     gone = requests.get(f"{live_api}/api/machines/{machine}", headers=headers("admin"), timeout=10)
     assert gone.status_code == 404
+
+
+def test_worker_rows_show_loaded_models_and_attempts_cold_or_warm(page, live_api, system):
+    go_live(page)
+    ids = []
+    for _ in range(2):
+        response = requests.post(
+            live_api + "/api/steps",
+            json={"service": "simulation", "payload": {"model": "dash-model"}},
+            headers=headers("admin"),
+            timeout=10,
+        )
+        ids.append(response.json()["step_id"])
+        wait(
+            page,
+            lambda d, step_id=ids[-1]: (
+                requests.get(
+                    f"{live_api}/api/steps/{step_id}", headers=headers("admin"), timeout=10
+                ).json()["step"]["status"]
+                == "completed"
+            ),
+            "the step did not complete",
+        )
+    loaded = '[data-worker-id="test-worker-1"] [data-testid=worker-loaded]'
+    wait(
+        page,
+        lambda d: "simulation: dash-model" in (visible_text(d, loaded) or ""),
+        "the worker row does not show the model its backend holds",
+    )
+    cell = "#step-detail [data-attempt='1'] [data-field=cold-start]"
+    for step_id, expected in zip(ids, ("cold (", "warm"), strict=True):
+        page.find_element(By.ID, "step-search").clear()
+        page.find_element(By.ID, "step-search").send_keys(step_id)
+        page.find_element(By.ID, "step-search-go").click()
+        wait(
+            page,
+            lambda d, step_id=step_id, expected=expected: (
+                d.find_element(By.CSS_SELECTOR, "[data-testid=detail-id]").text == step_id
+                and (visible_text(d, cell) or "").startswith(expected)
+            ),
+            f"the attempt is not shown {expected.strip(' (')}",
+        )

@@ -65,6 +65,8 @@ def attempt_object(attempt: Any) -> dict[str, Any]:
         "error": attempt.error,
         "started_at": iso(attempt.started_at),
         "finished_at": iso(attempt.finished_at),
+        "cold_start": attempt.cold_start,
+        "model_load_ms": attempt.model_load_ms,
     }
 
 
@@ -165,6 +167,7 @@ def worker_object(entry: FleetWorker) -> dict[str, Any]:
         "capabilities": worker.capabilities,
         "queues": worker.queues,
         "backends": worker.backends,
+        "loaded_models": worker.loaded_models,
         "current_step_id": (entry.current_step_ids or [None])[0],
         "current_step_ids": entry.current_step_ids,
         "concurrency": worker.concurrency,

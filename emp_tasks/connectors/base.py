@@ -116,6 +116,21 @@ class StepRun:
     log_sink: Callable[[str, str], None] | None = field(default=None, repr=False, compare=False)
     """Where `log` lines go (the worker's attempt log); None: nowhere."""
 
+    load_sink: Callable[[str, int | None], None] | None = field(
+        default=None, repr=False, compare=False
+    )
+    """Where `model_loaded` / `model_ready` reports go (the worker's attempt record)."""
+
+    def model_loaded(self, model: str, load_ms: int) -> None:
+        """Report that the backend loaded `model` for this attempt, taking `load_ms`."""
+        if self.load_sink is not None:
+            self.load_sink(model, load_ms)
+
+    def model_ready(self, model: str) -> None:
+        """Report that the backend already held `model` (the attempt is warm)."""
+        if self.load_sink is not None:
+            self.load_sink(model, None)
+
     def log(self, message: str, level: str = "info") -> None:
         """Report one line of the attempt's log (`GET /api/steps/{id}/logs`): what the
         backend said (execution messages, status polls, errors), for the client to read."""

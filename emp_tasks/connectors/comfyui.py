@@ -176,6 +176,35 @@ def _combo_options(spec: Any) -> list[str]:
     return []
 
 
+LOADER_INPUTS = {
+    "CheckpointLoaderSimple": "ckpt_name",
+    "CheckpointLoader": "ckpt_name",
+    "ImageOnlyCheckpointLoader": "ckpt_name",
+    "UNETLoader": "unet_name",
+    "LoraLoader": "lora_name",
+    "LoraLoaderModelOnly": "lora_name",
+    "VAELoader": "vae_name",
+}
+"""Loader nodes and the input naming the model each loads."""
+
+
+def graph_loaders(graph: dict[str, Any]) -> list[tuple[str, str]]:
+    """(node id, model) of each loader node in an API-format graph."""
+    found = []
+    for node, entry in graph.items():
+        if not isinstance(entry, dict):
+            continue
+        name = LOADER_INPUTS.get(str(entry.get("class_type")))
+        value = (entry.get("inputs") or {}).get(name) if name else None
+        if isinstance(value, str) and value:
+            found.append((str(node), value))
+    return found
+
+
+def graph_models(graph: dict[str, Any]) -> list[str]:
+    return sorted({model for _, model in graph_loaders(graph)})
+
+
 class _Execution:
     """What one prompt's WebSocket messages said so far, turned into progress reports.
 
@@ -193,6 +222,8 @@ class _Execution:
         self.prompt_id = prompt_id
         self.graph = graph
         self._log = log or (lambda message, level="info": None)
+        self.node_ms: dict[str, int] = {}  # time each node took, as the messages tell
+        self._entered_at = time.monotonic()
         self.started = False
         self.succeeded = False
         self._done: set[str] = set()
@@ -256,8 +287,12 @@ class _Execution:
 
     def _enter(self, node: str) -> None:
         self.started = True
+        moment = time.monotonic()
         if self._current is not None and self._current != node:
             self._done.add(self._current)
+            self.node_ms[self._current] = int((moment - self._entered_at) * 1000)
+        if self._current != node:
+            self._entered_at = moment
         self._current = node
         self._fraction = 0.0
         self._report(self._class_of(node))
@@ -313,6 +348,12 @@ class ComfyUIConnector:
                 f"comfyui connector for {service!r}: timeout_s must be a number"
             ) from exc
         self.headers = {str(k): str(v) for k, v in dict(options.get("headers") or {}).items()}
+        self._loaded: list[str] = []
+
+    def loaded_models(self) -> list[str]:
+        """The checkpoints, UNets, LoRAs and VAEs the loader nodes of the last graph named:
+        what this ComfyUI holds in memory now (it keeps the last graph's models)."""
+        return list(self._loaded)
 
     # --- the connector interface -----------------------------------------------------------
 
@@ -324,6 +365,10 @@ class ComfyUIConnector:
         cancel_requested: Callable[[], bool],
     ) -> Any:
         graph = workflow_of(step.payload)
+        needed = graph_models(graph)
+        for model in needed:
+            if model not in self._loaded:
+                step.log(f"model {model} is not loaded yet: this attempt loads it")
         client_id = uuid.uuid4().hex
         log = {"step_id": step.step_id, "attempt": step.attempt, "service": self.service}
         with requests.Session() as http:
@@ -355,7 +400,20 @@ class ComfyUIConnector:
             finally:
                 if socket is not None:
                     _close(socket)
-            return self._result(http, prompt_id, entry)
+            result = self._result(http, prompt_id, entry)
+            self._loaded_by(step, graph, execution)
+            return result
+
+    def _loaded_by(self, step: StepRun, graph: dict[str, Any], execution: _Execution) -> None:
+        """The graph ran: its models are the loaded ones; report those it had to load, each
+        with the time its loader node took."""
+        loaded = set(self._loaded)
+        for node, model in graph_loaders(graph):
+            if model in loaded:
+                step.model_ready(model)
+            else:
+                step.model_loaded(model, execution.node_ms.get(node, 0))
+        self._loaded = graph_models(graph)
 
     def health(self) -> dict[str, Any]:
         """`/system_stats` when the server answers; never raises."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from emp_tasks.connectors.base import (
     StepInterrupted,
     StepRun,
 )
+from emp_tasks.core.config import get_settings
 
 POLL_S = 0.05
 MAX_IMAGES = 16
@@ -28,6 +30,33 @@ class SimulationConnector:
 
     def __init__(self, service: str = "simulation", options: dict[str, Any] | None = None) -> None:
         self.service = service
+        self._loaded: str | None = None  # the simulated backend holds one model at a time
+        self._loading = threading.Lock()
+
+    def loaded_models(self) -> list[str]:
+        """The model the last step loaded (`payload.model`), if any."""
+        return [self._loaded] if self._loaded else []
+
+    def _load(self, step: StepRun, model: Any, cancel_requested: Callable[[], bool]) -> None:
+        """Load `payload.model` unless it is the one loaded: EMP_SIM_MODEL_LOAD_S seconds."""
+        if model is None:
+            return
+        if not isinstance(model, str) or not model:
+            raise StepFailure(
+                "model must be a non-empty string",
+                type=FailureType.VALIDATION,
+                code="INVALID_PAYLOAD",
+                retryable=False,
+            )
+        with self._loading:
+            if self._loaded == model:
+                step.model_ready(model)
+                return
+            started = time.monotonic()
+            self._wait_until(started + get_settings().sim_model_load_s, cancel_requested)
+            self._loaded = model
+        step.log(f"loaded model {model}")
+        step.model_loaded(model, int((time.monotonic() - started) * 1000))
 
     def run(
         self,
@@ -39,6 +68,7 @@ class SimulationConnector:
         payload = step.payload
         for line in self._log_lines(payload):
             step.log(line)
+        self._load(step, payload.get("model"), cancel_requested)
         duration = max(0.0, float(payload.get("duration_s", 0) or 0))
         progress_steps = max(0, int(payload.get("progress_steps", 0) or 0))
         started = time.monotonic()

@@ -165,6 +165,9 @@ class Settings:
     reconcile_interval_s: float = 5.0
     stranded_after_s: float = 30.0
     step_log_lines: int = 1000
+    affinity: bool = True
+    affinity_wait_ms: int = 500
+    sim_model_load_s: float = 0.0
     connectors: tuple[ConnectorConfig, ...] = ()
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
@@ -237,6 +240,9 @@ class Settings:
             reconcile_interval_s=_float(env, "EMP_RECONCILE_INTERVAL_S", 5.0),
             stranded_after_s=_float(env, "EMP_STRANDED_AFTER_S", 30.0),
             step_log_lines=_int(env, "EMP_STEP_LOG_LINES", 1000),
+            affinity=_bool(env, "EMP_AFFINITY", True),
+            affinity_wait_ms=_int(env, "EMP_AFFINITY_WAIT_MS", 500),
+            sim_model_load_s=_float(env, "EMP_SIM_MODEL_LOAD_S", 0.0),
             connectors=_connectors(env.get("EMP_CONNECTORS", "")),
             retry_base_s=_float(env, "EMP_RETRY_BASE_S", 2.0),
             retry_max_s=_float(env, "EMP_RETRY_MAX_S", 300.0),

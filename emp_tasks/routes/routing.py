@@ -30,6 +30,13 @@ from typing import Any
 from emp_tasks.routes.capabilities import STRICT, Capabilities
 
 QUEUE_PREFIX = "emp"
+
+
+def worker_queue(worker_id: str) -> str:
+    """A worker's own queue: it always consumes it; warm placement sends steps there."""
+    return f"{QUEUE_PREFIX}.worker.{worker_id}"
+
+
 BUILTIN_REQUIREMENTS = ("gpu_memory_gb", "models", "customer_isolation")
 
 

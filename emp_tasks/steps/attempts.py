@@ -451,6 +451,16 @@ def send_again(step_id: str, task_id: str | None = None) -> bool:
     return True
 
 
+def record_load(step_id: str, attempt: int, cold: bool, load_ms: int) -> None:
+    """Whether the attempt had to load its models (`cold_start`), and how long it took."""
+    with db.tx() as tx:
+        tx.execute(
+            "UPDATE step_attempts SET cold_start = %s, model_load_ms = %s"
+            " WHERE step_id = %s AND attempt = %s",
+            [cold, load_ms if cold else None, step_id, attempt],
+        )
+
+
 def should_stop(step_id: str, attempt: int) -> bool:
     """True once `attempt` is no longer the step's running attempt (cancelled or superseded)."""
     with db.tx() as tx:

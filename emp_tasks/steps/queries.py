@@ -52,8 +52,8 @@ def attempts(step_id: str, principal: Principal) -> list[Any]:
     with db.tx() as tx:
         visible(tx, step_id, principal)
         return tx.all(
-            "SELECT attempt, worker_id, machine_id, outcome, error, started_at, finished_at"
-            " FROM step_attempts WHERE step_id = %s ORDER BY attempt",
+            "SELECT attempt, worker_id, machine_id, outcome, error, started_at, finished_at,"
+            " cold_start, model_load_ms FROM step_attempts WHERE step_id = %s ORDER BY attempt",
             [step_id],
         )
 

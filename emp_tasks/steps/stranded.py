@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass, field
 
 from emp_tasks.core.config import get_settings
-from emp_tasks.core.events import EventType
 from emp_tasks.core.status import StepStatus
 from emp_tasks.steps import transitions
 from emp_tasks.store import census, db
@@ -82,18 +81,7 @@ def resend(step_ids: list[str]) -> list[str]:
     sent: list[str] = []
     for start in range(0, len(step_ids), RESEND_BATCH):
         with db.tx() as tx:
-            rows = tx.all(
-                f"SELECT {transitions.STEP_COLUMNS} FROM steps"
-                " WHERE id = ANY(%s) AND status = %s ORDER BY id FOR UPDATE SKIP LOCKED",
-                [step_ids[start : start + RESEND_BATCH], StepStatus.PENDING.value],
-            )
-            transitions.emit(
-                tx,
-                rows,
-                EventType.STEP_QUEUED,
-                {"status": StepStatus.PENDING.value, "reason": "stranded"},
-                queue=True,
-            )
+            rows = transitions.send_again(tx, step_ids[start : start + RESEND_BATCH], "stranded")
         sent += [row.id for row in rows]
     return sent
 

@@ -23,6 +23,7 @@ on each other in a circle.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,7 +43,7 @@ from emp_tasks.core.status import (
     step_may_become,
 )
 from emp_tasks.core.times import iso, now
-from emp_tasks.routes import queues, routing
+from emp_tasks.routes import placement, queues, routing
 from emp_tasks.specs import StepCreate
 from emp_tasks.store import outbox
 from emp_tasks.store.db import Tx
@@ -117,21 +118,31 @@ def event_of(
 
 
 def emit(
-    tx: Tx, steps: Iterable[Any], event_type: EventType, data: Data, *, queue: bool = False
+    tx: Tx,
+    steps: Iterable[Any],
+    event_type: EventType,
+    data: Data,
+    *,
+    queue: bool = False,
+    place: bool = True,
 ) -> None:
-    """Record each step's event; `queue=True` also sends its task when the event is published."""
+    """Record each step's event; `queue=True` also sends its task when the event is published
+    (to a warm worker's own queue when placement finds one, unless `place=False`)."""
     recorded = []
     for step in steps:
-        dispatch = _queue_spec(tx, step) if queue else None
+        dispatch = _queue_spec(tx, step, place) if queue else None
         values = data(step) if callable(data) else data
         recorded.append(event_of(step, event_type, values, dispatch))
     outbox.record_all(tx, recorded)
 
 
-def _queue_spec(tx: Tx, step: Any) -> DispatchInstruction:
-    """Record the step's route (if new) and say how to send its task."""
+def _queue_spec(tx: Tx, step: Any, place: bool = True) -> DispatchInstruction:
+    """Record the step's route (if new) and say how to send its task: to its route's queue,
+    or to a warm worker's own queue (emp_tasks.routes.placement)."""
     queues.ensure(tx, step)
-    return task_spec(step, step.queued_at)
+    spec = task_spec(step, step.queued_at)
+    target = placement.choose(tx, step) if place else None
+    return dataclasses.replace(spec, queue=target) if target is not None else spec
 
 
 def task_spec(step: Any, not_before: datetime | None = None) -> DispatchInstruction:
@@ -146,6 +157,20 @@ def task_spec(step: Any, not_before: datetime | None = None) -> DispatchInstruct
         service=getattr(step, "service", None),
         customer_id=getattr(step, "customer_id", None),
     )
+
+
+def send_again(tx: Tx, step_ids: list[str], reason: str, *, place: bool = True) -> list[Any]:
+    """Send the tasks of these steps again where they are still pending (each locked, the
+    ones another transaction holds skipped), each with a `step_queued` saying why; their
+    rows. `place=False`: to their route's shared queue, never a warm worker's."""
+    rows = tx.all(
+        f"SELECT {STEP_COLUMNS} FROM steps"
+        " WHERE id = ANY(%s) AND status = %s ORDER BY id FOR UPDATE SKIP LOCKED",
+        [step_ids, S.PENDING.value],
+    )
+    data = {"status": S.PENDING.value, "reason": reason}
+    emit(tx, rows, EventType.STEP_QUEUED, data, queue=True, place=place)
+    return rows
 
 
 # --- applying a transition -----------------------------------------------------------------

@@ -243,6 +243,9 @@ class Attempt(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     started_at: Mapped[datetime] = _now_column()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cold_start: Mapped[bool | None] = mapped_column(Boolean)
+    """Whether the backend had to load the step's models (None: the step names none)."""
+    model_load_ms: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (UniqueConstraint("step_id", "attempt", name="uq_step_attempts_step_attempt"),)
 
@@ -434,6 +437,8 @@ class Worker(Base):
     queues: Mapped[list[Any]] = mapped_column(JSONB, nullable=False, default=list)
     """The queues the worker reported consuming at its last heartbeat."""
     backends: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    loaded_models: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    """Per service, the models its backend has loaded now (warm placement)."""
     """Each service's backend health as its connector last reported it (e.g. ComfyUI's
     `/system_stats`)."""
     hostname: Mapped[str | None] = mapped_column(String(255))

@@ -19,7 +19,7 @@ from emp_tasks.connectors.base import FailureType, StepFailure, StepInterrupted,
 from emp_tasks.core.config import get_settings
 from emp_tasks.steps import attempts
 from emp_tasks.store import dispatch
-from emp_tasks.worker import leases, outputs, presence
+from emp_tasks.worker import leases, model_loads, outputs, presence
 from emp_tasks.worker.attempt_log import AttemptLog
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,9 @@ def run_step(step_id: str, task_id: str | None = None) -> str:
         return "handed back"
     if run is None:
         return "dropped"
-    run = dataclasses.replace(run, log_sink=AttemptLog(step_id, run.attempt))
+    run = dataclasses.replace(
+        run, log_sink=AttemptLog(step_id, run.attempt), load_sink=model_loads.AttemptLoads()
+    )
     leases.hold(step_id, run.attempt)
     try:
         timer = metrics.attempt_started(run)
@@ -178,9 +180,12 @@ def _timeout_failure(run: StepRun) -> StepFailure:
 
 
 def _flush_log(run: StepRun) -> None:
-    """The attempt's last log lines, written before its outcome is."""
+    """The attempt's last log lines and its model loads, written before its outcome is."""
     if isinstance(run.log_sink, AttemptLog):
         run.log_sink.flush(final=True)
+    here = presence.current()
+    if here is not None:
+        model_loads.after_attempt(run, here.worker_id, here.caps.services, here.caps.models)
 
 
 def _fail(

@@ -43,7 +43,7 @@ REFUSE_S = 60.0
 
 
 def own_queue(worker_id: str) -> str:
-    return f"{routing.QUEUE_PREFIX}.worker.{worker_id}"
+    return routing.worker_queue(worker_id)
 
 
 def wanted_queues(caps: Capabilities, status: WorkerStatus | None) -> list[str]:

@@ -72,8 +72,17 @@ export function createFleet({ openStep, onWorkers }) {
         ago(worker.last_heartbeat_at),
       ),
       el("td", { title: queues.join("\n") || "none" }, queueCount(queues.length)),
+      el("td", { "data-testid": "worker-loaded" }, loadedText(worker.loaded_models)),
       actions,
     );
+  }
+
+  /** What the worker's backends hold now (warm placement), per service. */
+  function loadedText(loaded) {
+    const parts = Object.entries(loaded || {})
+      .filter(([, models]) => models && models.length)
+      .map(([service, models]) => `${service}: ${models.join(", ")}`);
+    return parts.length ? parts.join("; ") : "—";
   }
 
   function stepLink(stepId) {
@@ -113,7 +122,7 @@ export function createFleet({ openStep, onWorkers }) {
       { class: "machine", "data-machine-id": machine.id, "data-testid": "machine-row" },
       el(
         "th",
-        { colspan: 8, scope: "rowgroup" },
+        { colspan: 9, scope: "rowgroup" },
         el("span", { class: "id" }, machine.id),
         " ",
         badge(online ? "online" : "offline", "machine-status"),
@@ -158,7 +167,7 @@ export function createFleet({ openStep, onWorkers }) {
       body.push(machineRow(machine, workers), ...workers.map(workerRow));
     }
     if (!body.length) {
-      body.push(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No machines registered.")));
+      body.push(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "No machines registered.")));
     }
     rows.replaceChildren(...body);
     onWorkers(machines.flatMap((m) => m.workers || []));

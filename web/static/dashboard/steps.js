@@ -463,7 +463,7 @@ export function createSteps({ onShown }) {
     return el(
       "table",
       { "data-testid": "detail-attempts" },
-      head("#", "worker", "outcome", "started", "finished", "error"),
+      head("#", "worker", "outcome", "started", "finished", "model", "error"),
       el(
         "tbody",
         {},
@@ -476,6 +476,7 @@ export function createSteps({ onShown }) {
             el("td", {}, a.outcome ? badge(a.outcome) : "running"),
             el("td", {}, localTime(a.started_at)),
             el("td", {}, localTime(a.finished_at)),
+            el("td", { "data-field": "cold-start" }, warmth(a)),
             el("td", {}, a.error ? `${a.error.code}: ${a.error.message}` : "—"),
           ),
         ),
@@ -501,6 +502,13 @@ export function createSteps({ onShown }) {
         ),
       ),
     );
+  }
+
+  /** Whether the attempt had to load its model (warm placement), and how long it took. */
+  function warmth(attempt) {
+    if (attempt.cold_start === true) return `cold (${attempt.model_load_ms ?? "?"} ms load)`;
+    if (attempt.cold_start === false) return "warm";
+    return "—";
   }
 
   function eventList(events) {
