@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from bench import ours
 from bench.scratch import Scratch
-from bench.stats import BenchError, Deadline
+from bench.stats import DASH, BenchError, Deadline, only_ours
 from emp_tasks import workers
 from emp_tasks.store import db
 from emp_tasks.store.models import Attempt, Step
@@ -165,12 +165,10 @@ def rows(result: AffinityResult | None, baselines: int) -> list[list[str]]:
         state = "on" if run.affinity else "off"
         label = f"mixed models, {run.steps or BURSTS * BURST} steps, affinity {state}"
         ok = not run.errors and run.elapsed_s is not None
-        loads = f"{run.loads_per_100:.1f}" if ok and run.loads_per_100 is not None else "—"
-        elapsed = f"{run.elapsed_s:.2f}" if ok else "—"
-        out.append([f"{label}: model loads per 100 steps", loads, *(["—", ""] * baselines)])
-        out.append(
-            [f"{label}: first submit to last completed (s)", elapsed, *(["—", ""] * baselines)]
-        )
+        loads = f"{run.loads_per_100:.1f}" if ok and run.loads_per_100 is not None else DASH
+        elapsed = f"{run.elapsed_s:.2f}" if ok else DASH
+        out.append(only_ours(f"{label}: model loads per 100 steps", loads, baselines))
+        out.append(only_ours(f"{label}: first submit to last completed (s)", elapsed, baselines))
     return out
 
 

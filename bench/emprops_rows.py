@@ -15,23 +15,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import requests
 from sqlalchemy import select
 
 from bench.stats import Deadline, EmpropsResult
+from bench.webhook_rows import QuietServer
 from emp_tasks.core.status import WorkflowStatus
 from emp_tasks.store import db
 from emp_tasks.store.models import Workflow
 
 LABEL = "EmProps notification: workflow completed to EmProps received p50 / p99 (ms)"
 REQUEST_TIMEOUT_S = 30.0
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
 
 
 class FakeEmprops:
@@ -42,7 +38,7 @@ class FakeEmprops:
         self.received: dict[str, float] = {}
         self.duplicates = 0
         self.unexpected: list[str] = []
-        self._server: _Server | None = None
+        self._server: QuietServer | None = None
 
     @property
     def url(self) -> str:
@@ -66,7 +62,7 @@ class FakeEmprops:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = QuietServer(("127.0.0.1", 0), Handler)
         threading.Thread(
             target=self._server.serve_forever, name="bench-emprops", daemon=True
         ).start()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from bench.stats import percentile
+from bench.stats import median_text, only_ours
 from emp_tasks.steps import queue_order, transitions
 from emp_tasks.store import db
 
@@ -75,14 +75,14 @@ def rows(result: PositionResult | None, baselines: int) -> list[list[str]]:
     if result is None:
         return []
 
-    def cell(values: list[float]) -> str:
-        return f"{percentile(values, 50):.1f}" if values and result.ok else "—"
-
     label = f"queue position, {result.pending:,} pending in one queue"
     return [
-        [f"{label}: first step, wall (ms)", cell(result.first_ms), *(["—", ""] * baselines)],
-        [f"{label}: last step, wall (ms)", cell(result.last_ms), *(["—", ""] * baselines)],
-        [f"{label}: depth count, uncached (ms)", cell(result.depth_ms), *(["—", ""] * baselines)],
+        only_ours(f"{label}: {what}", median_text(values, result.ok), baselines)
+        for what, values in (
+            ("first step, wall (ms)", result.first_ms),
+            ("last step, wall (ms)", result.last_ms),
+            ("depth count, uncached (ms)", result.depth_ms),
+        )
     ]
 
 

@@ -12,12 +12,17 @@ from bench.cpu import CLIENT, POSTGRES, REDIS
 from bench.live_rows import LiveRow
 from bench.position_rows import PositionResult
 from bench.socket_rows import SocketPhase, SocketResult
-from bench.stats import LiveResult, Result, WebhookResult, WorkflowResult, percentile
+from bench.stats import (
+    DASH,
+    LiveResult,
+    Result,
+    WebhookResult,
+    WorkflowResult,
+    percentile,
+)
 from bench.stranded_rows import StrandedResult
 from bench.webhook_rows import WebhookRow
 from bench.workflows import Shape
-
-DASH = "—"
 
 
 def redact(url: str) -> str:

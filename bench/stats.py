@@ -8,6 +8,19 @@ from dataclasses import dataclass, field
 
 from bench.cpu import CLIENT
 
+DASH = "—"
+"""A cell with no number: not measured, failed, or no baseline equivalent."""
+
+
+def median_text(values: list[float], ok: bool = True) -> str:
+    """The median, one decimal, or a dash when there is none or the row failed."""
+    return f"{percentile(values, 50):.1f}" if values and ok else DASH
+
+
+def only_ours(label: str, value: str, baselines: int) -> list[str]:
+    """A table row EMP Tasks alone has: a dash (and no ratio) under every baseline."""
+    return [label, value, *([DASH, ""] * baselines)]
+
 
 class BenchError(RuntimeError):
     """A benchmark phase that could not finish (a process died, a deadline passed)."""

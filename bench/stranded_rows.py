@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from bench.stats import percentile
+from bench.stats import median_text, only_ours
 from emp_tasks.specs import StepCreate
 from emp_tasks.steps import stranded, transitions
 from emp_tasks.store import census, db, dispatch, outbox
@@ -111,15 +111,13 @@ def rows(result: StrandedResult | None, baselines: int) -> list[list[str]]:
         return []
     label = f"stranded-step scan, {result.pending:,} pending"
 
-    def cell(values: list[float]) -> str:
-        return f"{percentile(values, 50):.1f}" if values and result.ok else "—"
-
     out = []
     for what, wall, cpu in (
         ("every task present: wall / CPU (ms)", result.counted_ms, result.counted_cpu_ms),
         ("one task missing: wall / CPU (ms)", result.read_ms, result.read_cpu_ms),
     ):
-        out.append([f"{label}, {what}", f"{cell(wall)} / {cell(cpu)}", *(["—", ""] * baselines)])
+        cells = f"{median_text(wall, result.ok)} / {median_text(cpu, result.ok)}"
+        out.append(only_ours(f"{label}, {what}", cells, baselines))
     return out
 
 

@@ -61,7 +61,9 @@ def configs(steps_one: int, steps_many: int, rate_one: float, rate_many: float) 
     ]
 
 
-class _Server(ThreadingHTTPServer):
+class QuietServer(ThreadingHTTPServer):
+    """The bench's local HTTP receivers: daemon threads, a deep listen backlog."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 512  # the default 5 would drop connects under a burst of deliveries
@@ -79,7 +81,7 @@ class Receiver:
         self._by_step: dict[str, dict[int, float]] = {}
         self.duplicates = 0
         self.unexpected: list[str] = []
-        self._server: _Server | None = None
+        self._server: QuietServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -106,7 +108,7 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = QuietServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="bench-receiver", daemon=True
         )

@@ -28,8 +28,8 @@ from typing import Any
 
 import requests
 
-TERMINAL_STEP = frozenset({"completed", "failed", "cancelled", "skipped"})
-TERMINAL_WORKFLOW = frozenset({"completed", "failed", "cancelled"})
+from emp_tasks.core.status import TERMINAL_STEP_STATUSES
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -246,7 +246,7 @@ class Client:
         each event and heartbeat, so within 15 s of it)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         step = self.get(step_id)
-        if step["status"] in TERMINAL_STEP:
+        if step["status"] in TERMINAL_STEP_STATUSES:
             return step
         for _ in self.stream(step_id=step_id, comments=True):
             if deadline is not None and time.monotonic() > deadline:

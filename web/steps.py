@@ -60,15 +60,12 @@ def shown(step) -> dict:
 
 def _waited(principal: Principal, step) -> dict[str, str]:
     """Wait as `Prefer: wait=N` asks (see web.waiting); the headers to answer with."""
-    seconds = waiting.requested()
-    if seconds is None or step.status in TERMINAL_STEP_STATUSES:
-        return waiting.applied(seconds) if seconds is not None else {}
 
     def ended() -> bool:
         return queries.get(step.id, principal).status in TERMINAL_STEP_STATUSES
 
-    granted = waiting.wait(principal, seconds, ended, step_id=step.id)
-    return waiting.applied(seconds) if granted else {}
+    ended_now = step.status in TERMINAL_STEP_STATUSES
+    return waiting.honour(principal, ended, step_id=step.id, ended_now=ended_now)
 
 
 @endpoint(bp, "/api/steps", query=StepListQuery, tags=TAGS, summary="List steps, newest first")

@@ -27,8 +27,8 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 
 from emp_tasks import live
 from emp_tasks.auth import Principal
-from emp_tasks.core.events import EventType
-from emp_tasks.core.status import TERMINAL_STEP_STATUSES, WorkflowStatus
+from emp_tasks.core.events import STEP_END_EVENTS, WORKFLOW_END_EVENTS, EventType
+from emp_tasks.core.status import TERMINAL_STEP_STATUSES, TERMINAL_WORKFLOW_STATUSES
 from emp_tasks.steps import queries, workflows
 from web import ws
 from web.endpoints import endpoint
@@ -39,21 +39,6 @@ bp = Blueprint("streams", __name__)
 HEARTBEAT_S = 15.0
 REPLAY_MARGIN_MS = 5_000
 """How far before the subject's creation the replay starts (clocks of other hosts)."""
-
-STEP_ENDS = frozenset(
-    {
-        EventType.STEP_COMPLETED,
-        EventType.STEP_FAILED,
-        EventType.STEP_CANCELLED,
-        EventType.STEP_SKIPPED,
-    }
-)
-WORKFLOW_ENDS = frozenset(
-    {EventType.WORKFLOW_COMPLETED, EventType.WORKFLOW_FAILED, EventType.WORKFLOW_CANCELLED}
-)
-TERMINAL_WORKFLOW = frozenset(
-    {WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED}
-)
 
 HEADERS = ("Last-Event-ID",)
 
@@ -166,7 +151,7 @@ def stream_step(principal: Principal, step_id: str) -> Response:
     def ended() -> bool:
         return queries.get(step_id, principal).status in TERMINAL_STEP_STATUSES
 
-    return _stream(principal, lambda f: f.step_ids.add(step.id), after, STEP_ENDS, ended)
+    return _stream(principal, lambda f: f.step_ids.add(step.id), after, STEP_END_EVENTS, ended)
 
 
 @endpoint(
@@ -182,9 +167,9 @@ def stream_workflow(principal: Principal, workflow_id: str) -> Response:
     after = _resume_from(workflow.created_at)
 
     def ended() -> bool:
-        return workflows.status(workflow_id, principal)[0].status in TERMINAL_WORKFLOW
+        return workflows.status(workflow_id, principal)[0].status in TERMINAL_WORKFLOW_STATUSES
 
     def wanted(filter_: live.Filter) -> None:
         filter_.workflow_ids.add(workflow.id)
 
-    return _stream(principal, wanted, after, WORKFLOW_ENDS, ended)
+    return _stream(principal, wanted, after, WORKFLOW_END_EVENTS, ended)

@@ -24,27 +24,11 @@ from flask import current_app, request
 
 from emp_tasks import live
 from emp_tasks.auth import Principal
-from emp_tasks.core.events import EventType
-from emp_tasks.core.status import WorkflowStatus
+from emp_tasks.core.events import STEP_END_EVENTS, WORKFLOW_END_EVENTS
 from web import ws
 
 MAX_WAIT_S = 60
 _WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d{1,6})\"?\s*(?=$|[,;])", re.IGNORECASE)
-
-STEP_ENDS = frozenset(
-    {
-        EventType.STEP_COMPLETED,
-        EventType.STEP_FAILED,
-        EventType.STEP_CANCELLED,
-        EventType.STEP_SKIPPED,
-    }
-)
-WORKFLOW_ENDS = frozenset(
-    {EventType.WORKFLOW_COMPLETED, EventType.WORKFLOW_FAILED, EventType.WORKFLOW_CANCELLED}
-)
-TERMINAL_WORKFLOW = frozenset(
-    {WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED}
-)
 
 
 def requested() -> int | None:
@@ -61,6 +45,25 @@ def requested() -> int | None:
 
 def applied(seconds: int) -> dict[str, str]:
     return {"Preference-Applied": f"wait={seconds}"}
+
+
+def honour(
+    principal: Principal,
+    ended: Callable[[], bool],
+    *,
+    step_id: str | None = None,
+    workflow_id: str | None = None,
+    ended_now: bool = False,
+) -> dict[str, str]:
+    """Wait as the request's `Prefer: wait=N` asks; the headers to answer with
+    (`Preference-Applied` when it was honoured: at once for a subject `ended_now`)."""
+    seconds = requested()
+    if seconds is None:
+        return {}
+    if ended_now:
+        return applied(seconds)
+    granted = wait(principal, seconds, ended, step_id=step_id, workflow_id=workflow_id)
+    return applied(seconds) if granted else {}
 
 
 def wait(
@@ -82,7 +85,7 @@ def wait(
         subscriber.filter.step_ids.add(step_id)
     if workflow_id is not None:
         subscriber.filter.workflow_ids.add(workflow_id)
-    ends = STEP_ENDS if step_id is not None else WORKFLOW_ENDS
+    ends = STEP_END_EVENTS if step_id is not None else WORKFLOW_END_EVENTS
     hub = live.hub()
     try:
         hub.add(subscriber)  # before the read: an end in between is queued, not missed

@@ -7,6 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, g
 
 from emp_tasks.auth import Principal
+from emp_tasks.core.status import TERMINAL_WORKFLOW_STATUSES
 from emp_tasks.specs import CancelRequest, StatsQuery, WorkflowCreate, WorkflowListQuery
 from emp_tasks.steps import workflows
 from web import waiting
@@ -48,15 +49,11 @@ def create_workflow(principal: Principal, body: WorkflowCreate) -> Response:
 
 def _waited(principal: Principal, workflow_id: str) -> dict[str, str]:
     """Wait as `Prefer: wait=N` asks (see web.waiting); the headers to answer with."""
-    seconds = waiting.requested()
-    if seconds is None:
-        return {}
 
     def ended() -> bool:
-        return workflows.status(workflow_id, principal)[0].status in waiting.TERMINAL_WORKFLOW
+        return workflows.status(workflow_id, principal)[0].status in TERMINAL_WORKFLOW_STATUSES
 
-    granted = waiting.wait(principal, seconds, ended, workflow_id=workflow_id)
-    return waiting.applied(seconds) if granted else {}
+    return waiting.honour(principal, ended, workflow_id=workflow_id)
 
 
 def _with_emprops(shown: dict[str, Any], principal: Principal) -> dict[str, Any]:
@@ -90,7 +87,7 @@ def workflow_stats(principal: Principal, query: StatsQuery) -> Response:
 def get_workflow(principal: Principal, workflow_id: str) -> Response:
     workflow, details = workflows.status(workflow_id, principal)  # 404 before any wait
     extra = (
-        _waited(principal, workflow.id) if workflow.status not in waiting.TERMINAL_WORKFLOW else {}
+        _waited(principal, workflow.id) if workflow.status not in TERMINAL_WORKFLOW_STATUSES else {}
     )
     if extra:
         workflow, details = workflows.status(workflow_id, principal)

@@ -25,6 +25,13 @@ MAX_IMAGES = 16
 MAX_SIDE = 4096
 
 
+def invalid_payload(message: str) -> StepFailure:
+    """The step's payload is not one the simulation can run (never retried)."""
+    return StepFailure(
+        message, type=FailureType.VALIDATION, code="INVALID_PAYLOAD", retryable=False
+    )
+
+
 class SimulationConnector:
     name = "simulation"
 
@@ -42,12 +49,7 @@ class SimulationConnector:
         if model is None:
             return
         if not isinstance(model, str) or not model:
-            raise StepFailure(
-                "model must be a non-empty string",
-                type=FailureType.VALIDATION,
-                code="INVALID_PAYLOAD",
-                retryable=False,
-            )
+            raise invalid_payload("model must be a non-empty string")
         with self._loading:
             if self._loaded == model:
                 step.model_ready(model)
@@ -94,12 +96,7 @@ class SimulationConnector:
     def _log_lines(payload: dict[str, Any]) -> list[str]:
         lines = payload.get("log_lines", [])
         if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
-            raise StepFailure(
-                "log_lines must be a list of strings",
-                type=FailureType.VALIDATION,
-                code="INVALID_PAYLOAD",
-                retryable=False,
-            )
+            raise invalid_payload("log_lines must be a list of strings")
         return lines
 
     @staticmethod
@@ -109,11 +106,8 @@ class SimulationConnector:
         height = int(payload.get("height", 64) or 64)
         seed = payload.get("seed", 0)
         if not (0 <= count <= MAX_IMAGES and 1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
-            raise StepFailure(
-                f"images must be 0 to {MAX_IMAGES}, width and height 1 to {MAX_SIDE}",
-                type=FailureType.VALIDATION,
-                code="INVALID_PAYLOAD",
-                retryable=False,
+            raise invalid_payload(
+                f"images must be 0 to {MAX_IMAGES}, width and height 1 to {MAX_SIDE}"
             )
         return [
             OutputFile.of_bytes(

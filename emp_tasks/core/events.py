@@ -140,16 +140,22 @@ class Envelope:
         return cls.from_json(row.envelope)
 
 
-_ATTEMPT_STARTS = frozenset({EventType.STEP_ASSIGNED, EventType.STEP_STARTED})
-_ATTEMPT_ENDS = frozenset(
+STEP_END_EVENTS = frozenset(
     {
-        EventType.STEP_RETRYING,
         EventType.STEP_COMPLETED,
         EventType.STEP_FAILED,
         EventType.STEP_CANCELLED,
         EventType.STEP_SKIPPED,
     }
 )
+"""The events after which a step is terminal (until a client retries it)."""
+WORKFLOW_END_EVENTS = frozenset(
+    {EventType.WORKFLOW_COMPLETED, EventType.WORKFLOW_FAILED, EventType.WORKFLOW_CANCELLED}
+)
+"""The events after which a workflow is terminal."""
+
+_ATTEMPT_STARTS = frozenset({EventType.STEP_ASSIGNED, EventType.STEP_STARTED})
+_ATTEMPT_ENDS = STEP_END_EVENTS | {EventType.STEP_RETRYING}
 
 
 class ProgressFence:

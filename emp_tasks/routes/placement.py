@@ -31,12 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from emp_tasks.core.config import get_settings
-from emp_tasks.core.priority import BROKER_PRIORITY_LEVELS
 from emp_tasks.core.status import ACTIVE_STEP_STATUSES, WorkerStatus
 from emp_tasks.routes import queues, routing
 from emp_tasks.routes.capabilities import Capabilities
-from emp_tasks.store import dispatch, redisdb
-from emp_tasks.store.broker import queue_list
+from emp_tasks.store import census, redisdb
 from emp_tasks.store.db import Tx
 
 CLAIM_S = 10.0
@@ -93,19 +91,13 @@ def _candidates(tx: Tx, step: Any) -> list[Candidate]:
 
 def _with_broker_state(candidates: list[Candidate], service: str) -> None:
     """Tasks already waiting in each candidate's own queue, and its loading claim."""
-    broker = dispatch.broker_client().pipeline(transaction=False)
-    for candidate in candidates:
-        own = routing.worker_queue(candidate.worker_id)
-        for level in range(BROKER_PRIORITY_LEVELS):
-            broker.llen(queue_list(own, level))
-    depths = broker.execute()
+    waiting = census.depths([routing.worker_queue(c.worker_id) for c in candidates])
     events = redisdb.client().pipeline(transaction=False)
     for candidate in candidates:
         events.hget(CLAIM_KEY.format(worker=candidate.worker_id), service)
     claims = events.execute()
     for index, candidate in enumerate(candidates):
-        levels = depths[index * BROKER_PRIORITY_LEVELS : (index + 1) * BROKER_PRIORITY_LEVELS]
-        candidate.queued = sum(levels)
+        candidate.queued = waiting[routing.worker_queue(candidate.worker_id)]
         raw = claims[index]
         candidate.claimed = json.loads(raw) if raw else None
 

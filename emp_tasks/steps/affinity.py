@@ -21,7 +21,7 @@ def release_due() -> int:
     if not due:
         return 0
     with db.tx() as tx:
-        rows = transitions.send_again(tx, due, "affinity_wait", place=False)
+        rows = transitions.queue_again(tx, due, "affinity_wait", place=False)
     if rows:
         logger.info(
             "Warm worker busy: steps also queued for any capable worker",

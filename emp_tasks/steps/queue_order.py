@@ -15,8 +15,9 @@ import threading
 import time
 from typing import Any
 
-from emp_tasks.core.priority import broker_priority, broker_priority_sql
+from emp_tasks.core.priority import broker_priority_sql
 from emp_tasks.core.status import StepStatus
+from emp_tasks.steps import transitions
 from emp_tasks.store import db
 
 DEPTH_FOR_S = 1.0
@@ -39,9 +40,8 @@ _lock = threading.Lock()
 
 
 def level_of(step: Any) -> int:
-    """The broker level a pending step's task waits at."""
-    continuation = bool(step.workflow_id and step.depends_on)
-    return broker_priority(step.priority, continuation)
+    """The broker level a pending step's task waits at (the one it is sent with)."""
+    return transitions.task_spec(step).priority
 
 
 def depth(queue: str) -> int:

@@ -81,7 +81,7 @@ def resend(step_ids: list[str]) -> list[str]:
     sent: list[str] = []
     for start in range(0, len(step_ids), RESEND_BATCH):
         with db.tx() as tx:
-            rows = transitions.send_again(tx, step_ids[start : start + RESEND_BATCH], "stranded")
+            rows = transitions.queue_again(tx, step_ids[start : start + RESEND_BATCH], "stranded")
         sent += [row.id for row in rows]
     return sent
 

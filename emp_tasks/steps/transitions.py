@@ -159,7 +159,7 @@ def task_spec(step: Any, not_before: datetime | None = None) -> DispatchInstruct
     )
 
 
-def send_again(tx: Tx, step_ids: list[str], reason: str, *, place: bool = True) -> list[Any]:
+def queue_again(tx: Tx, step_ids: list[str], reason: str, *, place: bool = True) -> list[Any]:
     """Send the tasks of these steps again where they are still pending (each locked, the
     ones another transaction holds skipped), each with a `step_queued` saying why; their
     rows. `place=False`: to their route's shared queue, never a warm worker's."""

@@ -137,7 +137,7 @@ def _run_attempt(run: StepRun) -> str:
         logger.info(
             "Step stopped: cancelled or superseded", extra={"action": "step_stopped", **log}
         )
-        _flush_log(run)
+        _before_outcome(run)
         return "stopped"
     except StepFailure as failure:
         return _fail(run, failure, progress=progress)
@@ -165,7 +165,7 @@ def _run_attempt(run: StepRun) -> str:
     except StepFailure as failure:
         return _fail(run, failure, progress=progress)
     duration_ms = int((time.monotonic() - stop.started) * 1000)
-    _flush_log(run)
+    _before_outcome(run)
     if attempts.complete(step_id, run.attempt, result, duration_ms, workflow_id=run.workflow_id):
         return "completed"
     return "superseded"
@@ -179,7 +179,7 @@ def _timeout_failure(run: StepRun) -> StepFailure:
     )
 
 
-def _flush_log(run: StepRun) -> None:
+def _before_outcome(run: StepRun) -> None:
     """The attempt's last log lines and its model loads, written before its outcome is."""
     if isinstance(run.log_sink, AttemptLog):
         run.log_sink.flush(final=True)
@@ -194,7 +194,7 @@ def _fail(
     detail: str | None = None,
     progress: attempts.Progress | None = None,
 ) -> str:
-    _flush_log(run)
+    _before_outcome(run)
     outcome = attempts.fail(
         run.step_id,
         run.attempt,
