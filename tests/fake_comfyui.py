@@ -133,6 +133,9 @@ class FakeComfyUI:
     drop_sockets_at_step: int | None = None
     websockets: bool = True
     silent: bool = False
+    register_after_s: float = 0.0
+    """How long a new WebSocket goes unregistered (and ungreeted) after its handshake,
+    the window in which a real ComfyUI does not yet know where a client's messages go."""
     received: list[Received] = field(default_factory=list)
     history: dict[str, dict[str, Any]] = field(default_factory=dict)
     uploads: dict[str, bytes] = field(default_factory=dict)
@@ -317,14 +320,16 @@ class FakeComfyUI:
         def websocket(ws: Server) -> None:
             client_id = request.args.get("clientId") or uuid.uuid4().hex
             entry = (ws, threading.Lock())
+            time.sleep(self.register_after_s)
             with self._lock:
                 self._sockets.setdefault(client_id, []).append(entry)
                 remaining = len(self._queue) + (1 if self._running else 0)
-            self._send_to(
-                entry,
-                "status",
-                {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": client_id},
-            )
+            if not self.silent:
+                self._send_to(
+                    entry,
+                    "status",
+                    {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": client_id},
+                )
             try:
                 while not self._stopping and ws.connected:
                     ws.receive(timeout=0.5)
@@ -640,6 +645,8 @@ class FakeComfyUI:
 
     def _send(self, client_id: str | None, kind: str, data: dict[str, Any]) -> None:
         """To the prompt's client like ComfyUI; `None` broadcasts (status messages)."""
+        if self.silent:
+            return
         with self._lock:
             if client_id is None:
                 targets = [e for entries in self._sockets.values() for e in entries]
@@ -649,6 +656,8 @@ class FakeComfyUI:
             self._send_to(entry, kind, data)
 
     def _send_preview(self, client_id: str | None) -> None:
+        if self.silent:
+            return
         with self._lock:
             targets = list(self._sockets.get(client_id or "", []))
         frame = struct.pack(">II", 1, 2) + PNG

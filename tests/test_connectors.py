@@ -407,9 +407,22 @@ def test_comfyui_without_a_websocket_polls_history(comfy):
 
 def test_comfyui_silent_websocket_still_finishes_from_history(comfy, monkeypatch):
     monkeypatch.setattr(comfyui, "SILENCE_CHECK_S", 0.3)
+    monkeypatch.setattr(comfyui, "GREETING_WAIT_S", 0.3)
     comfy.silent = True
-    result = Attempt().run(ComfyUIConnector("c", {"url": comfy.url}), {"workflow": txt2img()})
+    attempt = Attempt()
+    result = attempt.run(ComfyUIConnector("c", {"url": comfy.url}), {"workflow": txt2img()})
     assert len(result["images"]) == 1
+    assert not any(message.startswith("executing") for _, message in attempt.logs)
+
+
+def test_comfyui_queues_the_prompt_only_once_the_server_greeted_the_socket(comfy):
+    """A server slow to file a new socket under its client id loses no message."""
+    comfy.register_after_s = 0.5
+    attempt = Attempt()
+    attempt.run(ComfyUIConnector("c", {"url": comfy.url}), {"workflow": txt2img()})
+    messages = [message for _, message in attempt.logs]
+    assert messages[1].startswith("execution started (prompt ")
+    assert "executing node 4 (CheckpointLoaderSimple)" in messages
 
 
 # --- comfyui: health and models ------------------------------------------------------------

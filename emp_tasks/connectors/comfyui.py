@@ -63,6 +63,8 @@ IMAGE_INPUTS = ("image", "mask")
 image is uploaded to the ComfyUI server first."""
 HISTORY_POLL_S = 0.5
 SILENCE_CHECK_S = 5.0
+GREETING_WAIT_S = 2.0
+"""How long a new WebSocket waits for ComfyUI's first `status` message before queueing."""
 CONTROL_TIMEOUT_S = 5.0
 NON_MODEL_INPUTS = frozenset({"sampler_name", "config_name"})
 """Inputs named like model pickers whose options are not model files."""
@@ -456,7 +458,7 @@ class ComfyUIConnector:
         """
         ws_url = "ws" + self.url.removeprefix("http") + f"/ws?clientId={client_id}"
         try:
-            return call_until_cancelled(
+            socket = call_until_cancelled(
                 lambda: simple_websocket.Client.connect(ws_url, headers=self.headers),
                 cancel_requested,
                 timeout_s=self.timeout_s,
@@ -467,6 +469,7 @@ class ComfyUIConnector:
                 extra={"action": "comfyui_ws_unavailable", "error": repr(exc), **log},
             )
             return None
+        return socket if _greeted(socket, log) else None
 
     def _submit(self, http: requests.Session, graph: dict[str, Any], client_id: str) -> str:
         response = self._request(
@@ -795,6 +798,28 @@ def _raise_for_status(entry: dict[str, Any]) -> None:
         type=FailureType.SERVICE,
         code="COMFYUI_EXECUTION_ERROR",
     )
+
+
+def _greeted(socket: simple_websocket.Client, log: dict[str, Any]) -> bool:
+    """Wait for ComfyUI's greeting (a `status` message with our client id), at most
+    GREETING_WAIT_S; False when the socket closed meanwhile.
+
+    ComfyUI files a socket under its client id only after the handshake has been
+    answered, and greets it right after: a prompt queued before the greeting can
+    start before the server knows where to send its messages, and its first
+    messages (`execution_start`, the first nodes) are then lost. A server that
+    never greets is still followed; its history is checked after a silence.
+    """
+    try:
+        socket.receive(timeout=GREETING_WAIT_S)
+    except simple_websocket.ConnectionClosed:
+        logger.warning(
+            "ComfyUI WebSocket closed before its greeting; polling history instead",
+            extra={"action": "comfyui_ws_dropped", **log},
+        )
+        _close(socket)
+        return False
+    return True
 
 
 def _close(socket: simple_websocket.Client) -> None:
