@@ -158,6 +158,7 @@ class Hub:
         self._last: str | None = None
         self._fence = ProgressFence()
         self.ready = threading.Event()
+        self._stopping = threading.Event()
 
     def add(self, subscriber: Subscriber) -> None:
         with self._lock:
@@ -166,6 +167,14 @@ class Hub:
                 self._thread = threading.Thread(target=self._run, name="emp-live-hub", daemon=True)
                 self._thread.start()
         self.ready.wait(5.0)
+
+    def stop(self, timeout_s: float) -> None:
+        """End the subscription and its thread (within a poll, at most `timeout_s`)."""
+        self._stopping.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
 
     def remove(self, subscriber: Subscriber) -> None:
         with self._lock:
@@ -196,26 +205,9 @@ class Hub:
             self._deliver(event)
 
     def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
-                own_db = redisdb.database_index()
-                pubsub = redisdb.client().pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
-                pubsub.get_message(timeout=1.0)  # the subscribe confirmation
-                self._catch_up()
-                self.ready.set()
-                while True:
-                    # Short polls: the client's socket timeout never fires on a quiet channel.
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    try:
-                        event = json.loads(message["data"])
-                    except ValueError:
-                        continue
-                    if event.pop("db", own_db) != own_db:
-                        continue  # another deployment on the same Redis server
-                    self._deliver(event)
+                self._follow()
             except Exception:
                 self.ready.clear()
                 logger.warning(
@@ -223,7 +215,30 @@ class Hub:
                     exc_info=True,
                     extra={"action": "live_hub_reconnect"},
                 )
-                threading.Event().wait(1.0)
+                self._stopping.wait(1.0)
+
+    def _follow(self) -> None:
+        own_db = redisdb.database_index()
+        pubsub = redisdb.client().pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(CHANNEL)
+            pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+            self._catch_up()
+            self.ready.set()
+            while not self._stopping.is_set():
+                # Short polls: the client's socket timeout never fires on a quiet channel.
+                message = pubsub.get_message(timeout=1.0)
+                if message is None or message.get("type") != "message":
+                    continue
+                try:
+                    event = json.loads(message["data"])
+                except ValueError:
+                    continue
+                if event.pop("db", own_db) != own_db:
+                    continue  # another deployment on the same Redis server
+                self._deliver(event)
+        finally:
+            pubsub.close()
 
 
 _hub: Hub | None = None
@@ -236,3 +251,13 @@ def hub() -> Hub:
         if _hub is None:
             _hub = Hub()
         return _hub
+
+
+def stop(timeout_s: float = 3.0) -> None:
+    """Stop the process's hub, if it runs (before Redis clients are closed, and at exit:
+    a thread frozen mid-command by interpreter shutdown would hold its pool's lock)."""
+    global _hub
+    with _hub_lock:
+        current, _hub = _hub, None
+    if current is not None:
+        current.stop(timeout_s)

@@ -270,13 +270,17 @@ class _Pending:
         self._lock = threading.Lock()
         self._fields: dict[tuple[str, str], float] = {}
         self._flusher: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def add(self, key: str, field: str, amount: float) -> None:
         with self._lock:
             self._fields[(key, field)] = self._fields.get((key, field), 0) + amount
             if self._flusher is None or not self._flusher.is_alive():
                 self._flusher = threading.Thread(
-                    target=self._flush_forever, name="emp-metrics-flush", daemon=True
+                    target=self._flush_forever,
+                    args=(self._stopping,),
+                    name="emp-metrics-flush",
+                    daemon=True,
                 )
                 self._flusher.start()
 
@@ -285,9 +289,17 @@ class _Pending:
             fields, self._fields = self._fields, {}
         return fields
 
-    def _flush_forever(self) -> None:
-        while True:
-            time.sleep(FLUSH_INTERVAL_S)
+    def stop(self, timeout_s: float) -> None:
+        """Stop the flusher thread (what is pending stays, for `flush`)."""
+        with self._lock:
+            flusher, self._flusher = self._flusher, None
+            stopping, self._stopping = self._stopping, threading.Event()
+        stopping.set()
+        if flusher is not None:
+            flusher.join(timeout_s)
+
+    def _flush_forever(self, stopping: threading.Event) -> None:
+        while not stopping.wait(FLUSH_INTERVAL_S):
             flush()
 
 
@@ -309,6 +321,12 @@ def flush() -> None:
         pipe.execute()
     except Exception as exc:
         _dropped(", ".join(sorted({key for key, _ in fields})), exc)
+
+
+def stop_flushing(timeout_s: float = 3.0) -> None:
+    """Write what is pending and stop the flusher thread; a later observation starts another."""
+    _pending.stop(timeout_s)
+    flush()
 
 
 def _forget_after_fork() -> None:

@@ -23,10 +23,10 @@ import requests
 from sqlalchemy import select
 
 from bench import scratch
-from emp_tasks import workers
+from emp_tasks import live, metrics, workers
 from emp_tasks.core import config
 from emp_tasks.core.events import STREAM
-from emp_tasks.store import redisdb
+from emp_tasks.store import outbox, redisdb
 from emp_tasks.store.db import ROOT
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -106,6 +106,11 @@ def services() -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        # This process's own threads stop before its Redis clients close, so none is
+        # frozen mid-command (holding its pool's lock) when the interpreter exits.
+        live.stop()
+        metrics.stop_flushing()
+        outbox.flush()
         redisdb.reset_clients()
         run.drop()
 

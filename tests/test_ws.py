@@ -550,3 +550,26 @@ def test_a_resume_id_redis_refuses_is_an_error_and_the_session_goes_on(live_api,
         assert client.reply("resumed") == {"type": "resumed", "after": "0-0"}
     finally:
         client.close()
+
+
+def _threads_named(name: str) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == name]
+
+
+def test_the_process_hub_stops_its_thread_and_a_new_one_serves_later_sockets(services):
+    """Stopped before the process's Redis clients close (the suite's own end, a shutdown),
+    the hub leaves no thread that could be frozen mid-command; a later socket gets a new hub."""
+    from emp_tasks import live
+
+    admin = auth.Principal(customer_id="ops", admin=True, key_id="test")
+    first = live.hub()
+    subscriber = live.Subscriber(admin, lambda: None)
+    first.add(subscriber)
+    assert first.ready.is_set() and _threads_named("emp-live-hub")
+    live.stop()
+    assert not _threads_named("emp-live-hub")
+    second = live.hub()
+    assert second is not first
+    second.add(live.Subscriber(admin, lambda: None))
+    assert second.ready.is_set() and len(_threads_named("emp-live-hub")) == 1
+    live.stop()

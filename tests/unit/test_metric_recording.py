@@ -3,6 +3,8 @@ scrape time; observations add up in the process until they are flushed."""
 
 from __future__ import annotations
 
+import threading
+
 from emp_tasks import metrics
 
 
@@ -39,3 +41,18 @@ def test_the_scrape_shows_cumulative_buckets_and_the_count_as_inf():
     assert buckets["+Inf"] == 5
     values = list(buckets.values())
     assert values == sorted(values)
+
+
+def test_stopping_the_flusher_ends_its_thread_and_a_later_observation_starts_another():
+    def flushers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "emp-metrics-flush" and t.is_alive()]
+
+    metrics._pending.add("emp:test", "x", 1)
+    assert flushers()
+    metrics._pending.stop(3.0)
+    assert not flushers()
+    assert metrics._pending.take() == {("emp:test", "x"): 1}  # kept for the last flush
+    metrics._pending.add("emp:test", "x", 1)
+    assert len(flushers()) == 1
+    metrics._pending.stop(3.0)
+    metrics._pending.take()
