@@ -125,7 +125,7 @@ def test_a_warm_worker_killed_mid_step_loses_nothing(client, start_worker):
     first = submit(client, service, "model-a")
     wait_for_status(client, first, {"completed"})
     warm_worker(start_worker, service, "killed-other")
-    long = submit(client, service, "model-a", duration_s=30)
+    long = submit(client, service, "model-a", duration_s=4)  # run again from the start
     assert wait_for_status(client, long, {"running"})["worker_id"] == "killed-warm"
     queued = [submit(client, service, "model-a") for _ in range(2)]  # to the warm queue
     kill_9(doomed)

@@ -266,7 +266,7 @@ def test_gone_receiver_disables_the_endpoint(client, system, receiver, start_web
 
 
 def test_dead_delivery_can_be_replayed(client, system, receiver, start_webhooks, services):
-    start_webhooks()
+    start_webhooks(EMP_WEBHOOK_RETRY_SCHEDULE="0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1")
     endpoint = register(client, receiver.url, events=["webhook_test"])
     receiver.default = (500, {})
     test = client.post(f"/api/webhooks/{endpoint['id']}/test", headers=headers()).get_json()
