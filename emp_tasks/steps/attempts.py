@@ -428,12 +428,14 @@ def renew_leases(attempts: dict[str, int]) -> int:
             " WHERE id IN (SELECT s.id FROM steps s"
             " JOIN unnest(%s::varchar[], %s::int[]) AS held(id, attempt)"
             " ON s.id = held.id AND s.attempts = held.attempt"
-            " WHERE s.status = ANY(%s) ORDER BY s.id FOR UPDATE)"
+            # By primary key, whatever the statistics say (no plan that scans the table).
+            " WHERE s.id = ANY(%s) AND s.status = ANY(%s) ORDER BY s.id FOR UPDATE)"
             " RETURNING id",
             [
                 float(get_settings().lease_timeout_s),
                 list(attempts),
                 list(attempts.values()),
+                list(attempts),
                 [status.value for status in ACTIVE_STEP_STATUSES],
             ],
         )

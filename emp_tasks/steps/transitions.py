@@ -396,12 +396,14 @@ def finish_attempts(
         "UPDATE step_attempts SET outcome = %s, error = %s, finished_at = now()"
         " FROM unnest(%s::varchar[], %s::int[]) AS f(step_id, attempt)"
         " WHERE step_attempts.step_id = f.step_id AND step_attempts.attempt = f.attempt"
-        " AND step_attempts.finished_at IS NULL",
+        # Through the (step_id, attempt) index, whatever the statistics say.
+        " AND step_attempts.step_id = ANY(%s) AND step_attempts.finished_at IS NULL",
         [
             outcome,
             Jsonb(error.to_json()) if error else None,
             [step_id for step_id, _ in pairs],
             [attempt for _, attempt in pairs],
+            [step_id for step_id, _ in pairs],
         ],
     )
 
