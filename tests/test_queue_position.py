@@ -44,7 +44,20 @@ def test_positions_follow_the_order_workers_take_steps(client, start_worker):
     assert [get(client, s["id"])["queue_position"] for s in waiting] == [0, 1, 2]
     # The depth is counted at most once a second per queue and process.
     wait_for(lambda: {get(client, s["id"])["queue_depth"] for s in waiting} == {3}, timeout_s=3)
-    assert waiting[0]["queue_position"] == 0  # the POST's answer carries it too
+    assert [s["queue_position"] for s in waiting] == [0, 1, 2]  # the POSTs' answers too
+    again = client.post(
+        "/api/steps",
+        json={"service": service, "payload": {"duration_s": 0.05}},
+        headers=headers(**{"Idempotency-Key": "position-replay"}),
+    ).get_json()["step"]
+    replayed = client.post(
+        "/api/steps",
+        json={"service": service, "payload": {"duration_s": 0.05}},
+        headers=headers(**{"Idempotency-Key": "position-replay"}),
+    )
+    assert replayed.status_code == 200 and replayed.get_json()["step"]["id"] == again["id"]
+    assert again["queue_position"] == replayed.get_json()["step"]["queue_position"] == 3
+    client.post(f"/api/steps/{again['id']}/cancel", json={}, headers=headers())
 
     urgent = submit(client, service, priority=95)
     assert urgent["queue_position"] == 0

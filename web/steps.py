@@ -38,24 +38,26 @@ def submit(body: StepCreate, principal: Principal):
     summary="Submit a step; `Prefer: wait=N` answers once it ended (or N seconds passed)",
 )
 def create_step(principal: Principal, body: StepCreate) -> Response:
-    step, created = submit(body, principal)
+    step, created, place = client.submit_placed(
+        body, principal, correlation_id=g.correlation_id, idempotency_key=idempotency_key()
+    )
     extra = _waited(principal, step)
     if extra:
-        step = queries.get(step.id, principal)
+        step, place = queries.get(step.id, principal), None
     return ok(
         201 if created else 200,
         extra,
         step_id=step.id,
         status=step.status,
-        step=shown(step),
+        step=shown(step, place),
         warnings=queues.step_warnings(step),
     )
 
 
-def shown(step) -> dict:
+def shown(step, place: dict | None = None) -> dict:
     """A step object with its place in its queue (queue_position, queue_depth: null unless
-    pending)."""
-    return {**step_object(step), **queue_order.position(step)}
+    pending); `place` when it was read already."""
+    return {**step_object(step), **(place or queue_order.position(step))}
 
 
 def _waited(principal: Principal, step) -> dict[str, str]:

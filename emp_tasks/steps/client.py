@@ -20,7 +20,7 @@ from emp_tasks.core.status import (
 )
 from emp_tasks.core.times import iso, now
 from emp_tasks.specs import StepCreate
-from emp_tasks.steps import queries, transitions, workflows
+from emp_tasks.steps import queries, queue_order, transitions, workflows
 from emp_tasks.store import db, idempotency
 from emp_tasks.store.db import Tx
 from emp_tasks.webhooks import endpoints as webhooks
@@ -36,16 +36,50 @@ def submit(
     idempotency_key: str | None = None,
 ) -> tuple[Any, bool]:
     """Accept a step; return its row and whether it was created (False: idempotent replay)."""
+    step, created, _ = _submit(spec, principal, correlation_id, idempotency_key, placed=False)
+    return step, created
+
+
+def submit_placed(
+    spec: StepCreate,
+    principal: Principal,
+    *,
+    correlation_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Any, bool, dict[str, int | None]]:
+    """As `submit`, plus the step's place in its queue (emp_tasks.steps.queue_order),
+    read in the same transaction: no second transaction per submit."""
+    step, created, place = _submit(spec, principal, correlation_id, idempotency_key, placed=True)
+    assert place is not None
+    return step, created, place
+
+
+def _submit(
+    spec: StepCreate,
+    principal: Principal,
+    correlation_id: str | None,
+    idempotency_key: str | None,
+    *,
+    placed: bool,
+) -> tuple[Any, bool, dict[str, int | None] | None]:
     customer_id = principal.customer_for(spec.customer_id)
     webhooks.check_target("webhook_url", spec.webhook_url)
 
-    def create(tx: Tx) -> tuple[Any, str]:
-        step = transitions.insert(tx, [transitions.new_step(spec, customer_id, correlation_id)])[0]
-        return step, step.id
+    def place(tx: Tx, step: Any) -> tuple[Any, dict[str, int | None] | None]:
+        return step, queue_order.position(step, tx) if placed else None
 
-    return idempotency.create_once(
-        customer_id, idempotency_key, "step", lambda tx, i: transitions.read(tx, i), create
+    def create(tx: Tx) -> tuple[tuple[Any, dict[str, int | None] | None], str]:
+        step = transitions.insert(tx, [transitions.new_step(spec, customer_id, correlation_id)])[0]
+        return place(tx, step), step.id
+
+    (step, where), created = idempotency.create_once(
+        customer_id,
+        idempotency_key,
+        "step",
+        lambda tx, step_id: place(tx, transitions.read(tx, step_id)),
+        create,
     )
+    return step, created, where
 
 
 def cancel(step_id: str, principal: Principal, reason: str | None = None) -> Any:

@@ -44,13 +44,17 @@ def level_of(step: Any) -> int:
     return transitions.task_spec(step).priority
 
 
-def depth(queue: str) -> int:
+def depth(queue: str, tx: db.Tx | None = None) -> int:
+    """The queue's pending steps, counted at most once a DEPTH_FOR_S (in `tx` when given)."""
     moment = time.monotonic()
     with _lock:
         known = _depths.get(queue)
     if known is not None and known[0] > moment:
         return known[1]
-    with db.tx() as tx:
+    if tx is None:
+        with db.tx() as own:
+            count = own.one(_DEPTH, [queue]).n
+    else:
         count = tx.one(_DEPTH, [queue]).n
     with _lock:
         if len(_depths) > 10_000:
@@ -59,18 +63,24 @@ def depth(queue: str) -> int:
     return count
 
 
-def position(step: Any) -> dict[str, int | None]:
-    """`queue_position` and `queue_depth` of a step (a row); None for a step not pending."""
+def position(step: Any, tx: db.Tx | None = None) -> dict[str, int | None]:
+    """`queue_position` and `queue_depth` of a step (a row); None for a step not pending.
+
+    Read in `tx` when given (as its last statements: the planner setting stays for the
+    rest of that transaction), else in a transaction of its own.
+    """
     if step.status != StepStatus.PENDING:
         return {"queue_position": None, "queue_depth": None}
-    with db.tx() as tx:
-        # The planner cannot tell how few steps are ahead and would read the whole queue.
-        tx.execute("SET LOCAL enable_seqscan = off")
-        params = {
-            "queue": step.queue,
-            "level": level_of(step),
-            "queued_at": step.queued_at,
-            "id": step.id,
-        }
-        ahead = tx.one(_AHEAD, params).n
-    return {"queue_position": ahead, "queue_depth": max(depth(step.queue), ahead + 1)}
+    if tx is None:
+        with db.tx() as own:
+            return position(step, own)
+    # The planner cannot tell how few steps are ahead and would read the whole queue.
+    tx.execute("SET LOCAL enable_seqscan = off")
+    params = {
+        "queue": step.queue,
+        "level": level_of(step),
+        "queued_at": step.queued_at,
+        "id": step.id,
+    }
+    ahead = tx.one(_AHEAD, params).n
+    return {"queue_position": ahead, "queue_depth": max(depth(step.queue, tx), ahead + 1)}
