@@ -69,7 +69,11 @@ def recovered(reason: str) -> int:
 
 
 def cancel_reason(step_id: str) -> str:
-    (event,) = [e for e in stream_events(step_id=step_id) if e["type"] == "step_cancelled"]
+    """The reason of the step's `step_cancelled`, once published (after its commit)."""
+    (event,) = wait_for(
+        lambda: [e for e in stream_events(step_id=step_id) if e["type"] == "step_cancelled"],
+        timeout_s=10,
+    )
     return event["data"]["reason"]
 
 
