@@ -86,6 +86,7 @@ def services() -> Iterator[dict[str, str]]:
         "EMP_RETRY_MAX_S": "1",
         "EMP_RELAY_INTERVAL_S": "0.2",
         "EMP_RECONCILE_INTERVAL_S": "0.3",
+        "EMP_BROKER_POLL_S": "0.2",  # a stopping worker waits out its BRPOP first
         "EMP_RATE_LIMIT_PER_MINUTE": "0",
         "EMP_WEBHOOK_ALLOW_PRIVATE": "true",
         "EMP_WEBHOOK_SECRET": WEBHOOK_SECRET,
@@ -175,9 +176,24 @@ class RunningSystem:
         self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.group = ProcessGroup(env, names=names, output=self._log).start()
 
+    def terminate(self) -> None:
+        """Ask its processes to stop (SIGTERM), without waiting: see `stop_all`."""
+        for process in self.group.processes.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+
     def stop(self) -> None:
         self.group.stop()
         self._log.close()
+
+
+def stop_all(running: list[RunningSystem]) -> None:
+    """Stop these together: each shuts down while the others do."""
+    for each in running:
+        each.terminate()
+    for each in running:
+        each.stop()
 
 
 def process_env(services: dict[str, str], **extra: str) -> dict[str, str]:
@@ -241,8 +257,7 @@ def start_worker(services, system) -> Iterator[Callable[..., RunningSystem]]:
         return running
 
     yield start
-    for running in started:
-        running.stop()
+    stop_all(started)
 
 
 def worker_status(worker_id: str) -> str | None:

@@ -20,6 +20,7 @@ from tests.conftest import (
     free_port,
     headers,
     process_env,
+    stop_all,
     stream_events,
     wait_for,
     wait_for_status,
@@ -55,8 +56,7 @@ def start_webhooks(services) -> Iterator[Callable[..., RunningSystem]]:
         return running
 
     yield start
-    for running in started:
-        running.stop()
+    stop_all(started)
 
 
 def register(client, url: str, who: str = "alice", **fields) -> dict:

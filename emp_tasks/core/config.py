@@ -34,7 +34,7 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
-def _float(env: dict[str, str], name: str, default: float) -> float:
+def _float(env: dict[str, str], name: str, default: float, *, above_zero: bool = False) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -42,8 +42,8 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError as exc:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
-    if value < 0:
-        raise ConfigError(f"{name} must be >= 0, got {value}")
+    if value < 0 or (above_zero and value == 0) or value != value:
+        raise ConfigError(f"{name} must be {'> 0' if above_zero else '>= 0'}, got {value}")
     return value
 
 
@@ -157,6 +157,7 @@ class Settings:
     events_maxlen: int = 100_000
     events_fast_path: bool = True
     relay_interval_s: float = 1.0
+    broker_poll_s: float = 1.0
     progress_write_interval_s: float = 1.0
     max_body_bytes: int = 5 * 1024 * 1024
     rate_limit_per_minute: int = 6000
@@ -232,6 +233,8 @@ class Settings:
             events_maxlen=_int(env, "EMP_EVENTS_MAXLEN", 100_000, 1),
             events_fast_path=_bool(env, "EMP_EVENTS_FAST_PATH", True),
             relay_interval_s=_float(env, "EMP_RELAY_INTERVAL_S", 1.0),
+            # A BRPOP of 0 s would wait for ever (and never stop).
+            broker_poll_s=_float(env, "EMP_BROKER_POLL_S", 1.0, above_zero=True),
             progress_write_interval_s=_float(env, "EMP_PROGRESS_WRITE_INTERVAL_S", 1.0),
             max_body_bytes=_int(env, "EMP_MAX_BODY_BYTES", 5 * 1024 * 1024, 1024),
             rate_limit_per_minute=_int(env, "EMP_RATE_LIMIT_PER_MINUTE", 6000),

@@ -6,7 +6,8 @@ delivered message as unacked, and removing it again on ack. Building a client co
 more CPU than the two Redis round trips it is built for. A client on a connection pool
 is safe to share between threads, so this channel builds one and keeps it.
 
-celeryconfig names it as `broker_transport`; everything else (keys, priorities, the
+celeryconfig names it as `broker_transport`; apart from the length of its BRPOP
+(EMP_BROKER_POLL_S), everything else (keys, priorities, the
 visibility timeout, restoring unacked messages) is kombu's Redis transport unchanged.
 """
 
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+
+from emp_tasks.core.config import get_settings
 
 
 class Channel(kombu_redis.Channel):
@@ -42,4 +45,14 @@ class Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
+    """kombu's Redis transport; its BRPOP lasts EMP_BROKER_POLL_S (kombu: 1 s).
+
+    Stopping, kombu reads the answer of the BRPOP under way, so that a message Redis
+    popped for this worker is given back, not lost: a worker stops within that time.
+    """
+
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.brpop_timeout = get_settings().broker_poll_s

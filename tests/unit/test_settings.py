@@ -83,3 +83,16 @@ def test_an_app_built_without_settings_follows_the_process_settings(process_sett
     app.add_url_rule("/probe", "probe", lambda: {"port": get_settings().port})
     monkeypatch.setattr(config, "_settings", replace(process_settings, port=9124))
     assert app.test_client().get("/probe").get_json() == {"port": 9124}
+
+
+def test_a_workers_broker_wait_lasts_emp_broker_poll_s_and_never_for_ever(monkeypatch):
+    from kombu import Connection
+
+    from emp_tasks.worker.transport import Transport
+
+    assert Settings.from_env({}).broker_poll_s == 1.0
+    for refused in ("0", "-1", "nan", "soon"):
+        with pytest.raises(config.ConfigError, match="EMP_BROKER_POLL_S"):
+            Settings.from_env({"EMP_BROKER_POLL_S": refused})
+    monkeypatch.setattr(config, "_settings", Settings.from_env({"EMP_BROKER_POLL_S": "0.2"}))
+    assert Transport(Connection("redis://127.0.0.1:1/0")).brpop_timeout == 0.2
