@@ -21,6 +21,7 @@ from tests.conftest import (
     free_port,
     headers,
     process_env,
+    stop_all,
     stream_events,
     wait_for,
 )
@@ -75,8 +76,7 @@ def start_notifier(services, emprops) -> Iterator[Callable[..., RunningSystem]]:
         return running
 
     yield start
-    for running in started:
-        running.stop()
+    stop_all(started)
 
 
 def kill_9(running: RunningSystem) -> None:
