@@ -85,11 +85,15 @@ class ProcessGroup:
                     return name, code
             time.sleep(0.2)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def terminate(self) -> None:
+        """Ask every process still running to stop (SIGTERM to its group); no waiting."""
         for process in self.processes.values():
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.terminate()
         deadline = time.monotonic() + timeout_s
         for process in self.processes.values():
             try:

@@ -176,13 +176,6 @@ class RunningSystem:
         self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.group = ProcessGroup(env, names=names, output=self._log).start()
 
-    def terminate(self) -> None:
-        """Ask its processes to stop (SIGTERM), without waiting: see `stop_all`."""
-        for process in self.group.processes.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-
     def stop(self) -> None:
         self.group.stop()
         self._log.close()
@@ -191,7 +184,7 @@ class RunningSystem:
 def stop_all(running: list[RunningSystem]) -> None:
     """Stop these together: each shuts down while the others do."""
     for each in running:
-        each.terminate()
+        each.group.terminate()
     for each in running:
         each.stop()
 

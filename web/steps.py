@@ -21,9 +21,12 @@ TAGS = ("steps",)
 
 def submit(body: StepCreate, principal: Principal):
     """Shared by every submit route: returns (step, created)."""
-    return client.submit(
-        body, principal, correlation_id=g.correlation_id, idempotency_key=idempotency_key()
-    )
+    return client.submit(body, principal, **_request_origin())
+
+
+def _request_origin() -> dict[str, str | None]:
+    """What a submit takes from the request: its correlation id and Idempotency-Key."""
+    return {"correlation_id": g.correlation_id, "idempotency_key": idempotency_key()}
 
 
 @endpoint(
@@ -38,9 +41,7 @@ def submit(body: StepCreate, principal: Principal):
     summary="Submit a step; `Prefer: wait=N` answers once it ended (or N seconds passed)",
 )
 def create_step(principal: Principal, body: StepCreate) -> Response:
-    step, created, place = client.submit_placed(
-        body, principal, correlation_id=g.correlation_id, idempotency_key=idempotency_key()
-    )
+    step, created, place = client.submit_placed(body, principal, **_request_origin())
     extra = _waited(principal, step)
     if extra:
         step, place = queries.get(step.id, principal), None

@@ -7,6 +7,7 @@ one place that parses them, so a typo in a value fails at start-up, not mid-run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ def _float(env: dict[str, str], name: str, default: float, *, above_zero: bool =
         value = float(raw)
     except ValueError as exc:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
-    if value < 0 or (above_zero and value == 0) or value != value:
+    if math.isnan(value) or value < 0 or (above_zero and value == 0):
         raise ConfigError(f"{name} must be {'> 0' if above_zero else '>= 0'}, got {value}")
     return value
 

@@ -424,20 +424,19 @@ def renew_leases(attempts: dict[str, int]) -> int:
         return 0
     with db.tx() as tx:
         renewed = tx.all(
-            "UPDATE steps SET lease_expires_at = now() + make_interval(secs => %s)"
+            "UPDATE steps SET lease_expires_at = now() + make_interval(secs => %(lease)s)"
             " WHERE id IN (SELECT s.id FROM steps s"
-            " JOIN unnest(%s::varchar[], %s::int[]) AS held(id, attempt)"
+            " JOIN unnest(%(ids)s::varchar[], %(attempts)s::int[]) AS held(id, attempt)"
             " ON s.id = held.id AND s.attempts = held.attempt"
             # By primary key, whatever the statistics say (no plan that scans the table).
-            " WHERE s.id = ANY(%s) AND s.status = ANY(%s) ORDER BY s.id FOR UPDATE)"
+            " WHERE s.id = ANY(%(ids)s) AND s.status = ANY(%(active)s) ORDER BY s.id FOR UPDATE)"
             " RETURNING id",
-            [
-                float(get_settings().lease_timeout_s),
-                list(attempts),
-                list(attempts.values()),
-                list(attempts),
-                [status.value for status in ACTIVE_STEP_STATUSES],
-            ],
+            {
+                "lease": float(get_settings().lease_timeout_s),
+                "ids": list(attempts),
+                "attempts": list(attempts.values()),
+                "active": [status.value for status in ACTIVE_STEP_STATUSES],
+            },
         )
     return len(renewed)
 

@@ -53,9 +53,8 @@ def depth(queue: str, tx: db.Tx | None = None) -> int:
         return known[1]
     if tx is None:
         with db.tx() as own:
-            count = own.one(_DEPTH, [queue]).n
-    else:
-        count = tx.one(_DEPTH, [queue]).n
+            return depth(queue, own)
+    count = tx.one(_DEPTH, [queue]).n
     with _lock:
         if len(_depths) > 10_000:
             _depths.clear()

@@ -393,18 +393,17 @@ def finish_attempts(
     if not pairs:
         return
     tx.execute(
-        "UPDATE step_attempts SET outcome = %s, error = %s, finished_at = now()"
-        " FROM unnest(%s::varchar[], %s::int[]) AS f(step_id, attempt)"
+        "UPDATE step_attempts SET outcome = %(outcome)s, error = %(error)s, finished_at = now()"
+        " FROM unnest(%(ids)s::varchar[], %(attempts)s::int[]) AS f(step_id, attempt)"
         " WHERE step_attempts.step_id = f.step_id AND step_attempts.attempt = f.attempt"
         # Through the (step_id, attempt) index, whatever the statistics say.
-        " AND step_attempts.step_id = ANY(%s) AND step_attempts.finished_at IS NULL",
-        [
-            outcome,
-            Jsonb(error.to_json()) if error else None,
-            [step_id for step_id, _ in pairs],
-            [attempt for _, attempt in pairs],
-            [step_id for step_id, _ in pairs],
-        ],
+        " AND step_attempts.step_id = ANY(%(ids)s) AND step_attempts.finished_at IS NULL",
+        {
+            "outcome": outcome,
+            "error": Jsonb(error.to_json()) if error else None,
+            "ids": [step_id for step_id, _ in pairs],
+            "attempts": [attempt for _, attempt in pairs],
+        },
     )
 
 
