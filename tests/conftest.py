@@ -87,6 +87,10 @@ def services() -> Iterator[dict[str, str]]:
         "EMP_RELAY_INTERVAL_S": "0.2",
         "EMP_RECONCILE_INTERVAL_S": "0.3",
         "EMP_BROKER_POLL_S": "0.2",  # a stopping worker waits out its BRPOP first
+        # Every test's workers serve services of their own, and all share this run's Redis
+        # index: at the default cap of 50 label values, whichever test comes later sees its
+        # service counted as `other`. The cap's own tests set theirs.
+        "EMP_METRICS_MAX_SERVICES": "1000",
         "EMP_RATE_LIMIT_PER_MINUTE": "0",
         "EMP_WEBHOOK_ALLOW_PRIVATE": "true",
         "EMP_WEBHOOK_SECRET": WEBHOOK_SECRET,
