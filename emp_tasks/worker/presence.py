@@ -171,13 +171,15 @@ class Presence:
 
     def refuse(self, queue: str) -> threading.Event:
         """Stop consuming `queue` for REFUSE_S (this worker was handed a step there it cannot
-        serve); the event is set once Celery no longer consumes it."""
+        serve); the event is set once Celery no longer consumes it.
+
+        Only the next tick's read of what Celery consumes (`applied`) says so: `consumed`
+        may be a tick old, and miss a queue added from outside since (`add_consumer`),
+        which Celery would go on taking the step back from.
+        """
         with self._lock:
             self._refused[queue] = time.monotonic() + REFUSE_S
-            stopped = self._stopped_consuming.setdefault(queue, threading.Event())
-            if queue not in self.consumed:
-                stopped.set()
-            return stopped
+            return self._stopped_consuming.setdefault(queue, threading.Event())
 
     def applied(self, consumed: set[str]) -> None:
         """What Celery actually consumes (read by the consumer step on every tick)."""
