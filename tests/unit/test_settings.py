@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 
 from emp_tasks.core import config
 from emp_tasks.core.config import Settings, get_settings
@@ -96,3 +97,11 @@ def test_a_workers_broker_wait_lasts_emp_broker_poll_s_and_never_for_ever(monkey
             Settings.from_env({"EMP_BROKER_POLL_S": refused})
     monkeypatch.setattr(config, "_settings", Settings.from_env({"EMP_BROKER_POLL_S": "0.2"}))
     assert Transport(Connection("redis://127.0.0.1:1/0")).brpop_timeout == 0.2
+
+
+def test_redis_replies_are_parsed_by_hiredis():
+    """redis-py parses replies in C when hiredis is installed: every process's Redis
+    client (events, kombu's broker channel) spends a third less CPU per command."""
+    connection = redis.Redis().connection_pool.make_connection()
+    assert type(connection._parser).__name__ == "_HiredisParser"
+
