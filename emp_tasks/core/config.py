@@ -140,10 +140,16 @@ def parse_api_keys(raw: str) -> tuple[ApiKeySpec, ...]:
     return tuple(specs)
 
 
-DEFAULT_WEB_WORKERS = min(4, 2 * (os.cpu_count() or 1))
-"""gunicorn processes: measured on 2 cores (make bench), 4 processes answered one client's
-submit in 4.4 ms at p50 against 7.2 ms with 2 and 8.5 ms with 1, and carried the most
-steps/s; capped at 4 so that each process's database pool stays affordable."""
+def default_web_workers(cores: int | None) -> int:
+    """gunicorn processes: one per core, at most 4. Measured on 2 cores (make bench, 16
+    clients): 2 processes spent 5.5-6.0 ms of web CPU per step against 7.3-7.8 ms with 4 (each
+    process has its own event publisher, and fewer publishers publish bigger batches), with
+    the same single-client submit latency (12.9-13.2 ms at p50 against 13.7 ms); capped at 4
+    so that each process's database pool stays affordable."""
+    return min(4, cores or 1)
+
+
+DEFAULT_WEB_WORKERS = default_web_workers(os.cpu_count())
 
 
 @dataclass(frozen=True)

@@ -105,3 +105,6 @@ def test_redis_replies_are_parsed_by_hiredis():
     connection = redis.Redis().connection_pool.make_connection()
     assert type(connection._parser).__name__ == "_HiredisParser"
 
+
+def test_one_gunicorn_process_per_core_at_most_four():
+    assert [config.default_web_workers(cores) for cores in (None, 1, 2, 3, 16)] == [1, 1, 2, 3, 4]
