@@ -163,7 +163,7 @@ class Tx:
             values = ", ".join([template] * len(chunk))
             params = [value for row in chunk for value in row]
             cursor = self.execute(f"{head} VALUES {values} {tail}", params)
-            if cursor.description is not None:
+            if _returns_rows(cursor):
                 returned.extend(cursor.fetchall())
         return returned
 
@@ -181,6 +181,13 @@ class Tx:
     def after_commit(self, key: str, callback: Callable[[], None]) -> None:
         """Run `callback` once (per key) after this transaction commits, never on rollback."""
         self._on_commit(key, callback)
+
+
+def _returns_rows(cursor: psycopg.Cursor[Any]) -> bool:
+    """Whether the statement returned rows (RETURNING), read from its result's field count:
+    `cursor.description` would build a Column object for each of a step's 34 columns."""
+    result = cursor.pgresult
+    return result is not None and result.nfields > 0
 
 
 @contextmanager
