@@ -392,13 +392,6 @@ def finish_attempts(
     pairs = list(attempts)
     if not pairs:
         return
-    if len(pairs) == 1:  # the common case, without dumping arrays
-        tx.execute(
-            "UPDATE step_attempts SET outcome = %s, error = %s, finished_at = now()"
-            " WHERE step_id = %s AND attempt = %s AND finished_at IS NULL",
-            [outcome, Jsonb(error.to_json()) if error else None, *pairs[0]],
-        )
-        return
     tx.execute(
         "UPDATE step_attempts SET outcome = %(outcome)s, error = %(error)s, finished_at = now()"
         " FROM unnest(%(ids)s::varchar[], %(attempts)s::int[]) AS f(step_id, attempt)"
