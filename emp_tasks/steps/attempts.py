@@ -354,11 +354,11 @@ def complete(
             },
             within=ACTIVE_STEP_STATUSES,
             attempt=attempt,
+            closing="completed",
         )
         if not rows:
             _fenced(step_id, attempt, None)
             return False
-        transitions.finish_attempts(tx, [(step_id, attempt)], "completed", None)
         workflows.on_step_finished(tx, rows[0])
         return True
 

@@ -188,44 +188,54 @@ def apply(
     attempt: int | None = None,
     condition: str | None = None,
     queue: bool = False,
+    closing: str | None = None,
 ) -> list[Any]:
     """Move these steps to `to` and record each one's event; return the moved rows.
 
     A step moves only from a status the transition table allows (narrowed to `within`),
     with `attempt` only while that is its current attempt, and with `condition` (SQL of
     this package's own) only where it holds; the others are left as they are and left
-    out of the answer. Several steps are locked in id order.
+    out of the answer. Several steps are locked in id order. `closing`: the outcome the
+    moved steps' current attempts end with in the audit trail, in the same statement
+    (as `finish_attempts`, with no error).
     """
     ids = list(step_ids)
     if not ids:
         return []
     sources = statuses_into(to) & within if within is not None else statuses_into(to)
-    params: dict[str, Any] = {
-        "to": to.value,
-        "sources": [status.value for status in sources],
-        "ids": ids,
-        "attempt": attempt,
-    }
+    params: dict[str, Any] = {"to": to.value, "ids": ids, "attempt": attempt}
     assigned = _assignments(dict(sets or {}), params)
     if to not in ACTIVE_STEP_STATUSES:
         assigned += ", lease_expires_at = NULL"
     fence = " AND attempts = %(attempt)s" if attempt is not None else ""
     if condition is not None:
         fence += f" AND {condition}"
+    # The statuses are the table's own values, written into the statement: a list
+    # parameter would be dumped element by element on every transition.
+    quoted = sorted(f"'{status.value}'" for status in sources)
+    allowed = f"status IN ({', '.join(quoted)})"
     if len(ids) == 1:
-        target = "id = %(id)s AND status = ANY(%(sources)s)" + fence
+        target = f"id = %(id)s AND {allowed}{fence}"
         params["id"] = ids[0]
     else:
         target = (
-            "id IN (SELECT id FROM steps WHERE id = ANY(%(ids)s) AND status = ANY(%(sources)s)"
-            + fence
-            + " ORDER BY id FOR UPDATE)"
+            f"id IN (SELECT id FROM steps WHERE id = ANY(%(ids)s) AND {allowed}{fence}"
+            " ORDER BY id FOR UPDATE)"
         )
-    rows = tx.all(
+    update = (
         f"UPDATE steps SET status = %(to)s, updated_at = now(){assigned}"
-        f" WHERE {target} RETURNING {STEP_COLUMNS}",
-        params,
+        f" WHERE {target} RETURNING {STEP_COLUMNS}"
     )
+    if closing is not None:
+        params["closing"] = closing
+        update = (
+            f"WITH moved AS ({update}), closed AS ("
+            "UPDATE step_attempts SET outcome = %(closing)s, error = NULL, finished_at = now()"
+            " FROM moved WHERE step_attempts.step_id = moved.id"
+            " AND step_attempts.attempt = moved.attempts AND step_attempts.finished_at IS NULL"
+            ") SELECT * FROM moved"
+        )
+    rows = tx.all(update, params)
     rows.sort(key=lambda row: (row.step_index or 0, row.id))
     emit(tx, rows, event_type, data, queue=queue)
     if to in TERMINAL_STEP_STATUSES:
@@ -510,8 +520,8 @@ def cancel(tx: Tx, step_ids: Iterable[str], reason: str) -> list[Any]:
         EventType.STEP_CANCELLED,
         {"reason": reason},
         sets={"completed_at": NOW, "cancel_reason": reason},
+        closing="cancelled",
     )
-    finish_attempts(tx, ((row.id, row.attempts) for row in rows), "cancelled", None)
     return rows
 
 
