@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from bench.stats import median_text, only_ours
 from emp_tasks.specs import StepCreate
 from emp_tasks.steps import stranded, transitions
-from emp_tasks.store import census, db, dispatch, outbox
+from emp_tasks.store import census, db, dispatch, publishing
 from emp_tasks.store.broker import queue_list, task_message
 
 SCANS = 5
@@ -63,7 +63,7 @@ def _make_pending(count: int) -> tuple[str, list[str]]:
             [template.queue],
         )
         ids = [row.id for row in tx.all("SELECT id FROM steps WHERE queue = %s", [template.queue])]
-    outbox.flush()  # the template's own task, sent with its event
+    publishing.flush()  # the template's own task, sent with its event
     copies = [step_id for step_id in ids if step_id != template.id]
     for start in range(0, len(copies), PUSH_CHUNK):
         dispatch.push(
@@ -100,7 +100,7 @@ def run(pending: int) -> StrandedResult:
             outcome.read_ms.append(wall)
             outcome.read_cpu_ms.append(cpu)
             outcome.resent += len(scan.resent)
-        outbox.flush()  # the re-sent step's event, before the scratch database goes
+        publishing.flush()  # the re-sent step's event, before the scratch database goes
     except Exception as exc:  # the row reports it; the other rows still print
         outcome.errors.append(f"{type(exc).__name__}: {exc}")
     return outcome

@@ -1,9 +1,9 @@
 """The relay process: the outbox's crash path, and periodic recovery.
 
 The fast path publishes a transaction's events right after it commits
-(emp_tasks.store.outbox). The sweeper here (`sweep`, run by the `relay` process)
-publishes whatever a dead or failed fast path left behind, through the same
-`outbox.publish_aggregates`, so events keep their commit order whichever path
+(emp_tasks.store.publishing). The sweeper here (`sweep`, run by the `relay` process)
+publishes whatever a dead or failed fast path left unmarked, through
+`publishing.publish_aggregates`, so events keep their commit order whichever path
 publishes them. The relay also records the broker epoch at start, runs
 `reconcile` less often than it sweeps, releases steps whose warm wait is over (warm
 placement, 10 times a second) and, with EMP_OUTPUT_RETENTION_DAYS set, deletes outputs
@@ -23,7 +23,7 @@ from emp_tasks import reconcile, storage
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.times import now
 from emp_tasks.steps import affinity
-from emp_tasks.store import db, dispatch, outbox
+from emp_tasks.store import db, dispatch, publishing
 from emp_tasks.store.models import Event
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def sweep(min_age_s: float = 0.5, batch: int = 200) -> int:
             )
         if not aggregates:
             return published
-        published += outbox.publish_aggregates(aggregates)
+        published += publishing.publish_aggregates(aggregates)
         if len(aggregates) < batch:
             return published
 

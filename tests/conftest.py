@@ -26,7 +26,7 @@ from bench import scratch
 from emp_tasks import live, metrics, workers
 from emp_tasks.core import config
 from emp_tasks.core.events import STREAM
-from emp_tasks.store import outbox, redisdb
+from emp_tasks.store import publishing, redisdb
 from emp_tasks.store.db import ROOT
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -115,7 +115,7 @@ def services() -> Iterator[dict[str, str]]:
         # frozen mid-command (holding its pool's lock) when the interpreter exits.
         live.stop()
         metrics.stop_flushing()
-        outbox.flush()
+        publishing.flush()
         redisdb.reset_clients()
         run.drop()
 

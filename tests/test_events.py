@@ -81,14 +81,22 @@ def test_every_outbox_event_reaches_the_stream_exactly_once(client, system):
     ).get_json()["step_id"]
     wait_for_status(client, step_id, {"completed"})
     wait_for(lambda: len(stream_events(step_id)) == 4)
-    with db.transaction() as session:
-        rows = session.execute(
-            select(Event.id, Event.published_at, Event.stream_id)
-            .where(Event.step_id == step_id)
-            .order_by(Event.seq)
-        ).all()
-    assert [r.id for r in rows] == [e["id"] for e in stream_events(step_id)]
-    assert all(r.published_at and r.stream_id for r in rows)
+
+    def all_marked() -> list | None:
+        """The step's rows once all are marked published (in batches, within
+        publishing.MARK_LINGER_S of their XADD)."""
+        with db.transaction() as session:
+            rows = session.execute(
+                select(Event.id, Event.published_at, Event.stream_id)
+                .where(Event.step_id == step_id)
+                .order_by(Event.seq)
+            ).all()
+        return rows if rows and all(r.published_at for r in rows) else None
+
+    marked = wait_for(all_marked)
+    published = stream_events(step_id)
+    assert [r.id for r in marked] == [e["id"] for e in published]
+    assert [r.stream_id for r in marked] == [e["stream_id"] for e in published]
 
 
 def test_events_are_also_published_on_the_channel_with_their_stream_id(client):

@@ -10,9 +10,10 @@ import pytest
 from kombu import Exchange, Queue
 from sqlalchemy import select
 
+from emp_tasks import relay
 from emp_tasks.core.events import STREAM, Envelope, EventType, step_aggregate
 from emp_tasks.core.ids import new_id
-from emp_tasks.store import broker, db, outbox, redisdb
+from emp_tasks.store import broker, db, publishing, redisdb
 from emp_tasks.store.models import Event, WebhookDelivery
 from emp_tasks.webhooks import delivery
 from tests import test_webhooks
@@ -79,7 +80,7 @@ def test_a_task_pushed_with_its_event_is_run_by_a_real_worker(
     override_settings(events_fast_path=False)
     step_id = submit(client, "raw-sim")
     queue = client.get(f"/api/steps/{step_id}", headers=headers()).get_json()["step"]["queue"]
-    outbox.publish_aggregates([step_aggregate(step_id)])  # the script: XADD, PUBLISH, LPUSH
+    publishing.publish_aggregates([step_aggregate(step_id)])  # the script: XADD, PUBLISH, LPUSH
     step = wait_for_status(client, step_id, {"completed"})
     assert step["queue"] == queue and step["attempts"] == 1
     assert [e["type"] for e in stream_events(step_id)][0] == "step_submitted"
@@ -121,7 +122,7 @@ def test_a_publisher_dying_after_its_script_repeats_the_event_with_the_same_id(
     step_id = submit(client, UNSERVED)
     refuse_marking(step_id)
     with pytest.raises(Exception, match="publisher died"):
-        outbox.publish_aggregates([step_aggregate(step_id)])
+        publishing.publish_aggregates([step_aggregate(step_id)])
     with db.transaction() as session:
         row = session.execute(
             select(Event.id, Event.published_at).where(Event.step_id == step_id)
@@ -132,7 +133,7 @@ def test_a_publisher_dying_after_its_script_repeats_the_event_with_the_same_id(
 
     with db.tx() as tx:  # the publisher comes back
         tx.execute("DROP TRIGGER emp_test_refuse_0 ON events")
-    outbox.publish_aggregates([step_aggregate(step_id)])
+    publishing.publish_aggregates([step_aggregate(step_id)])
     again = stream_events(step_id)
     assert len(again) >= 2 and {e["id"] for e in again} == {row.id}  # repeated, same id
 
@@ -146,6 +147,93 @@ def test_a_publisher_dying_after_its_script_repeats_the_event_with_the_same_id(
     mine = [m for m in messages if json.loads(base64.b64decode(m["body"]))[0] == [step_id]]
     assert len(mine) >= 2 and {m["headers"]["id"] for m in mine} == {row.id}
     client.post(f"/api/steps/{step_id}/cancel", headers=headers())
+
+
+# --- the gate: commit order kept without a database round trip ----------------------------
+
+
+def stream_types(step_id: str) -> list[str]:
+    return [e["type"] for e in stream_events(step_id)]
+
+
+def gate_of(step_id: str) -> str | None:
+    return redisdb.client().get(publishing.GATE_PREFIX + step_aggregate(step_id))
+
+
+def test_an_event_whose_predecessor_is_unpublished_is_published_after_it(client, override_settings):
+    step_id = submit(client, UNSERVED)  # the fast path publishes it and opens the gate
+    wait_for(lambda: stream_types(step_id) == ["step_submitted"])
+    assert gate_of(step_id) is not None
+    override_settings(events_fast_path=False)
+    client.post(f"/api/steps/{step_id}/cancel", headers=headers())  # committed, unpublished
+    override_settings(events_fast_path=True)
+    client.post(f"/api/steps/{step_id}/retry", headers=headers())  # behind the cancel
+    assert publishing.flush()
+    assert stream_types(step_id) == ["step_submitted", "step_cancelled", "step_retrying"]
+    client.post(f"/api/steps/{step_id}/cancel", headers=headers())
+    assert publishing.flush()
+    assert stream_types(step_id)[-1] == "step_cancelled"
+    assert gate_of(step_id) is None  # a step that ended leaves no gate behind
+
+
+def test_an_event_the_gate_does_not_know_goes_through_the_locked_path(client, override_settings):
+    override_settings(events_fast_path=False)
+    step_id = submit(client, UNSERVED)  # committed, unpublished: no gate
+    override_settings(events_fast_path=True)
+    client.post(f"/api/steps/{step_id}/cancel", headers=headers())
+    assert publishing.flush()
+    assert stream_types(step_id) == ["step_submitted", "step_cancelled"]
+    with db.transaction() as session:
+        marks = session.scalars(select(Event.published_at).where(Event.step_id == step_id)).all()
+    assert len(marks) == 2 and all(marks)
+
+
+def test_the_fast_path_never_publishes_again_what_the_gate_let_through(client, override_settings):
+    override_settings(events_fast_path=False)
+    step_id = submit(client, UNSERVED)
+    publishing.publish_aggregates([step_aggregate(step_id)])  # the sweeper was first
+    with db.tx() as tx:
+        row = tx.one(
+            "SELECT seq, id, type, envelope::text AS envelope, webhook FROM events"
+            " WHERE step_id = %s",
+            [step_id],
+        )
+    late = publishing.Outgoing(
+        step_aggregate(step_id), row.seq, 0, row.id, row.type, row.envelope, row.webhook, None
+    )
+    publishing.publisher().notify([late])  # the commit's own fast path, late
+    assert publishing.flush()
+    assert [e["id"] for e in stream_events(step_id)] == [row.id]
+    client.post(f"/api/steps/{step_id}/cancel", headers=headers())
+
+
+def test_a_fast_path_dying_before_its_mark_repeats_the_event_with_the_same_id(
+    client, refuse_marking
+):
+    step_id = submit(client, UNSERVED)
+    wait_for(lambda: stream_types(step_id) == ["step_submitted"])
+    assert publishing.flush()
+    refuse_marking(step_id)
+    client.post(f"/api/steps/{step_id}/cancel", headers=headers())
+    assert publishing.flush()  # published; its mark failed
+    assert stream_types(step_id) == ["step_submitted", "step_cancelled"]
+    with db.transaction() as session:
+        row = session.execute(
+            select(Event.id, Event.published_at).where(
+                Event.step_id == step_id, Event.type == "step_cancelled"
+            )
+        ).one()
+    assert row.published_at is None  # unmarked: the sweeper's to publish again
+
+    with db.tx() as tx:  # the database takes marks again
+        tx.execute("DROP TRIGGER emp_test_refuse_0 ON events")
+    relay.sweep(min_age_s=0)
+    assert [e["id"] for e in stream_events(step_id) if e["type"] == "step_cancelled"] == [
+        row.id,
+        row.id,
+    ]
+    with db.transaction() as session:
+        assert session.scalar(select(Event.published_at).where(Event.id == row.id))
 
 
 # --- progress of an attempt that is over ---------------------------------------------------
@@ -163,7 +251,7 @@ def late_report(step: dict, attempt: int) -> Envelope:
         worker_id=step["worker_id"],
         machine_id=step["machine_id"],
     )
-    outbox.publish_now(envelope, webhook=True)
+    publishing.publish_now(envelope, webhook=True)
     return envelope
 
 
@@ -266,7 +354,7 @@ def test_with_a_broker_of_its_own_the_task_is_pushed_there_after_its_event(
     broker_redis = redisdb.client(other)
     key = broker.queue_list(queue, 5)
     try:
-        outbox.publish_aggregates([step_aggregate(step_id)])
+        publishing.publish_aggregates([step_aggregate(step_id)])
         pushed = [json.loads(m) for m in broker_redis.lrange(key, 0, -1)]
         assert [json.loads(base64.b64decode(m["body"]))[0] for m in pushed] == [[step_id]]
         elsewhere = [json.loads(m) for m in redisdb.client().lrange(key, 0, -1)]

@@ -1,7 +1,7 @@
 """The dispatch instruction: how to send one step's Celery task.
 
 Pure: no I/O. It is written into the outbox row of the event that queues the step
-and read back by whichever process publishes that event (see emp_tasks.store.outbox),
+and read back by whichever process publishes that event (see emp_tasks.store.publishing),
 which sends the task (emp_tasks.store.dispatch).
 """
 

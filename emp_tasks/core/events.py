@@ -1,8 +1,8 @@
 """Domain events: their names, the envelope, and where they are published.
 
-Pure: no I/O. Recording an event in the outbox and publishing it to the
-`emp:events` stream and channel is `emp_tasks.store.outbox`. Nothing else builds an
-envelope.
+Pure: no I/O. Recording an event in the outbox is `emp_tasks.store.outbox`, publishing
+it to the `emp:events` stream and channel `emp_tasks.store.publishing`. Nothing else
+builds an envelope.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from emp_tasks.core.times import now
 from emp_tasks.routes import queues, routing
 from emp_tasks.routes.capabilities import Capabilities
 from emp_tasks.steps import transitions, workflows
-from emp_tasks.store import db, dispatch, outbox
+from emp_tasks.store import db, dispatch, outbox, publishing
 from emp_tasks.store.db import Tx
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def _publish_progress(
         None,
     )
     try:
-        outbox.publish_now(recorded.envelope, webhook=recorded.webhook)
+        publishing.publish_now(recorded.envelope, webhook=recorded.webhook)
     except Exception:
         logger.warning(
             "Progress not published",
@@ -314,7 +314,7 @@ class Progress:
                     return False
         if not self._begin_published:
             # The attempt's step_started, published by this process, comes first.
-            outbox.flush(PUBLISH_WAIT_S)
+            publishing.flush(PUBLISH_WAIT_S)
             self._begin_published = True
         _publish_progress(run.subjects, run.attempt, progress, stage, message)
         return True

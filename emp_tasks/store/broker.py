@@ -9,7 +9,7 @@ emp_tasks.worker.tasks, which every worker loads (`emp worker`, and celeryconfig
 `task_message` writes the message `apply_async` would put on the queue's Redis list
 (task protocol 2, the JSON serializer, the default exchange, the queue's list for the
 broker priority level), so a publisher can push it with a plain LPUSH, inside the same
-Redis script that publishes the event queueing the step (emp_tasks.store.outbox).
+Redis script that publishes the event queueing the step (emp_tasks.store.publishing).
 Building it here costs a few microseconds; `apply_async` costs about a millisecond.
 """
 

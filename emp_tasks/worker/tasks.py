@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
 from emp_tasks.core.status import StepStatus
-from emp_tasks.store import db, outbox, redisdb
+from emp_tasks.store import db, publishing, redisdb
 from emp_tasks.store.broker import RUN_STEP, app
 from emp_tasks.worker import execution, presence, revokes
 
@@ -113,7 +113,7 @@ def _retire(**_: object) -> None:
     _revokes.stop()
     if presence.current() is not None:
         presence.current().stop()
-    outbox.flush()  # what this worker committed is published before it goes
+    publishing.flush()  # what this worker committed is published before it goes
 
 
 app.steps["consumer"].add(presence.QueueSync)

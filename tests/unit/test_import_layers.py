@@ -55,6 +55,7 @@ def test_event_names_and_envelope_load_no_store_relay_or_worker():
     loaded = modules_loaded_by("import emp_tasks.core.events")
     store_and_processes = WORKER_CODE | {
         "emp_tasks.store.outbox",
+        "emp_tasks.store.publishing",
         "emp_tasks.relay",
         "emp_tasks.store.dispatch",
         "emp_tasks.store.broker",
@@ -66,7 +67,13 @@ def test_event_names_and_envelope_load_no_store_relay_or_worker():
 
 
 @pytest.mark.parametrize(
-    "module", ["emp_tasks.store.outbox", "emp_tasks.store.dispatch", "emp_tasks.store.broker"]
+    "module",
+    [
+        "emp_tasks.store.outbox",
+        "emp_tasks.store.publishing",
+        "emp_tasks.store.dispatch",
+        "emp_tasks.store.broker",
+    ],
 )
 def test_recording_publishing_and_sending_load_no_worker_code(module):
     loaded = modules_loaded_by(f"import {module}")
