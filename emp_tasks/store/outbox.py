@@ -12,7 +12,6 @@ events back (the audit trail).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from emp_tasks.core.config import get_settings
 from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.core.events import Envelope, EventType
 from emp_tasks.store import db
-from emp_tasks.store.publishing import LINGERING, Outgoing, publisher
+from emp_tasks.store.publishing import LINGERING, Outgoing, compact_json, publisher
 
 COMMITTED = "emp_committed_events"
 RECORDED = "emp_recorded_events"
@@ -109,7 +108,7 @@ def record_all(tx: db.Tx, events: Iterable[Recorded]) -> None:
 def _insert(tx: db.Tx, events: list[Recorded]) -> None:
     """One INSERT of these events (their `seq` follows their order); each is kept on the
     transaction with its seq and predecessor for the fast path."""
-    texts = [_json(each.envelope.to_json()) for each in events]
+    texts = [compact_json(each.envelope.to_json()) for each in events]
     rows = [
         (
             each.envelope.id,
@@ -119,7 +118,7 @@ def _insert(tx: db.Tx, events: list[Recorded]) -> None:
             each.envelope.workflow_id,
             each.envelope.customer_id,
             text,
-            _json(each.dispatch.to_json()) if each.dispatch else None,
+            compact_json(each.dispatch.to_json()) if each.dispatch else None,
             each.webhook,
         )
         for each, text in zip(events, texts, strict=True)
@@ -148,10 +147,6 @@ def _insert(tx: db.Tx, events: list[Recorded]) -> None:
                 each.dispatch,
             )
         )
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _committed(info: dict[str, Any]) -> None:

@@ -142,7 +142,9 @@ for i = 4, #ARGV, 9 do
 end
 return answers
 """
-NOT_PUBLISHED = frozenset({"dup", "gap", "unknown"})
+BEHIND = frozenset({"gap", "unknown"})
+"""Answers of an event held back for `publish_aggregates` (its predecessor first)."""
+NOT_PUBLISHED = BEHIND | {"dup"}
 
 _SELECT_UNPUBLISHED = (
     "SELECT seq, id, type, aggregate, envelope::text AS envelope, dispatch, webhook FROM events"
@@ -176,6 +178,11 @@ class Outgoing:
     envelope: str
     webhook: bool
     dispatch: DispatchInstruction | None
+
+
+def compact_json(value: Any) -> str:
+    """JSON as the outbox stores and the stream carries it: no spaces, UTF-8 as is."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _array(values: Iterable[Any]) -> str:
@@ -281,7 +288,7 @@ def _mark(tx: db.Tx, marks: list[tuple[int, str]]) -> None:
 
 def publish_now(envelope: Envelope, *, webhook: bool = False) -> str:
     """Publish an event that is not recorded (ephemeral: a progress report); its stream id."""
-    text = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False)
+    text = compact_json(envelope.to_json())
     return _push([Outgoing(None, 0, 0, envelope.id, envelope.type, text, webhook, None)])[0]
 
 
@@ -395,7 +402,7 @@ class Publisher:
         behind = {
             each.aggregate
             for each, answer in zip(batch, answers, strict=True)
-            if answer in ("gap", "unknown") and each.aggregate is not None
+            if answer in BEHIND and each.aggregate is not None
         }
         if behind:
             publish_aggregates(behind)
