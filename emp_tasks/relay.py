@@ -6,8 +6,10 @@ publishes whatever a dead or failed fast path left unmarked, through
 `publishing.publish_aggregates`, so events keep their commit order whichever path
 publishes them. The relay also records the broker epoch at start, runs
 `reconcile` less often than it sweeps, releases steps whose warm wait is over (warm
-placement, 10 times a second) and, with EMP_OUTPUT_RETENTION_DAYS set, deletes outputs
-older than that once an hour (`expire_outputs`).
+placement, 10 times a second), folds the pending-step counters of ended database backends
+once a minute (emp_tasks.steps.queue_order.compact_counts) and, with
+EMP_OUTPUT_RETENTION_DAYS set, deletes outputs older than that once an hour
+(`expire_outputs`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from sqlalchemy import func, select
 from emp_tasks import reconcile, storage
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.times import now
-from emp_tasks.steps import affinity
+from emp_tasks.steps import affinity, queue_order
 from emp_tasks.store import db, dispatch, publishing
 from emp_tasks.store.models import Event
 
 logger = logging.getLogger(__name__)
 
 RETENTION_INTERVAL_S = 3600.0
+COUNTS_COMPACT_S = 60.0
 AFFINITY_CHECK_S = 0.1
 
 
@@ -91,6 +94,7 @@ def run_forever(interval_s: float | None = None) -> None:
     threading.Thread(target=release_warm_waits_forever, name="emp-affinity", daemon=True).start()
     next_reconcile = 0.0
     next_retention = 0.0
+    next_compact = 0.0
     while True:
         try:
             count = sweep()
@@ -106,6 +110,14 @@ def run_forever(interval_s: float | None = None) -> None:
                     logger.info("Reconciled", extra={"action": "reconcile", **vars(report)})
             except Exception:
                 logger.exception("Reconcile failed", extra={"action": "reconcile_failed"})
+        if time.monotonic() >= next_compact:
+            next_compact = time.monotonic() + COUNTS_COMPACT_S
+            try:
+                queue_order.compact_counts()
+            except Exception:
+                logger.exception(
+                    "Queue counters not compacted", extra={"action": "counts_compact_failed"}
+                )
         if settings.output_retention_days is not None and time.monotonic() >= next_retention:
             next_retention = time.monotonic() + RETENTION_INTERVAL_S
             try:

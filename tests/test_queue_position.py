@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+import psycopg
 from sqlalchemy import text
 
 from emp_tasks.core.priority import broker_priority, broker_priority_sql
+from emp_tasks.steps import queue_order
 from emp_tasks.store import db
 from tests.conftest import headers, wait_for, wait_for_status
 
@@ -71,3 +75,125 @@ def test_positions_follow_the_order_workers_take_steps(client, start_worker):
     started = sorted(order, key=lambda s: get(client, s["id"])["started_at"])
     assert [s["id"] for s in started] == [s["id"] for s in order]
     assert get(client, urgent["id"])["queue_position"] is None
+
+
+# Per queue and level: the triggers' counters and the pending steps, in one snapshot.
+_COUNTERS_VS_STEPS = (
+    "WITH counted AS (SELECT queue, level, sum(pending) AS n FROM queue_counts"
+    "  GROUP BY queue, level HAVING sum(pending) <> 0),"
+    f" actual AS (SELECT queue, {broker_priority_sql()} AS level, count(*) AS n FROM steps"
+    "  WHERE status = 'pending' GROUP BY 1, 2)"
+    " SELECT coalesce(c.queue, a.queue) AS queue, coalesce(c.level, a.level) AS level,"
+    "  c.n AS counted, a.n AS actual"
+    " FROM counted c FULL JOIN actual a ON a.queue = c.queue AND a.level = c.level"
+    " WHERE c.n IS DISTINCT FROM a.n"
+)
+
+
+def counter_mismatches(url: str | None = None) -> list:
+    with db.tx(url) as tx:
+        return tx.all(_COUNTERS_VS_STEPS)
+
+
+def test_the_counters_follow_every_change_of_pending_steps(client, start_worker):
+    service = "position-counters"
+    plain = [submit(client, service, priority=priority) for priority in (5, 50, 50, 95)]
+    workflow = client.post(
+        "/api/workflows",
+        json={
+            "name": "position-counters",
+            "steps": [
+                {"service": service, "payload": {"duration_s": 0.05}},
+                {"service": service, "payload": {"duration_s": 0.05}, "depends_on": [0]},
+            ],
+        },
+        headers=headers(),
+    )
+    assert workflow.status_code == 201, workflow.get_json()
+    assert counter_mismatches() == []
+    queue = plain[0]["queue"]
+    assert get(client, plain[0]["id"])["queue_depth"] == 5  # four plain steps, one root
+
+    client.post(f"/api/steps/{plain[1]['id']}/cancel", json={}, headers=headers())
+    assert counter_mismatches() == []
+    assert client.post(f"/api/steps/{plain[1]['id']}/retry", headers=headers()).status_code == 200
+    assert counter_mismatches() == []
+
+    start_worker(service, "position-counters-worker", concurrency=1)
+    for step in plain:
+        wait_for_status(client, step["id"], {"completed"})
+    with db.tx() as tx:
+        depth = lambda: tx.one(_DEPTH_SQL, [queue]).n  # noqa: E731
+        wait_for(lambda: depth() == 0, timeout_s=20)  # the workflow's steps too
+    assert counter_mismatches() == []
+
+    waiting = [submit(client, "position-counters-purged") for _ in range(3)]
+    client.post(f"/api/queues/{waiting[0]['queue']}/purge", json={}, headers=headers("admin"))
+    assert counter_mismatches() == []
+    assert get(client, waiting[0]["id"])["status"] == "cancelled"
+
+
+_DEPTH_SQL = "SELECT coalesce(sum(pending), 0) AS n FROM queue_counts WHERE queue = %s"
+
+
+def test_a_position_counts_the_steps_ahead_when_many_were_queued_after_it(client, monkeypatch):
+    monkeypatch.setattr(queue_order, "LATER_CAP", 2)
+    service = "position-many-after"
+    steps = [submit(client, service) for _ in range(4)]
+    steps.insert(1, submit(client, service, priority=90))
+    assert [s["queue_position"] for s in steps] == [0, 0, 1, 2, 3]  # as each was submitted
+    # Now: the urgent one first, then the others oldest first; the first two have more
+    # than LATER_CAP queued after them, so theirs is the count of the steps ahead.
+    assert [get(client, s["id"])["queue_position"] for s in steps] == [1, 0, 2, 3, 4]
+    assert {get(client, s["id"])["queue_depth"] for s in steps} == {5}
+
+
+def test_the_counters_of_ended_backends_fold_into_one_row(services, client):
+    step = submit(client, "position-folded")
+    url = services["database_url"]
+    with psycopg.connect(url) as own:  # a backend of its own, which then ends
+        backend = own.execute("SELECT pg_backend_pid()").fetchone()[0]
+        own.execute("UPDATE steps SET status = 'cancelled' WHERE id = %s", [step["id"]])
+    with db.tx() as tx:
+        mine = tx.all("SELECT pending FROM queue_counts WHERE backend = %s", [backend])
+    assert [row.pending for row in mine] == [-1]
+    wait_for(lambda: queue_order.compact_counts() >= 0 and not _rows_of(backend), timeout_s=10)
+    assert counter_mismatches() == []
+    with db.tx() as tx:
+        assert tx.one(_DEPTH_SQL, [step["queue"]]).n == 0
+        assert tx.all(
+            "SELECT 1 FROM queue_counts WHERE backend = 0 AND queue = %s", [step["queue"]]
+        ), "the folded counts are kept"
+
+
+def _rows_of(backend: int) -> list:
+    with db.tx() as tx:
+        return tx.all("SELECT 1 FROM queue_counts WHERE backend = %s", [backend])
+
+
+def test_the_migration_counts_the_steps_already_pending(services):
+    admin_url = services["database_url"].rsplit("/", 1)[0] + "/postgres"
+    name = f"emp_test_counts_{os.getpid()}"
+    url = services["database_url"].rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        db.upgrade(url, "0010")
+        with psycopg.connect(url) as before:
+            before.execute(
+                "INSERT INTO steps (id, customer_id, service, queue, status, priority, payload,"
+                " requirements, progress, attempts, max_retries, timeout_s, depends_on,"
+                " metadata, remaining_deps, queued_at)"
+                " SELECT 'migrated-' || g, 'alice', 'svc', 'q.' || (g % 2),"
+                " CASE WHEN g % 3 = 0 THEN 'completed' ELSE 'pending' END, g * 7 % 101,"
+                " '{}', '{}', 0, 0, 0, 60, '[]', '{}', 0, now() FROM generate_series(1, 60) g"
+            )
+        db.upgrade(url)
+        assert counter_mismatches(url) == []
+        with db.tx(url) as tx:
+            assert tx.one("SELECT sum(pending) AS n FROM queue_counts").n == 40
+    finally:
+        db.forget(url)
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

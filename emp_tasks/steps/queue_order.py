@@ -3,16 +3,19 @@
 Workers take a queue's tasks by broker level (emp_tasks.core.priority: the step's
 priority, one level up for a workflow step continuing a workflow under way), oldest
 first within a level. `ix_steps_queue_order` indexes pending steps in exactly that order
-(queue, level, queued_at, id), so a step's position is one range count over the steps
-ahead of it, never a read of the whole queue; the queue's depth (its pending steps) is
-counted at most once a second per queue in each process. Between queues (customers, routes) a
+(queue, level, queued_at, id), and `queue_counts` (emp_tasks.store.models.QueueCount,
+kept by triggers in the transactions that change steps) holds each level's exact
+pending count. So a step's position is, in one snapshot, the pending steps of the levels
+before its own and of its own level, less those queued after it: for a step just
+submitted, a few counter rows and a count of almost nothing, however deep the queue.
+Where more than LATER_CAP steps were queued after it (a step near the head of a long
+queue), the steps ahead are counted instead, one index range that stops where they end.
+The depth is the sum of the queue's counters. Between queues (customers, routes) a
 worker takes round robin; a position counts only the step's own queue, as API.md says.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 from emp_tasks.core.priority import broker_priority_sql
@@ -20,23 +23,48 @@ from emp_tasks.core.status import StepStatus
 from emp_tasks.steps import transitions
 from emp_tasks.store import db
 
-DEPTH_FOR_S = 1.0
+LATER_CAP = 1000
+"""Steps queued after a step counted at most; beyond, the steps ahead are counted."""
 _LEVEL = broker_priority_sql()
-_IN_QUEUE = f"FROM steps WHERE status = '{StepStatus.PENDING.value}' AND queue = %(queue)s"
+_PENDING = StepStatus.PENDING.value
+_IN_LEVEL = (
+    f"FROM steps WHERE status = '{_PENDING}' AND queue = %(queue)s AND ({_LEVEL}) = %(level)s"
+)
+_IN_QUEUE = f"FROM steps WHERE status = '{_PENDING}' AND queue = %(queue)s"
+# One statement, so one snapshot: the counters and the steps queued after this one
+# (two index ranges that start at it; the first stops at LATER_CAP + 1), and whether
+# the step itself is still pending (counted in its level's counter).
+_COUNTED = (
+    "SELECT coalesce(sum(pending) FILTER (WHERE level < %(level)s), 0) AS before,"
+    " coalesce(sum(pending) FILTER (WHERE level = %(level)s), 0) AS level,"
+    " coalesce(sum(pending), 0) AS depth,"
+    f" (SELECT count(*) FROM (SELECT 1 {_IN_LEVEL} AND queued_at > %(queued_at)s"
+    "   LIMIT %(cap)s) AS later) AS later,"
+    f" (SELECT count(*) {_IN_LEVEL} AND queued_at = %(queued_at)s AND id > %(id)s) AS tied,"
+    f" EXISTS (SELECT 1 FROM steps WHERE id = %(id)s AND status = '{_PENDING}') AS pending"
+    " FROM queue_counts WHERE queue = %(queue)s"
+)
 _AHEAD = (
     # Three counts, each one index range that stops where the steps ahead end (a row
     # comparison `(level, queued_at, id) < (...)` would read the whole queue).
     f"SELECT (SELECT count(*) {_IN_QUEUE} AND ({_LEVEL}) < %(level)s)"
-    f" + (SELECT count(*) {_IN_QUEUE} AND ({_LEVEL}) = %(level)s AND queued_at < %(queued_at)s)"
-    f" + (SELECT count(*) {_IN_QUEUE} AND ({_LEVEL}) = %(level)s AND queued_at = %(queued_at)s"
-    "   AND id < %(id)s) AS n"
+    f" + (SELECT count(*) {_IN_LEVEL} AND queued_at < %(queued_at)s)"
+    f" + (SELECT count(*) {_IN_LEVEL} AND queued_at = %(queued_at)s AND id < %(id)s) AS n"
 )
-_DEPTH = (
-    f"SELECT count(*) AS n FROM steps WHERE status = '{StepStatus.PENDING.value}' AND queue = %s"
+_DEPTH = "SELECT coalesce(sum(pending), 0) AS n FROM queue_counts WHERE queue = %s"
+# The rows of backends that have ended, folded into backend 0 (their sum unchanged). A
+# backend that starts meanwhile with an ended one's pid waits for this to commit, then
+# finds no row of its own and starts one.
+_COMPACT = (
+    "WITH ended AS (DELETE FROM queue_counts WHERE backend <> 0"
+    " AND backend NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)"
+    " RETURNING queue, level, pending),"
+    " folded AS (INSERT INTO queue_counts AS c (queue, level, backend, pending)"
+    " SELECT queue, level, 0, sum(pending) FROM ended GROUP BY queue, level"
+    " ON CONFLICT (queue, level, backend) DO UPDATE SET pending = c.pending + excluded.pending)"
+    " SELECT count(*) AS n FROM ended"
 )
-
-_depths: dict[str, tuple[float, int]] = {}
-_lock = threading.Lock()
+_FORGET_EMPTY = "DELETE FROM queue_counts WHERE backend = 0 AND pending = 0"
 
 
 def level_of(step: Any) -> int:
@@ -45,27 +73,17 @@ def level_of(step: Any) -> int:
 
 
 def depth(queue: str, tx: db.Tx | None = None) -> int:
-    """The queue's pending steps, counted at most once a DEPTH_FOR_S (in `tx` when given)."""
-    moment = time.monotonic()
-    with _lock:
-        known = _depths.get(queue)
-    if known is not None and known[0] > moment:
-        return known[1]
+    """The queue's pending steps (in `tx` when given)."""
     if tx is None:
         with db.tx() as own:
             return depth(queue, own)
-    count = tx.one(_DEPTH, [queue]).n
-    with _lock:
-        if len(_depths) > 10_000:
-            _depths.clear()
-        _depths[queue] = (moment + DEPTH_FOR_S, count)
-    return count
+    return int(tx.one(_DEPTH, [queue]).n)
 
 
 def position(step: Any, tx: db.Tx | None = None) -> dict[str, int | None]:
     """`queue_position` and `queue_depth` of a step (a row); None for a step not pending.
 
-    Read in `tx` when given (as its last statements: the planner setting stays for the
+    Read in `tx` when given (as its last statements: a planner setting may stay for the
     rest of that transaction), else in a transaction of its own.
     """
     if step.status != StepStatus.PENDING:
@@ -73,13 +91,27 @@ def position(step: Any, tx: db.Tx | None = None) -> dict[str, int | None]:
     if tx is None:
         with db.tx() as own:
             return position(step, own)
-    # The planner cannot tell how few steps are ahead and would read the whole queue.
-    tx.execute("SET LOCAL enable_seqscan = off")
     params = {
         "queue": step.queue,
         "level": level_of(step),
         "queued_at": step.queued_at,
         "id": step.id,
+        "cap": LATER_CAP + 1,
     }
-    ahead = tx.one(_AHEAD, params).n
-    return {"queue_position": ahead, "queue_depth": max(depth(step.queue, tx), ahead + 1)}
+    counted = tx.one(_COUNTED, params)
+    if counted.later <= LATER_CAP:
+        ahead = counted.before + counted.level - counted.later - counted.tied - int(counted.pending)
+    else:
+        # The planner cannot tell how few steps are ahead and would read the whole queue.
+        tx.execute("SET LOCAL enable_seqscan = off")
+        ahead = tx.one(_AHEAD, params).n
+    ahead = max(int(ahead), 0)
+    return {"queue_position": ahead, "queue_depth": max(int(counted.depth), ahead + 1)}
+
+
+def compact_counts() -> int:
+    """Fold the counter rows of ended backends into backend 0; how many rows were folded."""
+    with db.tx() as tx:
+        folded = tx.one(_COMPACT).n
+        tx.execute(_FORGET_EMPTY)
+    return int(folded)

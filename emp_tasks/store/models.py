@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -225,6 +226,26 @@ class Step(Base):
         _status_check(StepStatus, "ck_steps_status"),
         CheckConstraint("priority BETWEEN 0 AND 100", name="ck_steps_priority"),
     )
+
+
+class QueueCount(Base):
+    """Pending steps per queue and broker level, as net changes per PostgreSQL backend.
+
+    Kept by triggers on `steps` (migration 0011: every insert, delete or update that
+    makes a step pending or not, or moves a pending one) in the changing transaction, so
+    the sum over `backend` is a queue level's exact pending count in any snapshot. Each
+    backend changes only its own row, so no two transactions wait for one counter; the
+    rows of backends that have ended are folded into backend 0
+    (emp_tasks.steps.queue_order.compact_counts).
+    """
+
+    __tablename__ = "queue_counts"
+
+    queue: Mapped[str] = mapped_column(String(250), primary_key=True)
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    backend: Mapped[int] = mapped_column(Integer, primary_key=True)
+    """`pg_backend_pid()` of the backend whose changes these are; 0: backends that ended."""
+    pending: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class Attempt(Base):
