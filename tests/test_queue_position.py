@@ -197,3 +197,12 @@ def test_the_migration_counts_the_steps_already_pending(services):
         db.forget(url)
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_steps_queued_at_the_same_moment_stand_in_id_order(client, monkeypatch):
+    monkeypatch.setattr(queue_order, "LATER_CAP", 2)
+    steps = [submit(client, "position-tied") for _ in range(4)]
+    ids = sorted(step["id"] for step in steps)
+    with db.tx() as tx:  # as for steps one statement queued (all of one now())
+        tx.execute("UPDATE steps SET queued_at = now() WHERE id = ANY(%s)", [ids])
+    assert [get(client, step_id)["queue_position"] for step_id in ids] == [0, 1, 2, 3]

@@ -31,16 +31,16 @@ _IN_LEVEL = (
     f"FROM steps WHERE status = '{_PENDING}' AND queue = %(queue)s AND ({_LEVEL}) = %(level)s"
 )
 _IN_QUEUE = f"FROM steps WHERE status = '{_PENDING}' AND queue = %(queue)s"
-# One statement, so one snapshot: the counters and the steps queued after this one
-# (two index ranges that start at it; the first stops at LATER_CAP + 1), and whether
-# the step itself is still pending (counted in its level's counter).
+# One statement, so one snapshot: the counters, the steps queued after this one (one
+# index range that starts at it, in index order, and stops at LATER_CAP + 1), and
+# whether the step itself is still pending (counted in its level's counter).
 _COUNTED = (
     "SELECT coalesce(sum(pending) FILTER (WHERE level < %(level)s), 0) AS before,"
     " coalesce(sum(pending) FILTER (WHERE level = %(level)s), 0) AS level,"
     " coalesce(sum(pending), 0) AS depth,"
-    f" (SELECT count(*) FROM (SELECT 1 {_IN_LEVEL} AND queued_at > %(queued_at)s"
-    "   LIMIT %(cap)s) AS later) AS later,"
-    f" (SELECT count(*) {_IN_LEVEL} AND queued_at = %(queued_at)s AND id > %(id)s) AS tied,"
+    f" (SELECT count(*) FROM (SELECT 1 {_IN_LEVEL}"
+    "   AND (queued_at, id) > (%(queued_at)s, %(id)s)"
+    "   ORDER BY queued_at, id LIMIT %(cap)s) AS later) AS later,"
     f" EXISTS (SELECT 1 FROM steps WHERE id = %(id)s AND status = '{_PENDING}') AS pending"
     " FROM queue_counts WHERE queue = %(queue)s"
 )
@@ -100,7 +100,7 @@ def position(step: Any, tx: db.Tx | None = None) -> dict[str, int | None]:
     }
     counted = tx.one(_COUNTED, params)
     if counted.later <= LATER_CAP:
-        ahead = counted.before + counted.level - counted.later - counted.tied - int(counted.pending)
+        ahead = counted.before + counted.level - counted.later - int(counted.pending)
     else:
         # The planner cannot tell how few steps are ahead and would read the whole queue.
         tx.execute("SET LOCAL enable_seqscan = off")
