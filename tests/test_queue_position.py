@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from sqlalchemy import text
@@ -172,9 +173,10 @@ def _rows_of(backend: int) -> list:
 
 
 def test_the_migration_counts_the_steps_already_pending(services):
-    admin_url = services["database_url"].rsplit("/", 1)[0] + "/postgres"
     name = f"emp_test_counts_{os.getpid()}"
-    url = services["database_url"].rsplit("/", 1)[0] + f"/{name}"
+    parts = urlsplit(services["database_url"])
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    url = urlunsplit(parts._replace(path=f"/{name}"))
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.execute(f'CREATE DATABASE "{name}"')
