@@ -207,6 +207,24 @@ def test_the_fast_path_never_publishes_again_what_the_gate_let_through(client, o
     client.post(f"/api/steps/{step_id}/cancel", headers=headers())
 
 
+def test_a_flush_for_order_waits_for_the_stream_not_for_the_mark(client, monkeypatch):
+    """What a first progress report waits for: its step_started in the stream. The row's
+    mark goes with the next batch, and a full flush still waits for it."""
+    monkeypatch.setattr(publishing, "MARK_LINGER_S", 30.0)
+    step_id = submit(client, UNSERVED)
+    assert publishing.flush(marked=False)
+    assert stream_types(step_id) == ["step_submitted"]
+
+    def published_at():
+        with db.transaction() as session:
+            return session.scalar(select(Event.published_at).where(Event.step_id == step_id))
+
+    assert published_at() is None  # it waits with its batch
+    assert publishing.flush()
+    assert published_at() is not None
+    client.post(f"/api/steps/{step_id}/cancel", headers=headers())
+
+
 def test_a_fast_path_dying_before_its_mark_repeats_the_event_with_the_same_id(
     client, refuse_marking
 ):

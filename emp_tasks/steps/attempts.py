@@ -313,8 +313,9 @@ class Progress:
                     _fenced(run.step_id, run.attempt, None)
                     return False
         if not self._begin_published:
-            # The attempt's step_started, published by this process, comes first.
-            publishing.flush(PUBLISH_WAIT_S)
+            # The attempt's step_started, published by this process, comes first (in the
+            # stream; its row may be marked published later, with the next batch).
+            publishing.flush(PUBLISH_WAIT_S, marked=False)
             self._begin_published = True
         _publish_progress(run.subjects, run.attempt, progress, stage, message)
         return True

@@ -328,15 +328,16 @@ class Publisher:
                 self._thread.start()
             self._condition.notify_all()
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until every notification so far was published (or tried) and its rows
-        marked; False on timeout."""
+    def flush(self, timeout: float, *, marked: bool = True) -> bool:
+        """Wait until every notification so far was published (or tried) and, when
+        `marked`, its rows marked too; False on timeout."""
         with self._condition:
             target = self._notified
-            self._urgent = self._mark_now = True
+            self._urgent = True
+            self._mark_now = self._mark_now or marked
             self._condition.notify_all()
             return self._condition.wait_for(
-                lambda: self._done >= target and not self._marks, timeout
+                lambda: self._done >= target and not (marked and self._marks), timeout
             )
 
     def _marks_due(self) -> bool:
@@ -362,6 +363,8 @@ class Publisher:
     def _take_marks(self) -> list[tuple[int, str]]:
         with self._condition:
             if not self._marks_due():
+                if not self._marks:
+                    self._mark_now = False  # a flush that found nothing to mark: no later batch
                 return []
             marks, self._marks, self._mark_now = self._marks, [], False
             return marks
@@ -424,11 +427,12 @@ def publisher(settings: Settings | None = None) -> Publisher:
         return found
 
 
-def flush(timeout: float = FLUSH_AT_EXIT_S) -> bool:
-    """Wait until this process's publishers have published what they were handed."""
+def flush(timeout: float = FLUSH_AT_EXIT_S, *, marked: bool = True) -> bool:
+    """Wait until this process's publishers have published what they were handed (and,
+    when `marked`, marked its rows: not needed to order a later event after them)."""
     with _publishers_lock:
         running = list(_publishers.values())
-    return all(each.flush(timeout) for each in running)
+    return all(each.flush(timeout, marked=marked) for each in running)
 
 
 def _forget_after_fork() -> None:
