@@ -7,9 +7,10 @@ visibility timeout, an hour). Such a step would stay pending for ever. PostgreSQ
 every pending step; the broker census (emp_tasks.store.census) knows every task.
 
 `Watch.scan` runs on the relay's reconcile loop. For each queue with pending steps it
-compares counts first: the pending steps in PostgreSQL against the messages in the
-queue's lists plus the tasks workers hold for it (taken less than EMP_STRANDED_AFTER_S
-ago, or held for a retry's ETA). Only a queue with more pending steps than tasks is read
+compares counts first: the pending steps in PostgreSQL (the queue's counters, see
+emp_tasks.steps.queue_order) against the messages in the queue's lists plus the tasks
+workers hold for it (taken less than EMP_STRANDED_AFTER_S ago, or held for a retry's
+ETA). Only a queue with more pending steps than tasks is read
 whole, and its pending steps queued more than EMP_STRANDED_AFTER_S ago with no task
 anywhere are suspects. A suspect still without a task at the next scan is sent again
 with a `step_queued` event (`reason: stranded`), through the outbox like any dispatch.
@@ -58,12 +59,13 @@ def _live_taken(after_s: float) -> dict[str, set[str]]:
 
 
 def pending_by_queue() -> dict[str, int]:
+    """Each queue's pending steps, from its counters (emp_tasks.steps.queue_order)."""
     with db.tx() as tx:
         rows = tx.all(
-            "SELECT queue, count(*) AS n FROM steps WHERE status = %s GROUP BY queue",
-            [StepStatus.PENDING.value],
+            "SELECT queue, sum(pending) AS n FROM queue_counts GROUP BY queue"
+            " HAVING sum(pending) > 0"
         )
-    return {row.queue: row.n for row in rows}
+    return {row.queue: int(row.n) for row in rows}
 
 
 def _old_pending(queue: str, after_s: float) -> list[str]:
