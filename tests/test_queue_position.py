@@ -123,18 +123,13 @@ def test_the_counters_follow_every_change_of_pending_steps(client, start_worker)
     start_worker(service, "position-counters-worker", concurrency=1)
     for step in plain:
         wait_for_status(client, step["id"], {"completed"})
-    with db.tx() as tx:
-        depth = lambda: tx.one(_DEPTH_SQL, [queue]).n  # noqa: E731
-        wait_for(lambda: depth() == 0, timeout_s=20)  # the workflow's steps too
+    wait_for(lambda: queue_order.depth(queue) == 0, timeout_s=20)  # the workflow's too
     assert counter_mismatches() == []
 
     waiting = [submit(client, "position-counters-purged") for _ in range(3)]
     client.post(f"/api/queues/{waiting[0]['queue']}/purge", json={}, headers=headers("admin"))
     assert counter_mismatches() == []
     assert get(client, waiting[0]["id"])["status"] == "cancelled"
-
-
-_DEPTH_SQL = "SELECT coalesce(sum(pending), 0) AS n FROM queue_counts WHERE queue = %s"
 
 
 def test_a_position_counts_the_steps_ahead_when_many_were_queued_after_it(client, monkeypatch):
@@ -160,8 +155,8 @@ def test_the_counters_of_ended_backends_fold_into_one_row(services, client):
     assert [row.pending for row in mine] == [-1]
     wait_for(lambda: queue_order.compact_counts() >= 0 and not _rows_of(backend), timeout_s=10)
     assert counter_mismatches() == []
+    assert queue_order.depth(step["queue"]) == 0
     with db.tx() as tx:
-        assert tx.one(_DEPTH_SQL, [step["queue"]]).n == 0
         assert tx.all(
             "SELECT 1 FROM queue_counts WHERE backend = 0 AND queue = %s", [step["queue"]]
         ), "the folded counts are kept"

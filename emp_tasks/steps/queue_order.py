@@ -52,6 +52,7 @@ _AHEAD = (
     f" + (SELECT count(*) {_IN_LEVEL} AND queued_at = %(queued_at)s AND id < %(id)s) AS n"
 )
 _DEPTH = "SELECT coalesce(sum(pending), 0) AS n FROM queue_counts WHERE queue = %s"
+_DEPTHS = "SELECT queue, sum(pending) AS n FROM queue_counts GROUP BY queue HAVING sum(pending) > 0"
 # The rows of backends that have ended, folded into backend 0 (their sum unchanged). A
 # backend that starts meanwhile with an ended one's pid waits for this to commit, then
 # finds no row of its own and starts one.
@@ -78,6 +79,12 @@ def depth(queue: str, tx: db.Tx | None = None) -> int:
         with db.tx() as own:
             return depth(queue, own)
     return int(tx.one(_DEPTH, [queue]).n)
+
+
+def depths() -> dict[str, int]:
+    """Every queue that has pending steps, with how many."""
+    with db.tx() as tx:
+        return {row.queue: int(row.n) for row in tx.all(_DEPTHS)}
 
 
 def position(step: Any, tx: db.Tx | None = None) -> dict[str, int | None]:

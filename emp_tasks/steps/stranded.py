@@ -10,10 +10,10 @@ every pending step; the broker census (emp_tasks.store.census) knows every task.
 compares counts first: the pending steps in PostgreSQL (the queue's counters, see
 emp_tasks.steps.queue_order) against the messages in the queue's lists plus the tasks
 workers hold for it (taken less than EMP_STRANDED_AFTER_S ago, or held for a retry's
-ETA). Only a queue with more pending steps than tasks is read
-whole, and its pending steps queued more than EMP_STRANDED_AFTER_S ago with no task
-anywhere are suspects. A suspect still without a task at the next scan is sent again
-with a `step_queued` event (`reason: stranded`), through the outbox like any dispatch.
+ETA). Only a queue with more pending steps than tasks is read whole, and its pending
+steps queued more than EMP_STRANDED_AFTER_S ago with no task anywhere are suspects. A
+suspect still without a task at the next scan is sent again with a `step_queued` event
+(`reason: stranded`), through the outbox like any dispatch.
 A task that was only in flight between two places meanwhile becomes a duplicate, which
 `attempts.begin` drops (the step is no longer pending when it arrives).
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.status import StepStatus
-from emp_tasks.steps import transitions
+from emp_tasks.steps import queue_order, transitions
 from emp_tasks.store import census, db
 
 logger = logging.getLogger(__name__)
@@ -56,16 +56,6 @@ def _live_taken(after_s: float) -> dict[str, set[str]]:
         if task.taken_at >= cutoff or task.held_for_later():
             live.setdefault(task.queue, set()).add(task.step_id)
     return live
-
-
-def pending_by_queue() -> dict[str, int]:
-    """Each queue's pending steps, from its counters (emp_tasks.steps.queue_order)."""
-    with db.tx() as tx:
-        rows = tx.all(
-            "SELECT queue, sum(pending) AS n FROM queue_counts GROUP BY queue"
-            " HAVING sum(pending) > 0"
-        )
-    return {row.queue: int(row.n) for row in rows}
 
 
 def _old_pending(queue: str, after_s: float) -> list[str]:
@@ -97,7 +87,7 @@ class Watch:
     def scan(self, after_s: float | None = None) -> Scan:
         after = get_settings().stranded_after_s if after_s is None else after_s
         seen = Scan()
-        pending = pending_by_queue()
+        pending = queue_order.depths()
         seen.queues = len(pending)
         if not pending:
             self.suspects = set()
