@@ -33,11 +33,10 @@ def _level(row: str) -> str:
 
 
 def _add(row: str, delta: int) -> str:
-    sign = "+" if delta > 0 else "-"
     return (
         "INSERT INTO queue_counts AS c (queue, level, backend, pending)"
         f" VALUES ({row}.queue, {_level(row)}, pg_backend_pid(), {delta})"
-        f" ON CONFLICT (queue, level, backend) DO UPDATE SET pending = c.pending {sign} 1;"
+        " ON CONFLICT (queue, level, backend) DO UPDATE SET pending = c.pending + excluded.pending;"
     )
 
 
