@@ -1,7 +1,7 @@
 """The EMP Tasks side of the benchmark: the Procfile's processes, over HTTP.
 
 Steps are submitted with `POST /api/steps` from a pool of client threads (one
-requests.Session each); completion is read from PostgreSQL, not over HTTP, so
+kept-alive connection each, bench.keepalive); completion is read from PostgreSQL, not over HTTP, so
 the measurement does not load the API while the worker drains the queue. Then,
 on the same processes, each workflow shape is submitted with one
 `POST /api/workflows` and its row in `workflows` is polled until it is completed.
@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import requests
 from sqlalchemy import func, select
 
 from bench import emprops_rows
 from bench.cpu import CpuMeter
+from bench.keepalive import ERRORS as HTTP_ERRORS
+from bench.keepalive import KeepAlive
 from bench.live_rows import Audience, LiveRow
 from bench.scratch import Scratch
 from bench.stats import (
@@ -125,19 +126,19 @@ def use_scratch(run: Scratch) -> None:
 
 
 class _Clients:
-    """One requests.Session per client thread, all closed at the end."""
+    """One kept-alive connection per client thread (bench.keepalive), all closed at the end."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
         self.headers = {"Authorization": f"Bearer {API_KEY}"}
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self._sessions: list[KeepAlive] = []
         self._lock = threading.Lock()
 
-    def session(self) -> requests.Session:
+    def session(self) -> KeepAlive:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
+            session = self._local.session = KeepAlive(self.base_url)
             with self._lock:
                 self._sessions.append(session)
         return session
@@ -162,16 +163,18 @@ class _System:
                 raise BenchError(f"process {name} exited with {code}:\n{tail}")
 
     def wait_ready(self, base_url: str, deadline: Deadline) -> None:
+        probe = KeepAlive(base_url)
         while True:
             self.check_alive()
             try:
-                if requests.get(base_url + "/health/ready", timeout=1).status_code == 200:
+                if probe.get(base_url + "/health/ready", timeout=1).status_code == 200:
                     break
-            except requests.RequestException:
+            except HTTP_ERRORS:
                 pass
             if deadline.expired:
                 raise BenchError(f"/health/ready not 200 within {deadline.seconds:g} s")
             time.sleep(0.2)
+        probe.close()
         while workers.online_count() < 1:
             self.check_alive()
             if deadline.expired:
@@ -192,7 +195,7 @@ def _submit_one(
             headers=clients.headers,
             timeout=REQUEST_TIMEOUT_S,
         )
-    except requests.RequestException as exc:
+    except HTTP_ERRORS as exc:
         return None, (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"
     elapsed_ms = (time.perf_counter() - started) * 1000
     if response.status_code != 201:
@@ -248,7 +251,7 @@ def _get_one(clients: _Clients, step_id: str) -> tuple[float, str | None]:
             headers=clients.headers,
             timeout=REQUEST_TIMEOUT_S,
         )
-    except requests.RequestException as exc:
+    except HTTP_ERRORS as exc:
         return (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"
     elapsed_ms = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
@@ -396,7 +399,7 @@ def _workflow_row(workflow_id: str) -> Any:
 
 def _cancel_workflow(clients: _Clients, workflow_id: str) -> None:
     """Best effort, so a workflow left over does not load the next measurement."""
-    with contextlib.suppress(requests.RequestException):
+    with contextlib.suppress(HTTP_ERRORS):
         clients.session().post(
             f"{clients.base_url}/api/workflows/{workflow_id}/cancel",
             json={"reason": "benchmark deadline passed"},
@@ -420,7 +423,7 @@ def _run_workflow(
             headers=clients.headers,
             timeout=max(1.0, min(REQUEST_TIMEOUT_S, deadline.remaining())),
         )
-    except requests.RequestException as exc:
+    except HTTP_ERRORS as exc:
         outcome.errors.append(f"POST /api/workflows: {type(exc).__name__}: {exc}")
         return outcome
     outcome.submit_ms = (time.perf_counter() - started) * 1000
@@ -483,7 +486,7 @@ def _register_webhook(clients: _Clients, url: str) -> str:
             headers=clients.headers,
             timeout=REQUEST_TIMEOUT_S,
         )
-    except requests.RequestException as exc:
+    except HTTP_ERRORS as exc:
         raise BenchError(f"POST /api/webhooks: {type(exc).__name__}: {exc}") from exc
     if response.status_code != 201:
         text = response.text[:200]
@@ -501,7 +504,7 @@ def _delete_webhooks(clients: _Clients, endpoint_ids: list[str]) -> list[str]:
                 headers=clients.headers,
                 timeout=REQUEST_TIMEOUT_S,
             )
-        except requests.RequestException as exc:
+        except HTTP_ERRORS as exc:
             errors.append(f"DELETE /api/webhooks/{endpoint_id}: {type(exc).__name__}: {exc}")
             continue
         if response.status_code != 200:
