@@ -267,6 +267,50 @@ def test_late_result_of_a_superseded_attempt_is_ignored(client, start_worker):
     client.post(f"/api/steps/{step_id}/cancel", headers=headers())
 
 
+def test_a_step_outside_a_workflow_completes_in_one_statement_with_its_event(client):
+    """The fast completion (a worker's, with its run's subjects) is one autocommitted
+    statement: the fenced UPDATE, the attempt's close and the event together, or none."""
+    import pytest
+
+    from emp_tasks.steps import attempts
+    from emp_tasks.store import outbox, publishing
+
+    step_id = submit(client, "one-statement-sim")
+    run = attempts.begin(step_id, "one-statement-worker", "one-statement-machine")
+    assert run is not None and run.workflow_id is None and run.subjects is not None
+    stale = {"workflow_id": None, "subjects": run.subjects}
+    assert attempts.complete(step_id, run.attempt + 1, {"stale": True}, 1, **stale) is False
+    with db.tx() as tx:
+        recorded = [event["type"] for event in outbox.for_step(tx, step_id)]
+    assert recorded == ["step_submitted", "step_assigned", "step_started"]
+
+    assert attempts.complete(step_id, run.attempt, {"image": "x.png"}, 12, **stale) is True
+    assert publishing.flush(5.0)
+    with db.tx() as tx:
+        rows = outbox.for_step(tx, step_id)
+        step = tx.one(
+            "SELECT status, result, progress, lease_expires_at FROM steps WHERE id = %s", [step_id]
+        )
+    assert [event["type"] for event in rows] == recorded + ["step_completed"]
+    completed = rows[-1]
+    assert completed["data"] == {"result": {"image": "x.png"}, "duration_ms": 12, "attempt": 1}
+    assert completed["worker_id"] == "one-statement-worker"
+    assert completed["stream_id"] is not None
+    assert step.status == "completed" and step.result == {"image": "x.png"}
+    assert step.progress == 100.0 and step.lease_expires_at is None
+    published = [e for e in stream_events(step_id) if e["type"] == "step_completed"]
+    assert [e["id"] for e in published] == [completed["id"]]
+    assert [(r.attempt, r.outcome) for r in attempts_of(step_id)] == [(1, "completed")]
+    # and a second completion of the same attempt changes nothing
+    assert attempts.complete(step_id, run.attempt, {"again": True}, 1, **stale) is False
+    with db.tx() as tx:
+        assert len(outbox.for_step(tx, step_id)) == 4
+
+    with pytest.raises(RuntimeError, match="one statement"), db.tx(single=True) as tx:
+        tx.one("SELECT 1")
+        tx.one("SELECT 2")
+
+
 def test_redelivered_task_does_not_run_the_step_twice(client, start_worker):
     start_worker("redeliver-sim", "redeliver-1", concurrency=2)
     step_id = submit(client, "redeliver-sim", {"duration_s": 1})

@@ -10,8 +10,9 @@ emp_tasks.steps.transitions.
 
 These run once or twice per step on every worker, so each is a few statements:
 `begin` one UPDATE (with the attempt's row) and one INSERT of its two events;
-`complete` the fenced UPDATE, the attempt's close and its event, plus the
-workflow's advance when there is one.
+`complete` of a step outside any workflow one statement in autocommit (the fenced
+UPDATE, the attempt's close and its event: no BEGIN, no COMMIT), and of a workflow's
+step a transaction that also advances its workflow.
 
 Progress is ephemeral: a report is published to the stream and channel at once,
 not recorded in the outbox, and the step's row takes it at most once per
@@ -331,37 +332,47 @@ def complete(
     duration_ms: int,
     *,
     workflow_id: Any = UNKNOWN,
+    subjects: EventSubjects | None = None,
 ) -> bool:
     """The attempt succeeded: the step is completed with its result (False: superseded).
 
-    `workflow_id` (None: no workflow), when the caller knows it, saves looking it up.
+    `workflow_id` (None: no workflow), when the caller knows it, saves looking it up. A
+    step outside any workflow whose event `subjects` the caller has (its StepRun's) is
+    completed in one statement: the fenced UPDATE, the attempt's close and the event.
     """
-    with db.tx() as tx:
-        if workflow_id is UNKNOWN:
-            transitions.lock_workflow_of(tx, step_id)
-        else:
-            transitions.lock_workflow(tx, workflow_id)
-        rows = transitions.apply(
-            tx,
-            [step_id],
-            S.COMPLETED,
-            EventType.STEP_COMPLETED,
-            {"result": result, "duration_ms": duration_ms, "attempt": attempt},
-            sets={
-                "result": result,
-                "error": None,
-                "progress": 100.0,
-                "completed_at": transitions.NOW,
-            },
-            within=ACTIVE_STEP_STATUSES,
-            attempt=attempt,
-            closing="completed",
-        )
-        if not rows:
-            _fenced(step_id, attempt, None)
-            return False
-        workflows.on_step_finished(tx, rows[0])
-        return True
+    data = {"result": result, "duration_ms": duration_ms, "attempt": attempt}
+    change: dict[str, Any] = {
+        "sets": {
+            "result": result,
+            "error": None,
+            "progress": 100.0,
+            "completed_at": transitions.NOW,
+        },
+        "within": ACTIVE_STEP_STATUSES,
+        "attempt": attempt,
+        "closing": "completed",
+    }
+    if workflow_id is None and subjects is not None:
+        event = transitions.event_of(subjects, EventType.STEP_COMPLETED, data, None)
+        with db.tx(single=True) as tx:
+            rows = transitions.apply(
+                tx, [step_id], S.COMPLETED, EventType.STEP_COMPLETED, data, recorded=event, **change
+            )
+    else:
+        with db.tx() as tx:
+            if workflow_id is UNKNOWN:
+                transitions.lock_workflow_of(tx, step_id)
+            else:
+                transitions.lock_workflow(tx, workflow_id)
+            rows = transitions.apply(
+                tx, [step_id], S.COMPLETED, EventType.STEP_COMPLETED, data, **change
+            )
+            if rows:
+                workflows.on_step_finished(tx, rows[0])
+    if not rows:
+        _fenced(step_id, attempt, None)
+        return False
+    return True
 
 
 def retry_delay_s(attempt: int) -> float:

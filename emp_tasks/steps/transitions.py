@@ -189,6 +189,7 @@ def apply(
     condition: str | None = None,
     queue: bool = False,
     closing: str | None = None,
+    recorded: outbox.Recorded | None = None,
 ) -> list[Any]:
     """Move these steps to `to` and record each one's event; return the moved rows.
 
@@ -197,9 +198,12 @@ def apply(
     this package's own) only where it holds; the others are left as they are and left
     out of the answer. Several steps are locked in id order. `closing`: the outcome the
     moved steps' current attempts end with in the audit trail, in the same statement
-    (as `finish_attempts`, with no error).
+    (as `finish_attempts`, with no error). `recorded`: the event of the one step, made
+    beforehand (from what the caller knows of it); the UPDATE writes it, so that the
+    transition is one statement (`data` is then unused).
     """
     ids = list(step_ids)
+    assert recorded is None or (len(ids) == 1 and not queue)
     if not ids:
         return []
     sources = statuses_into(to) & within if within is not None else statuses_into(to)
@@ -226,18 +230,33 @@ def apply(
         f"UPDATE steps SET status = %(to)s, updated_at = now(){assigned}"
         f" WHERE {target} RETURNING {STEP_COLUMNS}"
     )
+    also = []  # data-modifying CTEs that act on the moved rows, in the same statement
+    answer = "SELECT * FROM moved"
     if closing is not None:
         params["closing"] = closing
-        update = (
-            f"WITH moved AS ({update}), closed AS ("
+        also.append(
+            "closed AS ("
             "UPDATE step_attempts SET outcome = %(closing)s, error = NULL, finished_at = now()"
             " FROM moved WHERE step_attempts.step_id = moved.id"
-            " AND step_attempts.attempt = moved.attempts AND step_attempts.finished_at IS NULL"
-            ") SELECT * FROM moved"
+            " AND step_attempts.attempt = moved.attempts AND step_attempts.finished_at IS NULL)"
         )
+    inline = None
+    if recorded is not None:
+        inline = outbox.inline(recorded, "moved")
+        params |= inline.params
+        also.append(f"recorded AS ({inline.sql})")
+        answer = (
+            "SELECT moved.*, recorded.seq AS event_seq, recorded.prior AS event_prior"
+            " FROM moved LEFT JOIN recorded ON true"
+        )
+    if also:
+        update = f"WITH moved AS ({update}), {', '.join(also)} {answer}"
     rows = tx.all(update, params)
     rows.sort(key=lambda row: (row.step_index or 0, row.id))
-    emit(tx, rows, event_type, data, queue=queue)
+    if inline is None:
+        emit(tx, rows, event_type, data, queue=queue)
+    elif rows:
+        outbox.inline_recorded(tx, inline, rows[0].event_seq, rows[0].event_prior)
     if to in TERMINAL_STEP_STATUSES:
         for row in rows:
             metrics.count_after_commit(tx, metrics.STEPS_FINISHED, row.service, to.value)

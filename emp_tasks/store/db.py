@@ -104,12 +104,15 @@ class Tx:
         reconnect: Callable[[], psycopg.Connection] | None = None,
         *,
         deferring: bool = False,
+        single: bool = False,
     ) -> None:
         self.connection = connection
         self.info = info
         """Scratch space for this transaction (e.g. the aggregates whose events it recorded)."""
         self.deferring = deferring
         """Whether work may wait for `before_commit` (not in an ORM session's transaction)."""
+        self.single = single
+        """Whether the transaction is its one statement (see `tx(single=True)`)."""
         self._on_commit = on_commit
         self._reconnect = reconnect
         self._statements = 0
@@ -127,6 +130,8 @@ class Tx:
         return cls(connection, session.info, on_commit)
 
     def execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        if self.single and self._statements:
+            raise RuntimeError("a single-statement transaction runs one statement")
         cursor = self.connection.cursor(row_factory=namedtuple_row)
         try:
             cursor.execute(sql, params, prepare=None)
@@ -191,25 +196,37 @@ def _returns_rows(cursor: psycopg.Cursor[Any]) -> bool:
 
 
 @contextmanager
-def tx(url: str | None = None) -> Iterator[Tx]:
+def tx(url: str | None = None, *, single: bool = False) -> Iterator[Tx]:
     """A transaction on a pooled psycopg connection: commits on success, rolls back on
-    any exception, then runs its after-commit work (see `after_commit`)."""
+    any exception, then runs its after-commit work (see `after_commit`).
+
+    `single`: the transaction is one statement (a data-modifying CTE writes everything
+    it changes), sent in autocommit: one round trip, where BEGIN and COMMIT would make
+    three. A second statement raises; so does recording events apart from it.
+    """
     pool = engine(url).pool
     holder = {"fairy": pool.connect()}
     callbacks: dict[str, Callable[[], None]] = {}
 
+    def connection() -> psycopg.Connection:
+        driver = holder["fairy"].driver_connection
+        if single:
+            driver.autocommit = True
+        return driver
+
     def reconnect() -> psycopg.Connection:
         holder["fairy"].invalidate()
         holder["fairy"] = pool.connect()
-        return holder["fairy"].driver_connection
+        return connection()
 
     try:
         transaction = Tx(
-            holder["fairy"].driver_connection,
+            connection(),
             {},
             lambda key, callback: callbacks.setdefault(key, callback),
             reconnect,
-            deferring=True,
+            deferring=not single,
+            single=single,
         )
         try:
             yield transaction
@@ -222,6 +239,8 @@ def tx(url: str | None = None) -> Iterator[Tx]:
                 transaction.connection.rollback()
             raise
     finally:
+        if single and not holder["fairy"].driver_connection.broken:
+            holder["fairy"].driver_connection.autocommit = False
         holder["fairy"].close()
     _run_after_commit(callbacks.items())
 

@@ -1,7 +1,8 @@
 """The outbox: recording an event with the change it describes.
 
-An event is written in the same transaction as its change (`record`), so no
-event exists without a commit and no commit without its event. Each row is kept
+An event is written in the same transaction as its change (`record`), or by the
+change's own statement (`inline`), so no event exists without a commit and no
+commit without its event. Each row is kept
 on its transaction with its `seq` and its aggregate's previous `seq` (read by the
 same INSERT), and once the transaction commits this process's publisher
 (emp_tasks.store.publishing) is handed them: the fast path publishes them without
@@ -29,7 +30,9 @@ _INSERT = (
     "INSERT INTO events (id, type, aggregate, step_id, workflow_id, customer_id, envelope,"
     " dispatch, webhook)"
 )
-_INSERT_ROW = "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s)"
+_INSERT_PARAMS = ("", "", "", "", "", "", "::jsonb", "::jsonb", "::boolean")
+"""Each column's cast after its parameter, in `_INSERT`'s order."""
+_INSERT_ROW = "(" + ", ".join(f"%s{cast}" for cast in _INSERT_PARAMS) + ")"
 # Each event's predecessor: the aggregate's last event before this statement (rows the
 # statement itself inserts are not visible to it; `_insert` chains those).
 _RETURNING = (
@@ -105,40 +108,51 @@ def record_all(tx: db.Tx, events: Iterable[Recorded]) -> None:
     tx.after_commit("publish_events", lambda: _committed(info))
 
 
+def _row(each: Recorded, text: str) -> tuple[Any, ...]:
+    """The columns of one event's row, in `_INSERT`'s order."""
+    return (
+        each.envelope.id,
+        each.envelope.type,
+        each.aggregate,
+        each.envelope.step_id,
+        each.envelope.workflow_id,
+        each.envelope.customer_id,
+        text,
+        compact_json(each.dispatch.to_json()) if each.dispatch else None,
+        each.webhook,
+    )
+
+
 def _insert(tx: db.Tx, events: list[Recorded]) -> None:
     """One INSERT of these events (their `seq` follows their order); each is kept on the
     transaction with its seq and predecessor for the fast path."""
     texts = [compact_json(each.envelope.to_json()) for each in events]
-    rows = [
-        (
-            each.envelope.id,
-            each.envelope.type,
-            each.aggregate,
-            each.envelope.step_id,
-            each.envelope.workflow_id,
-            each.envelope.customer_id,
-            text,
-            compact_json(each.dispatch.to_json()) if each.dispatch else None,
-            each.webhook,
-        )
-        for each, text in zip(events, texts, strict=True)
-    ]
+    rows = [_row(each, text) for each, text in zip(events, texts, strict=True)]
     returned = {row.id: row for row in tx.insert(_INSERT, _INSERT_ROW, rows, _RETURNING)}
-    made = [
-        (returned[each.envelope.id], each, text) for each, text in zip(events, texts, strict=True)
-    ]
-    made.sort(key=lambda item: item[0].seq)
+    _keep(
+        tx,
+        [
+            (returned[each.envelope.id].seq, returned[each.envelope.id].prior, each, text)
+            for each, text in zip(events, texts, strict=True)
+        ],
+    )
+
+
+def _keep(tx: db.Tx, made: list[tuple[int, int | None, Recorded, str]]) -> None:
+    """Keep recorded events (seq, predecessor read by their INSERT, event, envelope text)
+    on the transaction, for its publisher once it commits."""
+    made.sort(key=lambda item: item[0])
     last: dict[str, int] = {}
     outgoing = tx.info.setdefault(COMMITTED, [])
-    for row, each, text in made:
+    for seq, prior, each, text in made:
         # The statement cannot see its own rows: an aggregate's second event in it follows
         # the first, not the last one before the statement.
-        prev = max(row.prior or 0, last.get(each.aggregate, 0))
-        last[each.aggregate] = row.seq
+        prev = max(prior or 0, last.get(each.aggregate, 0))
+        last[each.aggregate] = seq
         outgoing.append(
             Outgoing(
                 each.aggregate,
-                row.seq,
+                seq,
                 prev,
                 each.envelope.id,
                 each.envelope.type,
@@ -147,6 +161,38 @@ def _insert(tx: db.Tx, events: list[Recorded]) -> None:
                 each.dispatch,
             )
         )
+
+
+@dataclass(frozen=True)
+class Inline:
+    """One event written by the statement of the change it describes (`inline`)."""
+
+    event: Recorded
+    text: str
+    sql: str
+    params: dict[str, Any]
+
+
+def inline(event: Recorded, source: str) -> Inline:
+    """A data-modifying CTE's body that records `event` if and only if the CTE `source` of
+    the same statement returns a row: a one-statement transition writes its event with
+    it, and the statement is the whole transaction. Its result has `seq` and `prior`;
+    `inline_recorded` keeps them for the publisher."""
+    text = compact_json(event.envelope.to_json())
+    names = [f"event_{index}" for index in range(len(_INSERT_PARAMS))]
+    values = ", ".join(
+        f"%({name})s{cast}" for name, cast in zip(names, _INSERT_PARAMS, strict=True)
+    )
+    sql = f"{_INSERT} SELECT {values} WHERE EXISTS (SELECT 1 FROM {source}) {_RETURNING}"
+    return Inline(event, text, sql, dict(zip(names, _row(event, text), strict=True)))
+
+
+def inline_recorded(tx: db.Tx, recorded: Inline, seq: int, prior: int | None) -> None:
+    """The statement wrote the event (`seq`, `prior` from its RETURNING): published once
+    the transaction commits, as `record_all`'s are."""
+    _keep(tx, [(seq, prior, recorded.event, recorded.text)])
+    info = tx.info
+    tx.after_commit("publish_events", lambda: _committed(info))
 
 
 def _committed(info: dict[str, Any]) -> None:

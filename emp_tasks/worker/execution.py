@@ -166,7 +166,14 @@ def _run_attempt(run: StepRun) -> str:
         return _fail(run, failure, progress=progress)
     duration_ms = int((time.monotonic() - stop.started) * 1000)
     _before_outcome(run)
-    if attempts.complete(step_id, run.attempt, result, duration_ms, workflow_id=run.workflow_id):
+    if attempts.complete(
+        step_id,
+        run.attempt,
+        result,
+        duration_ms,
+        workflow_id=run.workflow_id,
+        subjects=run.subjects,
+    ):
         return "completed"
     return "superseded"
 
