@@ -8,6 +8,7 @@ interleave with its queue.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from sqlalchemy import select
@@ -309,6 +310,143 @@ def test_a_step_outside_a_workflow_completes_in_one_statement_with_its_event(cli
     with pytest.raises(RuntimeError, match="one statement"), db.tx(single=True) as tx:
         tx.one("SELECT 1")
         tx.one("SELECT 2")
+
+
+def test_a_begin_in_one_statement_records_its_events_as_the_row_completes_them(client):
+    """Without capabilities to check, `begin` is one autocommitted statement: the
+    envelopes it stores are completed from the row (subjects, attempt, the step's own
+    webhook), and what is published is what is stored."""
+    from emp_tasks.steps import attempts
+    from emp_tasks.store import outbox, publishing
+
+    body = {
+        "service": "begin-at-once-sim",
+        "webhook_url": "http://127.0.0.1:9/hook",
+        "webhook_events": ["step_started", "step_completed"],
+    }
+    response = client.post(
+        "/api/steps", json=body, headers=headers(**{"X-Correlation-ID": "corr-at-once"})
+    )
+    assert response.status_code == 201, response.get_json()
+    step_id = response.get_json()["step_id"]
+    run = attempts.begin(step_id, "at-once-worker", "at-once-machine")
+    assert run is not None and run.attempt == 1 and run.subjects.correlation_id == "corr-at-once"
+    assert publishing.flush(5.0)
+    with db.tx() as tx:
+        stored = {e["type"]: e for e in outbox.for_step(tx, step_id)}
+        flags = dict(tx.all("SELECT type, webhook FROM events WHERE step_id = %s", [step_id]))
+    submitted, assigned, started = (
+        stored["step_submitted"],
+        stored["step_assigned"],
+        stored["step_started"],
+    )
+    for event in (assigned, started):
+        assert event["correlation_id"] == "corr-at-once"
+        assert event["customer_id"] == submitted["customer_id"] is not None
+        assert event["workflow_id"] is None and event["step_id"] == step_id
+        assert event["worker_id"] == "at-once-worker"
+        assert event["machine_id"] == "at-once-machine"
+    assert assigned["data"] == {
+        "worker_id": "at-once-worker",
+        "machine_id": "at-once-machine",
+        "attempt": 1,
+    }
+    assert started["data"] == {"attempt": 1}
+    assert flags == {"step_submitted": False, "step_assigned": False, "step_started": True}
+    entries = {
+        fields["type"]: (stream_id, fields)
+        for stream_id, fields in redisdb.client().xrange("emp:events", "-", "+")
+        if f'"{step_id}"' in fields["event"]
+    }
+    for event in (assigned, started):
+        stream_id, fields = entries[event["type"]]
+        assert event["stream_id"] == stream_id
+        assert {**json.loads(fields["event"]), "stream_id": stream_id} == event
+    assert entries["step_started"][1]["webhook"] == "1"
+    assert entries["step_assigned"][1]["webhook"] == "0"
+    # a second begin (a redelivered task) changes nothing and records nothing
+    assert attempts.begin(step_id, "at-once-worker", "at-once-machine") is None
+    with db.tx() as tx:
+        assert len(outbox.for_step(tx, step_id)) == 3
+
+
+def test_a_workflow_step_begun_in_one_statement_starts_its_workflow(client):
+    from emp_tasks.steps import attempts
+
+    body = {"name": "at once", "steps": [{"service": "begin-at-once-flow"}]}
+    response = client.post("/api/workflows", json=body, headers=headers())
+    assert response.status_code == 201, response.get_json()
+    workflow_id = response.get_json()["workflow_id"]
+    with db.tx() as tx:
+        step_id = tx.one("SELECT id FROM steps WHERE workflow_id = %s", [workflow_id]).id
+        assert tx.one("SELECT status FROM workflows WHERE id = %s", [workflow_id]).status == (
+            "pending"
+        )
+    run = attempts.begin(step_id, "at-once-worker", "at-once-machine")
+    assert run is not None and run.workflow_id == workflow_id
+    with db.tx() as tx:
+        workflow = tx.one("SELECT status, started_at FROM workflows WHERE id = %s", [workflow_id])
+    assert workflow.status == "running" and workflow.started_at is not None
+
+
+def test_a_worker_begins_at_once_only_in_queues_it_was_found_to_serve(client):
+    """With capabilities, the first step of a queue is checked the long way; later steps
+    of that queue begin in one statement, and a step needing more is still refused."""
+    import pytest
+
+    from emp_tasks.routes.capabilities import Capabilities
+    from emp_tasks.steps import attempts
+
+    caps = Capabilities(services=["caps-at-once"], gpu_memory_gb=8)
+    first, second = (submit(client, "caps-at-once") for _ in range(2))
+    needy = submit(client, "caps-at-once", requirements={"gpu_memory_gb": 24})
+    with db.tx() as tx:
+        queue_of = dict(tx.all("SELECT id, queue FROM steps WHERE id = ANY(%s)", [[first, needy]]))
+    assert attempts.begin(first, "caps-worker", "caps-machine", caps=caps) is not None
+    assert attempts._servable_queues[id(caps)] == {queue_of[first]}
+    assert attempts.begin(second, "caps-worker", "caps-machine", caps=caps).attempt == 1
+    with pytest.raises(attempts.NotServable):
+        attempts.begin(needy, "caps-worker", "caps-machine", caps=caps)
+    with db.tx() as tx:
+        rows = tx.all(
+            "SELECT id, status, attempts FROM steps WHERE id = ANY(%s)", [[first, second, needy]]
+        )
+        needy_events = tx.all("SELECT type FROM events WHERE step_id = %s", [needy])
+    assert {row.id: (row.status, row.attempts) for row in rows} == {
+        first: ("running", 1),
+        second: ("running", 1),
+        needy: ("pending", 0),
+    }
+    assert [row.type for row in needy_events] == ["step_submitted"]
+    assert attempts._servable_queues[id(caps)] == {queue_of[first]}
+
+
+def test_a_steps_own_webhook_rule_reads_the_same_in_sql():
+    """`own_webhook_wants_sql`, used by statements that record events from their rows,
+    answers as `own_webhook_wants` does."""
+    from psycopg.types.json import Jsonb
+
+    from emp_tasks.webhooks import endpoints as webhooks
+
+    defaults = webhooks.TERMINAL_STEP_EVENTS
+    sql = webhooks.own_webhook_wants_sql(
+        "%(url)s::varchar", "%(events)s::jsonb", "%(type)s", defaults
+    )
+    cases = [
+        (url, events, event_type)
+        for url in (None, "", "https://example.com/hook")
+        for events in (None, [], ["step_started"], ["step_completed", "step_progress"])
+        for event_type in ("step_started", "step_completed", "step_assigned")
+    ]
+    with db.tx() as tx:
+        for url, events, event_type in cases:
+            params = {"url": url, "events": Jsonb(events), "type": event_type}
+            answer = tx.one(f"SELECT {sql} AS wants", params).wants
+            assert answer is webhooks.own_webhook_wants(url, events, event_type, defaults), (
+                url,
+                events,
+                event_type,
+            )
 
 
 def test_redelivered_task_does_not_run_the_step_twice(client, start_worker):

@@ -9,7 +9,9 @@ result or progress is ignored. A step that finishes advances its workflow
 emp_tasks.steps.transitions.
 
 These run once or twice per step on every worker, so each is a few statements:
-`begin` one UPDATE (with the attempt's row) and one INSERT of its two events;
+`begin` usually one statement in autocommit (the UPDATE, the attempt's row, the
+workflow's start and the two events, their envelopes completed from the row), else a
+transaction that checks the worker's capabilities before it commits;
 `complete` of a step outside any workflow one statement in autocommit (the fenced
 UPDATE, the attempt's close and its event: no BEGIN, no COMMIT), and of a workflow's
 step a transaction that also advances its workflow.
@@ -38,6 +40,7 @@ from datetime import timedelta
 from typing import Any
 
 from emp_tasks.connectors.base import EventSubjects, StepRun
+from emp_tasks.core import events
 from emp_tasks.core.config import get_settings
 from emp_tasks.core.dispatch_instruction import DispatchInstruction
 from emp_tasks.core.errors import StepError
@@ -49,6 +52,7 @@ from emp_tasks.routes.capabilities import Capabilities
 from emp_tasks.steps import transitions, workflows
 from emp_tasks.store import db, dispatch, outbox, publishing
 from emp_tasks.store.db import Tx
+from emp_tasks.webhooks import endpoints as webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -65,24 +69,43 @@ PUBLISH_WAIT_S = 2.0
 """How long a first progress report waits for its attempt's begin to be published."""
 
 assert step_may_become(S.PENDING, S.ASSIGNED) and step_may_become(S.ASSIGNED, S.RUNNING)
-_BEGIN = f"""
+_BEGIN_STEP = f"""
 WITH s AS (
   UPDATE steps SET status = '{S.RUNNING.value}', attempts = attempts + 1,
     worker_id = %(worker)s, machine_id = %(machine)s, started_at = now(), updated_at = now(),
     lease_expires_at = now() + make_interval(secs => %(lease)s)
   WHERE id = %(id)s AND status = '{S.PENDING.value}' AND (expires_at IS NULL OR expires_at > now())
+  {{servable}}
   RETURNING {transitions.STEP_COLUMNS}
 ), attempt AS (
   INSERT INTO step_attempts (step_id, attempt, worker_id, machine_id, outcome, started_at)
   SELECT id, attempts, worker_id, machine_id, 'running', started_at FROM s
-)
-SELECT s.*, (
+)"""
+_INPUTS = """(
   SELECT jsonb_object_agg(d.step_index::text, d.result) FROM steps d
   WHERE d.id IN (SELECT jsonb_array_elements_text(s.depends_on))
-) AS inputs FROM s
-"""
+) AS inputs"""
+_BEGIN = _BEGIN_STEP.format(servable="") + f" SELECT s.*, {_INPUTS} FROM s"
 """Assigned and started in one statement: pending (not past its queue deadline) to running,
 a new attempt with its row in the audit trail, and the results of its dependencies."""
+
+
+_BEGIN_AT_ONCE = (
+    _BEGIN_STEP
+    + f""", workflow AS ({workflows.start_sql("(SELECT workflow_id FROM s)")}
+), recorded AS ({{recorded}})
+SELECT s.*, {_INPUTS}, (
+  SELECT jsonb_agg(jsonb_build_object('id', r.id, 'seq', r.seq, 'prior', r.prior,
+    'webhook', r.webhook, 'text', r.text)) FROM recorded r
+) AS recorded FROM s"""
+)
+"""`_BEGIN` with the rest of a begin in the same statement, the whole transaction: the
+workflow's start (`workflows.on_step_started`) and the two events, their envelopes
+completed from the row (emp_tasks.store.outbox.templates_sql). `servable`: only a step of
+a queue this worker is known to serve (else nothing, and `begin` takes the long way)."""
+_WEBHOOK_WANTS = webhooks.own_webhook_wants_sql(
+    "s.webhook_url", "s.webhook_events", "e.type", webhooks.TERMINAL_STEP_EVENTS
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +123,8 @@ class NotServable(Exception):
 
 
 _unmet_by_queue: dict[tuple[int, str], list[str]] = {}
+_servable_queues: dict[int, set[str]] = {}
+"""Per capabilities, the queues found to need nothing they lack (`begin` in one statement)."""
 
 
 def _unmet(caps: Capabilities, step: Any) -> list[str]:
@@ -108,6 +133,8 @@ def _unmet(caps: Capabilities, step: Any) -> list[str]:
     found = _unmet_by_queue.get(key)
     if found is None:
         found = _unmet_by_queue[key] = routing.unmet(caps, queues.route_of(step))
+        if not found:
+            _servable_queues.setdefault(id(caps), set()).add(step.queue)
     return found
 
 
@@ -124,19 +151,24 @@ def begin(
     With the worker's capabilities, the step's requirements are checked again here
     (routing sends a step only to capable workers; this makes it a guarantee):
     raises NotServable, leaving the step pending, when the worker lacks any.
+
+    Usually that transaction is one statement (`_BEGIN_AT_ONCE`, in autocommit): always
+    without capabilities, and with them for a step of a queue this process already found
+    the worker serves. Otherwise (a new queue, or that statement changed nothing) it is a
+    transaction that reads the step's queue before it commits.
     """
+    servable = _servable_queues.get(id(caps)) if caps is not None else None
+    if caps is None or servable:
+        run = _begin_at_once(step_id, worker_id, machine_id, servable)
+        if run is not None:
+            return run
+        if caps is None:
+            expire(step_id)
+            return None
     with db.tx() as tx:
         # No workflow lock: starting a step changes no workflow counter, and parallel
         # steps of one workflow must not queue behind each other here.
-        step = tx.one(
-            _BEGIN,
-            {
-                "id": step_id,
-                "worker": worker_id,
-                "machine": machine_id,
-                "lease": float(get_settings().lease_timeout_s),
-            },
-        )
+        step = tx.one(_BEGIN, _begin_params(step_id, worker_id, machine_id))
         if step is not None and caps is not None:
             unmet = _unmet(caps, step)
             if unmet:
@@ -154,6 +186,44 @@ def begin(
     if step is None:
         expire(step_id)
         return None
+    return _run_of(step)
+
+
+def _begin_params(step_id: str, worker_id: str, machine_id: str) -> dict[str, Any]:
+    lease = float(get_settings().lease_timeout_s)
+    return {"id": step_id, "worker": worker_id, "machine": machine_id, "lease": lease}
+
+
+def _begin_at_once(
+    step_id: str, worker_id: str, machine_id: str, servable: set[str] | None
+) -> StepRun | None:
+    """`begin` in one statement (`_BEGIN_AT_ONCE`); None if it changed nothing."""
+    aggregate = events.step_aggregate(step_id)
+    subjects = {"step_id": step_id, "machine_id": machine_id, "worker_id": worker_id}
+    templates = [
+        outbox.event(
+            EventType.STEP_ASSIGNED,
+            aggregate=aggregate,
+            data={"worker_id": worker_id, "machine_id": machine_id, "attempt": 0},
+            **subjects,
+        ),
+        outbox.event(EventType.STEP_STARTED, aggregate=aggregate, data={"attempt": 0}, **subjects),
+    ]
+    recorded, params = outbox.templates_sql(templates, "s", _WEBHOOK_WANTS)
+    params |= _begin_params(step_id, worker_id, machine_id)
+    condition = ""
+    if servable is not None:
+        condition = "AND queue = ANY(%(servable)s::text[])"
+        params["servable"] = db.text_array(sorted(servable))
+    with db.tx(single=True) as tx:
+        step = tx.one(_BEGIN_AT_ONCE.format(servable=condition, recorded=recorded), params)
+        if step is not None:
+            outbox.templates_recorded(tx, templates, step.recorded)
+    return _run_of(step) if step is not None else None
+
+
+def _run_of(step: Any) -> StepRun:
+    """The StepRun of the attempt a begin statement started (`step` its row)."""
     return StepRun(
         step_id=step.id,
         service=step.service,

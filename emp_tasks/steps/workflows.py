@@ -326,11 +326,16 @@ def on_step_started(tx: Tx, step: Any) -> None:
     path takes first) could close a circle. A start that skips it leaves the change to
     the next step start or the step's completion.
     """
-    tx.execute(
-        "UPDATE workflows SET status = %s, started_at = now(), updated_at = now()"
-        " WHERE id = (SELECT id FROM workflows WHERE id = %s AND status = %s"
-        " FOR UPDATE SKIP LOCKED)",
-        [W.RUNNING.value, step.workflow_id, W.PENDING.value],
+    tx.execute(start_sql("%s"), [step.workflow_id])
+
+
+def start_sql(workflow_id: str) -> str:
+    """`on_step_started` as a statement, for the workflow whose id is the SQL expression
+    `workflow_id` (a parameter, or a column of the statement that starts the step)."""
+    return (
+        f"UPDATE workflows SET status = '{W.RUNNING.value}', started_at = now(),"
+        f" updated_at = now() WHERE id = (SELECT id FROM workflows WHERE id = {workflow_id}"
+        f" AND status = '{W.PENDING.value}' FOR UPDATE SKIP LOCKED)"
     )
 
 

@@ -92,6 +92,13 @@ def after_commit(session: Session, key: str, callback: Callable[[Session], None]
 INSERT_CHUNK = 500
 
 
+def text_array(values: Iterable[Any]) -> str:
+    """A PostgreSQL array literal of these values (for `%s::text[]`, `%s::bigint[]`):
+    psycopg dumps a list by looking at each of its elements, a string it sends as it is."""
+    quoted = (str(value).replace("\\", "\\\\").replace('"', '\\"') for value in values)
+    return "{" + ",".join(f'"{value}"' for value in quoted) + "}"
+
+
 class Tx:
     """One open transaction: SQL statements on its psycopg connection, rows as named
     tuples, and work to run once it has committed (see `after_commit`)."""

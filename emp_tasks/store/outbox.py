@@ -187,6 +187,58 @@ def inline(event: Recorded, source: str) -> Inline:
     return Inline(event, text, sql, dict(zip(names, _row(event, text), strict=True)))
 
 
+def completed_from_row(source: str) -> str:
+    """The SQL of a template's envelope (`e.envelope`, an `event` made with what the caller
+    knows) completed from the step row `source`: the subjects the caller could not know,
+    and the attempt the statement began (`data.attempt`)."""
+    return (
+        f"e.envelope || jsonb_build_object('correlation_id', {source}.correlation_id,"
+        f" 'workflow_id', {source}.workflow_id, 'customer_id', {source}.customer_id, 'data',"
+        f" (e.envelope -> 'data') || jsonb_build_object('attempt', {source}.attempts))"
+    )
+
+
+def templates_sql(
+    templates: list[Recorded], source: str, webhook_sql: str
+) -> tuple[str, dict[str, Any]]:
+    """A data-modifying CTE's body recording these templates, in order, for each row of
+    `source` (a step row of the same statement; none: nothing), their envelopes completed
+    from it (`completed_from_row`), `webhook_sql` (on `{source}` and `e.type`) their flag.
+    Its result has `id`, `seq`, `prior`, `webhook` and the stored envelope as `text`."""
+    params: dict[str, Any] = {}
+    values = []
+    for index, each in enumerate(templates):
+        params[f"template_{index}_id"] = each.envelope.id
+        params[f"template_{index}_type"] = each.envelope.type
+        params[f"template_{index}_aggregate"] = each.aggregate
+        params[f"template_{index}_envelope"] = compact_json(each.envelope.to_json())
+        values.append(
+            f"(%(template_{index}_id)s, %(template_{index}_type)s, %(template_{index}_aggregate)s,"
+            f" %(template_{index}_envelope)s::jsonb, {index})"
+        )
+    sql = (
+        f"{_INSERT} SELECT e.id, e.type, e.aggregate, {source}.id, {source}.workflow_id,"
+        f" {source}.customer_id, {completed_from_row(source)}, NULL, {webhook_sql}"
+        f" FROM {source}, (VALUES {', '.join(values)}) AS e(id, type, aggregate, envelope, n)"
+        f" ORDER BY e.n {_RETURNING}, webhook, envelope::text AS text"
+    )
+    return sql, params
+
+
+def templates_recorded(tx: db.Tx, templates: list[Recorded], rows: list[dict[str, Any]]) -> None:
+    """The statement recorded these templates (`rows`: its result for each, as JSON objects):
+    published once the transaction commits, as stored (the envelope text the row holds)."""
+    by_id = {row["id"]: row for row in rows}
+    made = []
+    for each in templates:
+        row = by_id[each.envelope.id]
+        kept = Recorded(each.envelope, each.aggregate, None, bool(row["webhook"]))
+        made.append((row["seq"], row["prior"], kept, row["text"]))
+    _keep(tx, made)
+    info = tx.info
+    tx.after_commit("publish_events", lambda: _committed(info))
+
+
 def inline_recorded(tx: db.Tx, recorded: Inline, seq: int, prior: int | None) -> None:
     """The statement wrote the event (`seq`, `prior` from its RETURNING): published once
     the transaction commits, as `record_all`'s are."""

@@ -185,13 +185,6 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _array(values: Iterable[Any]) -> str:
-    """A PostgreSQL array literal of these values (for `%s::text[]`, `%s::bigint[]`):
-    psycopg dumps a list by looking at each of its elements, a string it sends as it is."""
-    quoted = (str(value).replace("\\", "\\\\").replace('"', '\\"') for value in values)
-    return "{" + ",".join(f'"{value}"' for value in quoted) + "}"
-
-
 def _push(events: list[Outgoing]) -> list[str]:
     """Publish the events (and push their tasks) in order, each through its aggregate's
     gate; per event its stream id, or why it was not published (NOT_PUBLISHED).
@@ -254,7 +247,7 @@ def publish_aggregates(aggregates: Iterable[str]) -> int:
     if not names:
         return 0
     with db.tx() as tx:
-        rows = tx.all(_SELECT_UNPUBLISHED, [_array(names)])
+        rows = tx.all(_SELECT_UNPUBLISHED, [db.text_array(names)])
         if not rows:
             return 0
         stream_ids = _push(
@@ -282,7 +275,10 @@ def _mark(tx: db.Tx, marks: list[tuple[int, str]]) -> None:
     tx.execute(_NO_FLUSH_WAIT)
     tx.execute(
         _MARK_PUBLISHED,
-        {"seqs": _array(seq for seq, _ in marks), "stream_ids": _array(sid for _, sid in marks)},
+        {
+            "seqs": db.text_array(seq for seq, _ in marks),
+            "stream_ids": db.text_array(sid for _, sid in marks),
+        },
     )
 
 

@@ -304,6 +304,18 @@ def own_webhook_wants(
     return bool(url) and event_type in (events or defaults)
 
 
+def own_webhook_wants_sql(url: str, events: str, event_type: str, defaults: tuple[str, ...]) -> str:
+    """`own_webhook_wants` as a SQL condition on columns or expressions (`url` varchar,
+    `events` a jsonb list, `event_type` text), for a statement that records its events
+    from the rows it changes."""
+    quoted = ", ".join("'" + name.replace("'", "''") + "'" for name in defaults)
+    return (
+        f"(coalesce({url}, '') <> '' AND CASE"
+        f" WHEN jsonb_typeof({events}) = 'array' AND jsonb_array_length({events}) > 0"
+        f" THEN {events} ? {event_type} ELSE {event_type} IN ({quoted}) END)"
+    )
+
+
 def targets_for(lookup: Lookup, envelope: dict[str, Any]) -> list[Target]:
     """Every target that must receive this event."""
     found: list[Target] = []
