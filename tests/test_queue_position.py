@@ -203,3 +203,42 @@ def test_steps_queued_at_the_same_moment_stand_in_id_order(client, monkeypatch):
     with db.tx() as tx:  # as for steps one statement queued (all of one now())
         tx.execute("UPDATE steps SET queued_at = now() WHERE id = ANY(%s)", [ids])
     assert [get(client, step_id)["queue_position"] for step_id in ids] == [0, 1, 2, 3]
+
+
+def test_a_submit_to_a_known_route_is_one_statement_with_its_event_and_position(client):
+    """Once a route is recorded, a submit without an Idempotency-Key is one autocommitted
+    statement: the row, its `step_submitted` with the task it queues, and its position read
+    before the step existed; answered as the transaction would have answered."""
+    from emp_tasks.routes import queues
+    from emp_tasks.specs import StepCreate
+    from emp_tasks.steps import transitions
+    from emp_tasks.store import outbox, publishing
+
+    service = "position-at-once"
+    first = submit(client, service, priority=50)  # records the route
+    assert queues.is_known(first["queue"])
+    spec = StepCreate(service=service, payload={"duration_s": 0.05})
+    assert transitions.inserts_at_once(transitions.new_step(spec, "alice", None))
+    later = [submit(client, service, priority=50) for _ in range(2)]
+    urgent = submit(client, service, priority=90)
+    assert [s["queue_position"] for s in [first, *later]] == [0, 1, 2]
+    assert [s["queue_depth"] for s in [first, *later]] == [1, 2, 3]
+    assert (urgent["queue_position"], urgent["queue_depth"]) == (0, 4)
+    assert [get(client, s["id"])["queue_position"] for s in [urgent, first, *later]] == [0, 1, 2, 3]
+    assert publishing.flush(5.0)
+    with db.tx() as tx:
+        for step in [first, *later, urgent]:
+            rows = tx.all(
+                "SELECT envelope, dispatch, stream_id FROM events WHERE step_id = %s", [step["id"]]
+            )
+            assert len(rows) == 1
+            envelope, dispatch, stream_id = rows[0]
+            assert envelope["type"] == "step_submitted" and stream_id is not None
+            assert envelope["data"] == {
+                "service": service,
+                "priority": step["priority"],
+                "status": "pending",
+            }
+            assert envelope["customer_id"] == step["customer_id"]
+            assert dispatch["step_id"] == step["id"] and dispatch["queue"] == step["queue"]
+        assert [e["type"] for e in outbox.for_step(tx, later[0]["id"])] == ["step_submitted"]

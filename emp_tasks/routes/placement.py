@@ -151,12 +151,15 @@ def choose(tx: Tx, step: Any) -> str | None:
     return target
 
 
+def may_choose(step: Any) -> bool:
+    """Whether `choose` looks for a warm worker for this step (else it runs no statement)."""
+    return get_settings().affinity and bool(models_of(step))
+
+
 def _choose(tx: Tx, step: Any) -> tuple[str, bool] | None:
-    if not get_settings().affinity:
+    if not may_choose(step):
         return None
     models = models_of(step)
-    if not models:
-        return None
     candidates = _candidates(tx, step)
     if not candidates:
         return None

@@ -57,12 +57,17 @@ def nudge_workers(reason: str) -> None:
     redisdb.client().publish(FLEET_CHANNEL, reason)
 
 
+def is_known(queue: str) -> bool:
+    """Whether this process knows the queue's route is recorded (`ensure` runs nothing)."""
+    with _known_lock:
+        return queue in _known
+
+
 def ensure(tx: db.Tx, step: Any) -> None:
     """Record the step's route if it is new (in the caller's transaction); nudge workers
     after commit."""
-    with _known_lock:
-        if step.queue in _known:
-            return
+    if is_known(step.queue):
+        return
     route = route_of(step)
     created = tx.one(
         "INSERT INTO routes (queue, service, customer_id, requirements) VALUES (%s, %s, %s, %s)"

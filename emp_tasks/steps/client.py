@@ -1,6 +1,11 @@
 """Client commands: what a client asks of a step — submit it (idempotently), cancel it,
 or retry it once it failed or was cancelled.
 
+A submit without an Idempotency-Key to a route this process has recorded is one
+statement in autocommit (emp_tasks.steps.transitions.insert_at_once, its position read
+in the same statement by emp_tasks.steps.queue_order.counted_before); the others are a
+transaction (the key claimed, the route recorded, a warm worker chosen).
+
 Each command changes the step through emp_tasks.steps.transitions, sees only the
 steps the caller may see (emp_tasks.steps.queries.visible), and a cancelled
 workflow step advances its workflow (emp_tasks.steps.workflows).
@@ -64,12 +69,19 @@ def _submit(
 ) -> tuple[Any, bool, dict[str, int | None] | None]:
     customer_id = principal.customer_for(spec.customer_id)
     webhooks.check_target("webhook_url", spec.webhook_url)
+    values = transitions.new_step(spec, customer_id, correlation_id)
+    if idempotency_key is None and transitions.inserts_at_once(values):
+        # The usual submit: one statement, the whole transaction (its position read in it).
+        with db.tx(single=True) as tx:
+            joined = queue_order.counted_before(transitions.row_of(values)) if placed else None
+            step = transitions.insert_at_once(tx, values, joined)
+        return step, True, queue_order.position_of_new(step) if placed else None
 
     def place(tx: Tx, step: Any) -> tuple[Any, dict[str, int | None] | None]:
         return step, queue_order.position(step, tx) if placed else None
 
     def create(tx: Tx) -> tuple[tuple[Any, dict[str, int | None] | None], str]:
-        step = transitions.insert(tx, [transitions.new_step(spec, customer_id, correlation_id)])[0]
+        step = transitions.insert(tx, [values])[0]
         return place(tx, step), step.id
 
     (step, where), created = idempotency.create_once(

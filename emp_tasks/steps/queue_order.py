@@ -31,18 +31,28 @@ _IN_LEVEL = (
     f"FROM steps WHERE status = '{_PENDING}' AND queue = %(queue)s AND ({_LEVEL}) = %(level)s"
 )
 _IN_QUEUE = f"FROM steps WHERE status = '{_PENDING}' AND queue = %(queue)s"
-# One statement, so one snapshot: the counters, the steps queued after this one (one
-# index range that starts at it, in index order, and stops at LATER_CAP + 1), and
-# whether the step itself is still pending (counted in its level's counter).
+
+
+def _counts(prefix: str = "") -> str:
+    """The counters of the step's level and those before it, the queue's depth, and the
+    steps queued after it (one index range that starts at it, in index order, and stops
+    at LATER_CAP + 1), as columns named with `prefix`."""
+    return (
+        f"coalesce(sum(pending) FILTER (WHERE level < %(level)s), 0) AS {prefix}before,"
+        f" coalesce(sum(pending) FILTER (WHERE level = %(level)s), 0) AS {prefix}level,"
+        f" coalesce(sum(pending), 0) AS {prefix}depth,"
+        f" (SELECT count(*) FROM (SELECT 1 {_IN_LEVEL}"
+        "   AND (queued_at, id) > (%(queued_at)s, %(id)s)"
+        f"   ORDER BY queued_at, id LIMIT %(cap)s) AS later) AS {prefix}later"
+        " FROM queue_counts WHERE queue = %(queue)s"
+    )
+
+
+# One statement, so one snapshot: the counts, and whether the step itself is still
+# pending (counted in its level's counter).
 _COUNTED = (
-    "SELECT coalesce(sum(pending) FILTER (WHERE level < %(level)s), 0) AS before,"
-    " coalesce(sum(pending) FILTER (WHERE level = %(level)s), 0) AS level,"
-    " coalesce(sum(pending), 0) AS depth,"
-    f" (SELECT count(*) FROM (SELECT 1 {_IN_LEVEL}"
-    "   AND (queued_at, id) > (%(queued_at)s, %(id)s)"
-    "   ORDER BY queued_at, id LIMIT %(cap)s) AS later) AS later,"
-    f" EXISTS (SELECT 1 FROM steps WHERE id = %(id)s AND status = '{_PENDING}') AS pending"
-    " FROM queue_counts WHERE queue = %(queue)s"
+    f"SELECT EXISTS (SELECT 1 FROM steps WHERE id = %(id)s AND status = '{_PENDING}')"
+    f" AS pending, {_counts()}"
 )
 _AHEAD = (
     # Three counts, each one index range that stops where the steps ahead end (a row
@@ -87,6 +97,32 @@ def depths() -> dict[str, int]:
         return {row.queue: int(row.n) for row in tx.all(_DEPTHS)}
 
 
+def _params(step: Any) -> dict[str, Any]:
+    return {
+        "queue": step.queue,
+        "level": level_of(step),
+        "queued_at": step.queued_at,
+        "id": step.id,
+        "cap": LATER_CAP + 1,
+    }
+
+
+def counted_before(step: Any) -> tuple[str, dict[str, Any]]:
+    """A SELECT (SQL, parameters) of the counts a new step's position is made of, for the
+    statement that inserts the step (so read before it exists); `position_of_new` reads
+    them from the statement's row (columns `place_before`, `place_level`, …)."""
+    return f"SELECT {_counts('place_')}", _params(step)
+
+
+def position_of_new(row: Any) -> dict[str, int | None]:
+    """`position` of a step whose inserting statement read `counted_before`: the steps
+    ahead are those counted, less the ones queued after it (the step was not yet there)."""
+    if row.place_later > LATER_CAP:
+        return position(row)
+    ahead = max(int(row.place_before + row.place_level - row.place_later), 0)
+    return {"queue_position": ahead, "queue_depth": max(int(row.place_depth) + 1, ahead + 1)}
+
+
 def position(step: Any, tx: db.Tx | None = None) -> dict[str, int | None]:
     """`queue_position` and `queue_depth` of a step (a row); None for a step not pending.
 
@@ -98,13 +134,7 @@ def position(step: Any, tx: db.Tx | None = None) -> dict[str, int | None]:
     if tx is None:
         with db.tx() as own:
             return position(step, own)
-    params = {
-        "queue": step.queue,
-        "level": level_of(step),
-        "queued_at": step.queued_at,
-        "id": step.id,
-        "cap": LATER_CAP + 1,
-    }
+    params = _params(step)
     counted = tx.one(_COUNTED, params)
     if counted.later <= LATER_CAP:
         ahead = counted.before + counted.level - counted.later - int(counted.pending)

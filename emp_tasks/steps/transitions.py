@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -398,6 +399,74 @@ def insert(tx: Tx, steps: list[dict[str, Any]]) -> list[Any]:
     for row in rows:
         metrics.count_after_commit(tx, metrics.STEPS_SUBMITTED, row.service)
     return rows
+
+
+_INSERT_NAMED = (
+    "(" + ", ".join(f"%(step_{name})s::{kind}" for name, kind in _INSERT_COLUMNS) + ", 0, 0)"
+)
+
+
+def row_of(step: dict[str, Any]) -> Any:
+    """A new step's values (from `new_step`) as its row will read, before it is inserted."""
+    unset = dict.fromkeys(
+        [
+            "result",
+            "error",
+            "stage",
+            "message",
+            "worker_id",
+            "machine_id",
+            "cancel_reason",
+            "started_at",
+            "completed_at",
+            "lease_expires_at",
+        ]
+    )
+    values = {name: value for name, value in step.items() if name != "metadata"}
+    return SimpleNamespace(**unset, **values, meta=step["metadata"], attempts=0, progress=0.0)
+
+
+def inserts_at_once(step: dict[str, Any]) -> bool:
+    """Whether `insert_at_once` can take this new step: queueing it needs no statement of its
+    own (its route is recorded already, and no warm worker is to be chosen for it)."""
+    row = row_of(step)
+    return queues.is_known(row.queue) and not placement.may_choose(row)
+
+
+def insert_at_once(
+    tx: Tx, step: dict[str, Any], joined: tuple[str, dict[str, Any]] | None = None
+) -> Any:
+    """`insert` of one pending step (`inserts_at_once`) as one statement: the row and its
+    `step_submitted`, made beforehand from the values; the transaction can be just that
+    statement (`db.tx(single=True)`). `joined`: a SELECT (SQL, named parameters) read in
+    the same statement, before the step exists, whose columns are added to the row."""
+    row = row_of(step)
+    assert row.status == S.PENDING
+    event = event_of(row, EventType.STEP_SUBMITTED, _submitted_data(row), _queue_spec(tx, row))
+    inline = outbox.inline(event, "inserted")
+    params: dict[str, Any] = {
+        f"step_{name}": Jsonb(step[name]) if kind == "jsonb" else step[name]
+        for name, kind in _INSERT_COLUMNS
+    }
+    params |= inline.params
+    ctes = [
+        f"inserted AS ({_INSERT} VALUES {_INSERT_NAMED} RETURNING {STEP_COLUMNS})",
+        f"recorded AS ({inline.sql})",
+    ]
+    join = ""
+    if joined is not None:
+        ctes.append(f"joined AS ({joined[0]})")
+        params |= joined[1]
+        join = ", joined.*"
+    inserted = tx.one(
+        f"WITH {', '.join(ctes)} SELECT inserted.*, recorded.seq AS event_seq,"
+        f" recorded.prior AS event_prior{join} FROM inserted LEFT JOIN recorded ON true"
+        + (" CROSS JOIN joined" if joined is not None else ""),
+        params,
+    )
+    outbox.inline_recorded(tx, inline, inserted.event_seq, inserted.event_prior)
+    metrics.count_after_commit(tx, metrics.STEPS_SUBMITTED, inserted.service)
+    return inserted
 
 
 def _submitted_data(step: Any) -> dict[str, Any]:
