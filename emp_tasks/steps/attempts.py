@@ -426,7 +426,14 @@ def complete(
         event = transitions.event_of(subjects, EventType.STEP_COMPLETED, data, None)
         with db.tx(single=True) as tx:
             rows = transitions.apply(
-                tx, [step_id], S.COMPLETED, EventType.STEP_COMPLETED, data, recorded=event, **change
+                tx,
+                [step_id],
+                S.COMPLETED,
+                EventType.STEP_COMPLETED,
+                data,
+                recorded=event,
+                columns=transitions.RETURNED_FOR_COUNTS,  # the caller needs no more
+                **change,
             )
     else:
         with db.tx() as tx:

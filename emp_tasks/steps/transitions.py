@@ -63,6 +63,9 @@ STEP_COLUMNS = (
 )
 """Every column of a step, named as the ORM names them (`metadata` is `meta`)."""
 
+RETURNED_FOR_COUNTS = "id, attempts, service, step_index, error"
+"""The fewest columns `apply` returns: what its attempt close, order and metrics read."""
+
 JSON_COLUMNS = frozenset(
     {"payload", "requirements", "result", "error", "depends_on", "webhook_events", "metadata"}
 )
@@ -191,6 +194,7 @@ def apply(
     queue: bool = False,
     closing: str | None = None,
     recorded: outbox.Recorded | None = None,
+    columns: str = STEP_COLUMNS,
 ) -> list[Any]:
     """Move these steps to `to` and record each one's event; return the moved rows.
 
@@ -201,10 +205,13 @@ def apply(
     moved steps' current attempts end with in the audit trail, in the same statement
     (as `finish_attempts`, with no error). `recorded`: the event of the one step, made
     beforehand (from what the caller knows of it); the UPDATE writes it, so that the
-    transition is one statement (`data` is then unused).
+    transition is one statement (`data` is then unused). `columns`: those of the moved
+    rows to return (with a `recorded` event, when the caller needs less than the row;
+    `RETURNED_FOR_COUNTS` at least).
     """
     ids = list(step_ids)
     assert recorded is None or (len(ids) == 1 and not queue)
+    assert columns == STEP_COLUMNS or recorded is not None
     if not ids:
         return []
     sources = statuses_into(to) & within if within is not None else statuses_into(to)
@@ -229,7 +236,7 @@ def apply(
         )
     update = (
         f"UPDATE steps SET status = %(to)s, updated_at = now(){assigned}"
-        f" WHERE {target} RETURNING {STEP_COLUMNS}"
+        f" WHERE {target} RETURNING {columns}"
     )
     also = []  # data-modifying CTEs that act on the moved rows, in the same statement
     answer = "SELECT * FROM moved"
