@@ -175,7 +175,10 @@ def begin(
                 raise NotServable(unmet, transitions.task_spec(step))  # rolls the start back
         if step is not None:
             assigned = transitions.event_of(
-                step, EventType.STEP_ASSIGNED, _assigned_data(step), None
+                step,
+                EventType.STEP_ASSIGNED,
+                _assigned_data(step.worker_id, step.machine_id, step.attempts),
+                None,
             )
             started = transitions.event_of(
                 step, EventType.STEP_STARTED, {"attempt": step.attempts}, None
@@ -204,7 +207,7 @@ def _begin_at_once(
         outbox.event(
             EventType.STEP_ASSIGNED,
             aggregate=aggregate,
-            data={"worker_id": worker_id, "machine_id": machine_id, "attempt": 0},
+            data=_assigned_data(worker_id, machine_id, 0),  # the row completes the attempt
             **subjects,
         ),
         outbox.event(EventType.STEP_STARTED, aggregate=aggregate, data={"attempt": 0}, **subjects),
@@ -238,8 +241,8 @@ def _run_of(step: Any) -> StepRun:
     )
 
 
-def _assigned_data(step: Any) -> dict[str, Any]:
-    return {"worker_id": step.worker_id, "machine_id": step.machine_id, "attempt": step.attempts}
+def _assigned_data(worker_id: str, machine_id: str, attempt: int) -> dict[str, Any]:
+    return {"worker_id": worker_id, "machine_id": machine_id, "attempt": attempt}
 
 
 def expire(step_id: str) -> bool:

@@ -73,7 +73,7 @@ def _submit(
     if idempotency_key is None and transitions.inserts_at_once(values):
         # The usual submit: one statement, the whole transaction (its position read in it).
         with db.tx(single=True) as tx:
-            joined = queue_order.counted_before(transitions.row_of(values)) if placed else None
+            joined = queue_order.counted_before if placed else None
             step = transitions.insert_at_once(tx, values, joined)
         return step, True, queue_order.position_of_new(step) if placed else None
 

@@ -413,7 +413,7 @@ _INSERT_NAMED = (
 )
 
 
-def row_of(step: dict[str, Any]) -> Any:
+def _row_of(step: dict[str, Any]) -> Any:
     """A new step's values (from `new_step`) as its row will read, before it is inserted."""
     unset = dict.fromkeys(
         [
@@ -436,18 +436,21 @@ def row_of(step: dict[str, Any]) -> Any:
 def inserts_at_once(step: dict[str, Any]) -> bool:
     """Whether `insert_at_once` can take this new step: queueing it needs no statement of its
     own (its route is recorded already, and no warm worker is to be chosen for it)."""
-    row = row_of(step)
+    row = _row_of(step)
     return queues.is_known(row.queue) and not placement.may_choose(row)
 
 
 def insert_at_once(
-    tx: Tx, step: dict[str, Any], joined: tuple[str, dict[str, Any]] | None = None
+    tx: Tx,
+    step: dict[str, Any],
+    joined: Callable[[Any], tuple[str, dict[str, Any]]] | None = None,
 ) -> Any:
     """`insert` of one pending step (`inserts_at_once`) as one statement: the row and its
     `step_submitted`, made beforehand from the values; the transaction can be just that
-    statement (`db.tx(single=True)`). `joined`: a SELECT (SQL, named parameters) read in
-    the same statement, before the step exists, whose columns are added to the row."""
-    row = row_of(step)
+    statement (`db.tx(single=True)`). `joined`: for the step (as its row will read), a
+    SELECT (SQL, named parameters) read in the same statement, before the step exists,
+    whose columns are added to the row."""
+    row = _row_of(step)
     assert row.status == S.PENDING
     event = event_of(row, EventType.STEP_SUBMITTED, _submitted_data(row), _queue_spec(tx, row))
     inline = outbox.inline(event, "inserted")
@@ -462,8 +465,9 @@ def insert_at_once(
     ]
     join = ""
     if joined is not None:
-        ctes.append(f"joined AS ({joined[0]})")
-        params |= joined[1]
+        joined_sql, joined_params = joined(row)
+        ctes.append(f"joined AS ({joined_sql})")
+        params |= joined_params
         join = ", joined.*"
     inserted = tx.one(
         f"WITH {', '.join(ctes)} SELECT inserted.*, recorded.seq AS event_seq,"

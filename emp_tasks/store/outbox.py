@@ -104,6 +104,11 @@ def record_all(tx: db.Tx, events: Iterable[Recorded]) -> None:
         tx.before_commit("record_events", lambda: _insert(tx, info.pop(RECORDED)))
     else:
         _insert(tx, events)
+    _publish_after_commit(tx)
+
+
+def _publish_after_commit(tx: db.Tx) -> None:
+    """Hand what the transaction recorded to this process's publisher once it commits."""
     info = tx.info
     tx.after_commit("publish_events", lambda: _committed(info))
 
@@ -235,16 +240,14 @@ def templates_recorded(tx: db.Tx, templates: list[Recorded], rows: list[dict[str
         kept = Recorded(each.envelope, each.aggregate, None, bool(row["webhook"]))
         made.append((row["seq"], row["prior"], kept, row["text"]))
     _keep(tx, made)
-    info = tx.info
-    tx.after_commit("publish_events", lambda: _committed(info))
+    _publish_after_commit(tx)
 
 
 def inline_recorded(tx: db.Tx, recorded: Inline, seq: int, prior: int | None) -> None:
     """The statement wrote the event (`seq`, `prior` from its RETURNING): published once
     the transaction commits, as `record_all`'s are."""
     _keep(tx, [(seq, prior, recorded.event, recorded.text)])
-    info = tx.info
-    tx.after_commit("publish_events", lambda: _committed(info))
+    _publish_after_commit(tx)
 
 
 def _committed(info: dict[str, Any]) -> None:
